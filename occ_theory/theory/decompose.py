@@ -1,0 +1,221 @@
+"""The per-step effect of an MTP loss on the RL objective (THEORY.md section 2).
+
+The update is modelled as ``θ⁺(λ) = θ + η·P·(g + λ·u)`` with ``g = ∇J`` [g_rl], ``u = ∇M``
+[g_mtp] and a fixed diagonal preconditioner ``P`` [precond]. Then
+
+    Δ(λ) = J(θ⁺(λ)) − J(θ⁺(0)) = η·λ·(C + η·X) + ½·η²·λ²·Q + O(η³)
+
+with ``C = gᵀPu`` [corr], ``X = (Pg)ᵀH(Pu)`` [cross] and ``Q = (Pu)ᵀH(Pu)`` [curv]. ``decompose``
+measures C, X, Q with one gradient of M and one gradient-and-HVP of J; ``measure_delta`` evaluates
+Δ(λ) directly so the two can be compared.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .hvp import ScalarFn, grad, grad_and_hvp, jvp
+from .params import Params, axpy, check_alike, check_params, dot, is_zero, mul, sq_norm
+
+NAN = float("nan")
+REASON_U_ZERO = "u = 0: the MTP loss sends no gradient to the shared parameters, Δ ≡ 0"
+REASON_NOT_CONCAVE = "Q >= 0: Δ(λ) is not concave, there is no finite optimum"
+
+
+def _check_lr(lr: float) -> float:
+    lr = float(lr)
+    if not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite positive step size, got {lr}")
+    return lr
+
+
+def check_precond(params: Mapping[str, Tensor], precond: Mapping[str, Tensor] | None) -> None:
+    """A preconditioner is a dict alike ``params`` of finite, non-negative diagonal entries."""
+    if precond is None:
+        return
+    check_alike(params, precond, "precond")
+    for k, p in precond.items():
+        if not torch.all(torch.isfinite(p)) or torch.any(p < 0):
+            raise ValueError(f"precond[{k!r}] must be finite and non-negative")
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """C, X, Q at one step and everything derived from them. Undefined values are NaN + ``reason``."""
+
+    lr: float
+    corr: float  # C = gᵀPu
+    cross: float  # X = (Pg)ᵀH(Pu)
+    curv: float  # Q = (Pu)ᵀH(Pu)
+    g_norm: float  # ‖g‖
+    u_norm: float  # ‖u‖
+    cosine: float  # gᵀu / (‖g‖‖u‖)
+    u_norm_sq: float  # ‖Pu‖²
+    curv_fisher: float = NAN  # Q_F = −Σ m·δ² / Σ m, δ = ∇l·Pu
+    geometry: str = "sgd"  # "sgd" (P = I) or "precond"
+    method: str = "fwd-rev"
+    dlogp: Tensor | None = field(default=None, repr=False, compare=False)  # δ, (B, T)
+
+    @property
+    def u_zero(self) -> bool:
+        return self.u_norm == 0.0
+
+    @property
+    def concave(self) -> bool:
+        return not self.u_zero and self.curv < 0
+
+    @property
+    def reason(self) -> str:
+        """Why ``lambda_star`` is undefined ('' when it is defined)."""
+        if self.u_zero:
+            return REASON_U_ZERO
+        if not self.curv < 0:
+            return REASON_NOT_CONCAVE
+        return ""
+
+    @property
+    def slope(self) -> float:
+        """C + η·X, the coefficient of η·λ in Δ(λ)."""
+        return self.corr + self.lr * self.cross
+
+    @property
+    def lambda_star(self) -> float:
+        """λ* = −(C + η·X) / (η·Q) when Q < 0."""
+        return -self.slope / (self.lr * self.curv) if self.concave else NAN
+
+    @property
+    def lambda_star_first_order(self) -> float:
+        """λ*₁ = −C / (η·Q), the optimum without the cross term."""
+        return -self.corr / (self.lr * self.curv) if self.concave else NAN
+
+    @property
+    def gain_at_optimum(self) -> float:
+        """Δ(λ*) = (C + η·X)² / (2·|Q|)."""
+        return self.slope**2 / (2 * abs(self.curv)) if self.concave else NAN
+
+    @property
+    def proj(self) -> float:
+        """κ = C / ‖Pu‖², the projection coefficient of the smoothness model."""
+        return self.corr / self.u_norm_sq if not self.u_zero else NAN
+
+    @property
+    def lambda_star_fisher(self) -> float:
+        """λ*_F = −C / (η·Q_F): the optimum when the penalty is the Fisher (trust-region) one."""
+        if self.u_zero or not self.curv_fisher < 0:
+            return NAN
+        return -self.corr / (self.lr * self.curv_fisher)
+
+    def predicted_delta(self, lams: Sequence[float] | np.ndarray) -> np.ndarray:
+        """Δ_model(λ) = η·λ·(C + η·X) + ½·η²·λ²·Q."""
+        lam = np.asarray(lams, dtype=np.float64)
+        return self.lr * lam * self.slope + 0.5 * self.lr**2 * lam**2 * self.curv
+
+    def as_dict(self) -> dict[str, float | bool | str]:
+        """Flat record of every field and derived quantity (no tensors), for logs and tables."""
+        out = {k: v for k, v in asdict(self).items() if k != "dlogp"}
+        for name in ("concave", "reason", "lambda_star", "lambda_star_first_order", "gain_at_optimum",
+                     "proj", "lambda_star_fisher"):
+            out[name] = getattr(self, name)
+        return out
+
+
+def directions(rl_objective: ScalarFn, mtp_objective: ScalarFn, params: Mapping[str, Tensor]) -> tuple[Params, Params]:
+    """``(g, u) = (∇J, ∇M)`` on ``params``."""
+    return grad(rl_objective, params)[1], grad(mtp_objective, params)[1]
+
+
+def fisher_curvature(dlogp: Tensor, mask: Tensor) -> float:
+    """Q_F = −Σ m·δ² / Σ m over valid positions; NaN when the mask is empty."""
+    if dlogp.shape != mask.shape:
+        raise ValueError(f"dlogp has shape {tuple(dlogp.shape)}, mask has {tuple(mask.shape)}")
+    m = mask.to(torch.float64)
+    total = float(m.sum())
+    if total == 0.0:
+        return NAN
+    d = torch.where(m > 0, dlogp.to(torch.float64), 0.0)
+    return -float((m * d * d).sum()) / total
+
+
+def decompose(
+    rl_objective: ScalarFn,
+    mtp_objective: ScalarFn,
+    params: Mapping[str, Tensor],
+    lr: float,
+    precond: Mapping[str, Tensor] | None = None,
+    method: str = "fwd-rev",
+    logp_fn: Callable[[Params], Tensor] | None = None,
+    mask: Tensor | None = None,
+    mtp_grad: Mapping[str, Tensor] | None = None,
+) -> Decomposition:
+    """Measure C, X, Q (and Q_F when ``logp_fn`` and ``mask`` are given) at ``params``.
+
+    ``rl_objective`` is J and ``mtp_objective`` is M, both to maximise, both functions of the
+    shared parameters only. ``precond`` is a dict of diagonal preconditioner entries alike
+    ``params`` (``None``: SGD geometry, P = I). ``mtp_grad`` may pass a precomputed ``u``.
+    Cost: one gradient of M, one gradient-and-HVP of J, and one JVP of ``logp_fn``.
+    """
+    check_params(params)
+    lr = _check_lr(lr)
+    check_precond(params, precond)
+    if (logp_fn is None) != (mask is None):
+        raise ValueError("pass logp_fn and mask together (the Fisher curvature needs both)")
+    u = dict(mtp_grad) if mtp_grad is not None else grad(mtp_objective, params)[1]
+    check_alike(params, u, "mtp_grad")
+    pu = mul(u, precond)
+    if is_zero(pu):
+        g = grad(rl_objective, params)[1]
+        corr = cross = curv = 0.0
+        hpu = None
+    else:
+        g, hpu = grad_and_hvp(rl_objective, params, pu, method)
+        corr = float(dot(g, pu))
+        cross = float(dot(mul(g, precond), hpu))
+        curv = float(dot(pu, hpu))
+    g_norm = float(sq_norm(g)) ** 0.5
+    u_norm = float(sq_norm(u)) ** 0.5
+    gu = float(dot(g, u))
+    cosine = gu / (g_norm * u_norm) if g_norm > 0 and u_norm > 0 else NAN
+    curv_fisher, dlogp = NAN, None
+    if logp_fn is not None and hpu is not None:
+        _, dlogp = jvp(logp_fn, params, pu)
+        curv_fisher = fisher_curvature(dlogp, mask)
+    return Decomposition(
+        lr=lr, corr=corr, cross=cross, curv=curv, g_norm=g_norm, u_norm=u_norm, cosine=cosine,
+        u_norm_sq=float(sq_norm(pu)), curv_fisher=curv_fisher,
+        geometry="sgd" if precond is None else "precond", method=method, dlogp=dlogp,
+    )
+
+
+def measure_delta(
+    rl_objective: ScalarFn,
+    mtp_objective: ScalarFn,
+    params: Mapping[str, Tensor],
+    lr: float,
+    lams: Sequence[float] | np.ndarray,
+    precond: Mapping[str, Tensor] | None = None,
+    eval_objective: ScalarFn | None = None,
+    grads: tuple[Mapping[str, Tensor], Mapping[str, Tensor]] | None = None,
+) -> np.ndarray:
+    """Measured Δ(λ) = J(θ + ηP(g + λu)) − J(θ + ηPg) for each λ in ``lams``.
+
+    ``eval_objective`` evaluates a different J at the updated points (e.g. on a held-out batch);
+    ``grads=(g, u)`` skips recomputing the directions.
+    """
+    check_params(params)
+    lr = _check_lr(lr)
+    check_precond(params, precond)
+    g, u = grads if grads is not None else directions(rl_objective, mtp_objective, params)
+    check_alike(params, g, "g")
+    check_alike(params, u, "u")
+    evaluate = eval_objective or rl_objective
+    base = axpy(lr, mul(g, precond), {k: t.detach() for k, t in params.items()})
+    step = mul(u, precond)
+    with torch.no_grad():
+        j0 = float(evaluate(base))
+        return np.array([float(evaluate(axpy(lr * float(lam), step, base))) - j0 for lam in lams], dtype=np.float64)

@@ -1,0 +1,95 @@
+"""The measured-curve fit Δ(λ) ≈ α·λ + ½·β·λ² and the λ grid (THEORY.md section 5)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from occ_theory.theory import bootstrap_quadratic, effective_smoothness, fit_quadratic, lambda_grid
+
+
+def test_fit_recovers_exact_coefficients_without_noise():
+    lams = np.linspace(-2, 3, 9)
+    fit = fit_quadratic(lams, 0.7 * lams + 0.5 * -1.3 * lams**2)
+    assert fit.alpha == pytest.approx(0.7, abs=1e-12)
+    assert fit.beta == pytest.approx(-1.3, abs=1e-12)
+    assert fit.r2 == pytest.approx(1.0)
+    assert fit.concave and fit.lambda_star == pytest.approx(0.7 / 1.3)
+    assert fit.gain_at_optimum == pytest.approx(0.7**2 / 2.6)
+
+
+def test_fit_recovers_noisy_coefficients_within_standard_errors():
+    """Over many noisy synthetic curves the truth lies within 2 SE about 95% of the time."""
+    rng = np.random.default_rng(0)
+    lams = np.linspace(-3, 3, 13)
+    alpha, beta = 0.4, -0.9
+    hits_a = hits_b = 0
+    trials = 400
+    for _ in range(trials):
+        y = alpha * lams + 0.5 * beta * lams**2 + rng.normal(0, 0.3, lams.size)
+        fit = fit_quadratic(lams, y)
+        hits_a += abs(fit.alpha - alpha) < 2 * fit.alpha_se
+        hits_b += abs(fit.beta - beta) < 2 * fit.beta_se
+    assert 0.88 <= hits_a / trials <= 0.99
+    assert 0.88 <= hits_b / trials <= 0.99
+
+
+def test_fit_flags_convex_and_flat_curves():
+    lams = np.array([-2.0, -1.0, 0.0, 1.0, 2.0])
+    convex = fit_quadratic(lams, 0.2 * lams + 0.5 * 0.8 * lams**2)
+    assert not convex.concave and math.isnan(convex.lambda_star) and "convex" in convex.reason
+    flat = fit_quadratic(lams, np.zeros(5))
+    assert not flat.concave and math.isnan(flat.lambda_star) and math.isnan(flat.r2) and "flat" in flat.reason
+
+
+def test_fit_rejects_degenerate_grids():
+    with pytest.raises(ValueError, match="two distinct nonzero"):
+        fit_quadratic([0.0, 1.0, 1.0], [0.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="entries"):
+        fit_quadratic([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="finite"):
+        fit_quadratic([1.0, 2.0, 3.0], [1.0, float("nan"), 2.0])
+
+
+def test_effective_smoothness_inverts_the_smoothness_model():
+    lr, u2, big_l = 0.01, 4.0, 3.0
+    beta = -big_l * lr**2 * u2
+    assert effective_smoothness(beta, lr, u2) == pytest.approx(big_l)
+    assert math.isnan(effective_smoothness(beta, lr, 0.0))
+
+
+def test_lambda_grid_brackets_scale_and_holds_zero_negatives_and_used():
+    grid = lambda_grid(scale=0.4, used=2.0, n=9, span=3.0)
+    assert 0.0 in grid and 0.4 in grid and 2.0 in grid
+    assert grid.min() <= -1.2 and grid.max() >= 2.0
+    assert np.all(np.diff(grid) > 0)
+    wide = lambda_grid(scale=-5.0, n=7)
+    assert wide.min() == pytest.approx(-15.0) and wide.max() == pytest.approx(15.0)
+
+
+def test_lambda_grid_falls_back_to_default_range_without_finite_estimate():
+    for scale in (float("nan"), float("inf"), 0.0):
+        grid = lambda_grid(scale, n=5, default=2.0)
+        assert grid.min() == pytest.approx(-2.0) and grid.max() == pytest.approx(2.0) and 0.0 in grid
+    with pytest.raises(ValueError, match="n must be"):
+        lambda_grid(1.0, n=2)
+
+
+def test_bootstrap_intervals_cover_the_truth_of_a_token_mean_curve():
+    rng = np.random.default_rng(1)
+    lams = np.linspace(-2, 2, 9)
+    seqs = 200
+    weights = rng.integers(1, 6, seqs).astype(float)
+    alpha, beta = 0.5, -1.0
+    a_s = alpha + rng.normal(0, 0.5, seqs)
+    b_s = beta + rng.normal(0, 0.5, seqs)
+    seq_deltas = weights[None, :] * (a_s[None, :] * lams[:, None] + 0.5 * b_s[None, :] * lams[:, None] ** 2)
+    ci = bootstrap_quadratic(lams, seq_deltas, weights, n_boot=300, seed=2, level=0.95)
+    point = fit_quadratic(lams, seq_deltas.sum(1) / weights.sum())
+    for key, val in (("alpha", point.alpha), ("beta", point.beta), ("lambda_star", point.lambda_star)):
+        lo, hi = ci[key]
+        assert lo < val < hi
+    assert ci["alpha"][0] < alpha < ci["alpha"][1]
+    assert ci["beta"][0] < beta < ci["beta"][1]
+    with pytest.raises(ValueError, match="shape"):
+        bootstrap_quadratic(lams, seq_deltas[:, :5], weights)

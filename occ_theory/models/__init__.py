@@ -1,0 +1,42 @@
+"""Models: a transformers trunk with chained MTP modules, the character tokenizer, save/load.
+
+See ``mtp.py`` for the architecture and the gradient cuts, ``logprobs.py`` for the alignment
+convention of ``logp`` / ``mtp_logp``, ``io.py`` for the checkpoint format.
+"""
+
+from .config import FAMILIES, ModelConfig
+from .io import load_model, read_model_config, save_model
+from .logprobs import align_logprobs, aligned_logprobs, selective_log_softmax
+from .mtp import (
+    MTP_GRAD_MODES,
+    MTPModule,
+    OCCModel,
+    build_model,
+    config_from_hf,
+    module_group,
+    position_ids_from_mask,
+)
+from .precision import exact_float64
+from .tokenizer import SPECIAL_TOKENS, build_tokenizer, load_tokenizer
+
+__all__ = [
+    "FAMILIES",
+    "MTP_GRAD_MODES",
+    "SPECIAL_TOKENS",
+    "MTPModule",
+    "ModelConfig",
+    "OCCModel",
+    "align_logprobs",
+    "aligned_logprobs",
+    "build_model",
+    "build_tokenizer",
+    "config_from_hf",
+    "exact_float64",
+    "load_model",
+    "load_tokenizer",
+    "module_group",
+    "position_ids_from_mask",
+    "read_model_config",
+    "save_model",
+    "selective_log_softmax",
+]

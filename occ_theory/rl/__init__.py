@@ -1,0 +1,1 @@
+"""RL: sampling, advantages, RL and MTP objectives, coefficient rules."""

@@ -1,19 +1,162 @@
-"""The ``occ`` command. Each subcommand lives in its own module and is imported only when run."""
+"""The ``occ`` command. Heavy imports happen inside each subcommand, so ``occ --help`` is instant.
+
+Bad input (a config key, a path, a corrupt file) is reported as one line naming the problem, with
+exit status 2; nothing already written is touched.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
-# name -> (module, one-line help). Each module defines ``add_arguments(parser)`` and ``run(args) -> int``.
-COMMANDS = {
-    "bench": ("occ_theory.bench", "benchmarks: HVP cost, step cost, rollout and trainer throughput, scaling"),
+
+def _config_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--config", default=default, help=f"YAML config (default: {default or 'built-in defaults'})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set rl.mtp_coef=0.1 (repeatable)")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/{name}__{kind}__{seed}__{time})")
+
+
+def _sft_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p, "configs/tiny.yaml")
+    p.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from .train.config import load_config
+    from .train.sft import run_sft
+
+    overrides = [*args.overrides, *([f"seed={args.seed}"] if args.seed is not None else [])]
+    print(run_sft(load_config(args.config, overrides), out_dir=args.out))
+    return 0
+
+
+def _rl_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p, "configs/tiny_rl.yaml")
+    p.add_argument("--init", default=None, help="SFT checkpoint directory to start from (sets rl.init)")
+    p.add_argument("--regime", default=None, help="off | detach | detach_encoder | ce | policy | occ (sets rl.regime)")
+    p.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
+    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                   help="continue an interrupted run from its last checkpoint (other options are ignored)")
+
+
+def _rl(args: argparse.Namespace) -> int:
+    from .train.config import load_config
+    from .train.rl import resume_rl, run_rl
+
+    if args.resume is not None:
+        print(resume_rl(args.resume))
+        return 0
+    overrides = list(args.overrides)
+    for key, val in (("rl.init", args.init), ("rl.regime", args.regime), ("seed", args.seed)):
+        if val is not None:
+            overrides.append(f"{key}={val}")
+    print(run_rl(load_config(args.config, overrides), out_dir=args.out))
+    return 0
+
+
+def _probe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="RL run directories with probes/")
+    p.add_argument("--steps", default=None, help="only these probe steps, comma-separated")
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from .diagnostics.offline import recompute_run
+
+    steps = [int(s) for s in args.steps.split(",")] if args.steps else None
+    for run_dir in args.run_dirs:
+        print(recompute_run(run_dir, steps=steps))
+    return 0
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", type=Path, help="a checkpoint directory (an SFT checkpoint, or a run's final/)")
+    p.add_argument("--config", default=None, help="config whose eval/task sections apply (default: built-in)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", type=Path, default=None, help="where to write the JSON (default: CHECKPOINT/eval.json)")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .atomic import atomic_write_text
+    from .models import load_model, load_tokenizer
+    from .tasks import SUITES
+    from .train.config import load_config
+    from .train.evaluate import evaluate_suites, format_table
+    from .train.run import resolve_device
+
+    cfg = load_config(args.config, args.overrides)
+    device = resolve_device(cfg.device)
+    model, tok = load_model(args.checkpoint, device=device), load_tokenizer(args.checkpoint)
+    ec = cfg.eval
+    res = evaluate_suites(model, tok, SUITES, ec.size, ec.samples, ec.temperature, ec.max_new_tokens, ec.seed,
+                          cfg.task.difficulty, autocast_dtype=torch_bf16_if_cuda(device))
+    out = args.json or Path(args.checkpoint) / "eval.json"
+    atomic_write_text(out, json.dumps(res, indent=2))
+    print(format_table(res))
+    print(f"written {out}")
+    return 0
+
+
+def torch_bf16_if_cuda(device):
+    import torch
+
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def _figures_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories (or folders of runs)")
+    p.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default: figures/)")
+    p.add_argument("--pdf", action="store_true", help="also write PDF versions")
+
+
+def _figures(args: argparse.Namespace) -> int:
+    from analysis.report import write_report
+
+    print(write_report(args.run_dirs, args.out, pdf=args.pdf))
+    return 0
+
+
+def _quickstart_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="where the runs go")
+    p.add_argument("--figures", type=Path, default=None, help="figure folder (default: OUT/figures)")
+    p.add_argument("--regimes", default="off,detach,ce,policy,occ", help="RL regimes to run, comma-separated")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import quickstart
+
+    print(quickstart(args.out, args.figures, args.regimes.split(","), args.seed))
+    return 0
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    from .bench import add_arguments
+
+    add_arguments(p)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import run
+
+    return run(args)
+
+
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "sft": ("supervised warm-up with MTP", _sft_args, _sft),
+    "rl": ("RL under an MTP regime, fully instrumented", _rl_args, _rl),
+    "probe": ("recompute every diagnostic offline from a run's probe bundles -> probes.parquet", _probe_args,
+              _probe),
+    "eval": ("greedy pass@1 and sampled mean@k on the six suites", _eval_args, _eval),
+    "figures": ("figures and the claim table from run directories", _figures_args, _figures),
+    "quickstart": ("the whole pipeline at tiny scale: SFT, RL per regime, probes, eval, figures",
+                   _quickstart_args, _quickstart),
+    "bench": ("benchmarks: HVP cost, step cost, rollout and trainer throughput, scaling", _bench_args, _bench),
 }
-
-
-class UsageError(Exception):
-    """Bad input from the user (a config, a path, a file): reported without a traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,10 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="occ_theory: measure how an MTP loss helps or hurts RL (decomposition, λ-curves, OCC proxies).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
+    for name, (help_text, add_args, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(p)
-        p.set_defaults(_module=module)
+        add_args(p)
+        p.set_defaults(_run=run)
     return parser
 
 
@@ -36,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
-    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"occ {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -199,12 +199,13 @@ def measure_delta(
     lr: float,
     lams: Sequence[float] | np.ndarray,
     precond: Mapping[str, Tensor] | None = None,
-    eval_objective: ScalarFn | None = None,
+    eval_objective: Callable[[Params], Tensor] | None = None,
     grads: tuple[Mapping[str, Tensor], Mapping[str, Tensor]] | None = None,
 ) -> np.ndarray:
     """Measured Δ(λ) = J(θ + ηP(g + λu)) − J(θ + ηPg) for each λ in ``lams``.
 
-    ``eval_objective`` evaluates a different J at the updated points (e.g. on a held-out batch);
+    ``eval_objective`` evaluates something else at the updated points: J on a held-out batch, or
+    per-sequence terms of J (any tensor shape; the result is then (len(lams), *shape)).
     ``grads=(g, u)`` skips recomputing the directions.
     """
     check_params(params)
@@ -217,5 +218,7 @@ def measure_delta(
     base = axpy(lr, mul(g, precond), {k: t.detach() for k, t in params.items()})
     step = mul(u, precond)
     with torch.no_grad():
-        j0 = float(evaluate(base))
-        return np.array([float(evaluate(axpy(lr * float(lam), step, base))) - j0 for lam in lams], dtype=np.float64)
+        j0 = evaluate(base).detach().to(torch.float64).cpu().numpy()
+        out = [evaluate(axpy(lr * float(lam), step, base)).detach().to(torch.float64).cpu().numpy() - j0
+               for lam in lams]
+    return np.stack(out) if out else np.zeros((0, *j0.shape))

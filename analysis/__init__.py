@@ -1,0 +1,1 @@
+"""Offline analysis of run directories: loading, claim verdicts, figures. Never imports torch."""

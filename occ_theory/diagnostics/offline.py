@@ -1,0 +1,73 @@
+"""``occ probe RUN_DIR``: recompute every diagnostic from a run's probe bundles into ``probes.parquet``.
+
+One row per probe step: the run's regime and seed, every decomposition quantity in both geometries,
+every proxy, the measured curve (``curve/lams``, ``curve/deltas`` as lists) and its fit. The
+computation is ``run_probe`` on the bundle's saved state, the same function the trainer ran online,
+so the values agree with ``probes/step_N/online.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..atomic import atomic_write_bytes
+from ..models import load_model
+from ..train.logging import Progress
+from .probe import load_bundle, probe_from_bundle
+
+PROBES_FILE = "probes.parquet"
+
+
+def bundle_dirs(run_dir: Path) -> list[Path]:
+    d = Path(run_dir) / "probes"
+    return sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith("step_")) if d.is_dir() else []
+
+
+def read_online(bundle_dir: Path) -> dict[str, Any] | None:
+    f = Path(bundle_dir) / "online.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def recompute_run(run_dir: Path, steps: list[int] | None = None) -> Path:
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise ValueError(f"{run_dir} is not a run directory: config.yaml is missing")
+    cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    bundles = bundle_dirs(run_dir)
+    if steps is not None:
+        bundles = [b for b in bundles if int(b.name.split("_")[1]) in steps]
+    if not bundles:
+        raise ValueError(f"{run_dir} has no probe bundles under probes/ (was diag.probes on?)")
+    model = load_model(run_dir / "init")
+    rl = cfg.get("rl", {})
+    rows = []
+    progress = Progress(f"probe {run_dir.name}", len(bundles))
+    for i, b in enumerate(bundles, 1):
+        payload = load_bundle(b)
+        res = probe_from_bundle(payload, model)
+        row = {"run": run_dir.name, "regime": rl.get("regime"), "seed": cfg.get("seed"), "step": payload["step"],
+               "proxy": rl.get("proxy"), "mtp_coef": rl.get("mtp_coef")}
+        row |= {k: _cell(v) for k, v in res.items()}
+        rows.append(row)
+        progress.update(i)
+    df = pd.DataFrame(rows).sort_values("step")
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    out = run_dir / PROBES_FILE
+    atomic_write_bytes(out, buf.getvalue())
+    return out
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return float("nan")
+    return v

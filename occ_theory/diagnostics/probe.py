@@ -1,0 +1,358 @@
+"""One probe: every decomposition quantity at one optimizer step, online or from a saved bundle.
+
+``run_probe`` takes the model *before* the step, the minibatch of the step, the coefficient the
+run applied and the optimizer's state, and measures (THEORY.md sections 2, 4, 5):
+
+* the decomposition C, X, Q, λ*, λ*₁, Q_F, κ, ‖Pu‖² in SGD geometry (P = I) and in the
+  optimizer's own geometry (Adam: ``P = 1/(sqrt(v̂)+ε)`` from its state, held fixed; absent on
+  the first step, when the state is empty);
+* every proxy (``reference`` and ``least_squares`` from log-probs, ``fisher`` from the JVP δ);
+* the measured curve Δ(λ) on a grid bracketing the predicted λ*, in the run's geometry, with its
+  quadratic fit, bootstrap intervals over sequences and L_eff; optionally with the real
+  optimizer step and on a held-out batch.
+
+The online trainer and ``occ probe`` both call ``run_probe`` on the same inputs, so their
+numbers agree. A bundle (``save_bundle``/``load_bundle``) holds those inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..rl.batch import ObjectiveSpec, RLBatch, compute_objectives, forward_logprobs
+from ..theory import (
+    Decomposition,
+    bootstrap_quadratic,
+    decompose,
+    eager_attention,
+    effective_smoothness,
+    fit_quadratic,
+    grad,
+    lambda_grid,
+    measure_delta,
+    proxies,
+)
+
+NAN = float("nan")
+BUNDLE_FILE = "bundle.pt"
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    dtype: str = "float32"
+    hvp_method: str = "fwd-rev"
+    curve_points: int = 9
+    curve_span: float = 3.0
+    curve_default: float = 1.0
+    curve_real_step: bool = False
+    bootstrap: int = 100
+    seed: int = 0
+
+    @classmethod
+    def from_diag(cls, diag: Any, seed: int = 0) -> ProbeSettings:
+        return cls(dtype=diag.dtype, hvp_method=diag.hvp_method, curve_points=diag.curve_points,
+                   curve_span=diag.curve_span, curve_default=diag.curve_default,
+                   curve_real_step=diag.curve_real_step, bootstrap=diag.bootstrap, seed=seed)
+
+
+@dataclass
+class OptimizerSnapshot:
+    """What the diagnostics need of an Adam/AdamW optimizer, keyed by shared-parameter name."""
+
+    kind: str  # "adamw" | "adam" | "sgd"
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    state: dict[str, dict[str, Tensor]]  # name -> {"step", "exp_avg", "exp_avg_sq"}
+    grad_clip: float = 0.0
+
+    @classmethod
+    def capture(cls, optimizer: torch.optim.Optimizer, named: dict[str, nn.Parameter], grad_clip: float = 0.0
+                ) -> OptimizerSnapshot:
+        group = optimizer.param_groups[0]
+        kind = {"AdamW": "adamw", "Adam": "adam"}.get(type(optimizer).__name__, "sgd")
+        state = {}
+        for name, p in named.items():
+            st = optimizer.state.get(p, {})
+            if "exp_avg_sq" in st:
+                state[name] = {k: (v.detach().clone() if isinstance(v, Tensor) else torch.tensor(v))
+                               for k, v in st.items()}
+        return cls(kind, float(group["lr"]), tuple(group.get("betas", (0.9, 0.999))), float(group.get("eps", 1e-8)),
+                   float(group.get("weight_decay", 0.0)), state, grad_clip)
+
+    def preconditioner(self, params: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """Adam's diagonal ``1/(sqrt(v̂)+ε)`` per shared parameter; None when any state is missing."""
+        if self.kind == "sgd" or any(name not in self.state for name in params):
+            return None
+        out = {}
+        for name, p in params.items():
+            st = self.state[name]
+            step = float(st["step"])
+            v_hat = st["exp_avg_sq"].to(p.dtype) / (1 - self.betas[1] ** step)
+            out[name] = 1.0 / (v_hat.sqrt() + self.eps)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OptimizerSnapshot:
+        d = dict(d)
+        d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "float64": torch.float64}[name]
+
+
+def _decomp_record(prefix: str, dec: Decomposition | None) -> dict[str, Any]:
+    keys = ("corr", "cross", "curv", "curv_fisher", "lambda_star", "lambda_star_first_order", "lambda_star_fisher",
+            "gain_at_optimum", "proj", "u_norm_sq", "g_norm", "u_norm", "cosine")
+    if dec is None:
+        return {f"{prefix}/{k}": NAN for k in keys} | {f"{prefix}/concave": None, f"{prefix}/reason":
+                                                        "no optimizer state yet (first step)"}
+    d = dec.as_dict()
+    return {f"{prefix}/{k}": d[k] for k in keys} | {f"{prefix}/concave": d["concave"], f"{prefix}/reason": d["reason"]}
+
+
+def _log_ratio_stats(prefix: str, x: Tensor, mask: Tensor) -> dict[str, float]:
+    m = mask > 0
+    vals = x[m & torch.isfinite(x)].double()
+    if vals.numel() == 0:
+        return {f"{prefix}/mean": NAN, f"{prefix}/std": NAN, f"{prefix}/max_abs": NAN}
+    return {f"{prefix}/mean": float(vals.mean()), f"{prefix}/std": float(vals.std()) if vals.numel() > 1 else 0.0,
+            f"{prefix}/max_abs": float(vals.abs().max())}
+
+
+def logprob_proxies(logp: Tensor, old_logp: Tensor, mtp_logp: list[Tensor], mask: Tensor, base_coef: float,
+                    prompt_len: int) -> dict[str, Any]:
+    """``reference`` (public code: unmasked mean over the response block) and ``least_squares``,
+    summed over MTP depths, plus the statistics of l − l_old and q − l_old. Cheap: every step."""
+    depths = len(mtp_logp)
+    out: dict[str, Any] = _log_ratio_stats("stats/l_minus_old", logp - old_logp, mask)
+    if depths == 0:
+        return out | {"lambda/reference": NAN, "lambda/least_squares": NAN}
+
+    def block(t: Tensor) -> Tensor:  # the response block, padding filled with zeros as the trainer does
+        return torch.where(mask > 0, t, torch.zeros_like(t))[:, prompt_len:]
+
+    ref = ls = 0.0
+    for q in mtp_logp:
+        ref += proxies.reference(block(logp), block(old_logp), block(q), base_coef, depths)
+        valid = mask * torch.isfinite(q).to(mask.dtype)
+        ls += proxies.least_squares(logp, old_logp, q, valid, base_coef, depths)
+    out |= _log_ratio_stats("stats/q_minus_old", mtp_logp[0] - old_logp, mask)
+    return out | {"lambda/reference": ref, "lambda/least_squares": ls}
+
+
+def shared_params(model: nn.Module) -> dict[str, Tensor]:
+    names = set(model.shared_param_names())
+    return {k: p.detach() for k, p in model.named_parameters() if k in names}
+
+
+def run_probe(model: nn.Module, batch: RLBatch, spec: ObjectiveSpec, lam_used: float, base_coef: float,
+              optim: OptimizerSnapshot, settings: ProbeSettings, heldout: RLBatch | None = None) -> dict[str, Any]:
+    """Every diagnostic of one step (see the module docstring). Leaves ``model`` unchanged."""
+    dtype = _dtype(settings.dtype)
+    work = model if next(model.parameters()).dtype == dtype else copy.deepcopy(model).to(dtype)
+    was_training = work.training
+    work.eval()
+    try:
+        return _probe(work, batch, spec, lam_used, base_coef, optim, settings, heldout, dtype)
+    finally:
+        work.train(was_training)
+
+
+def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, lam_used: float, base_coef: float,
+           optim: OptimizerSnapshot, settings: ProbeSettings, heldout: RLBatch | None, dtype: torch.dtype
+           ) -> dict[str, Any]:
+    b = RLBatch(**{k: (v.to(dtype) if v.is_floating_point() else v) for k, v in batch.tensors().items()})
+    hb = None if heldout is None else RLBatch(**{k: (v.to(dtype) if v.is_floating_point() else v)
+                                                   for k, v in heldout.tensors().items()})
+    params = shared_params(work)
+    mask = b.response_mask
+    lr = optim.lr
+    out: dict[str, Any] = {"diag/lr": lr, "diag/lambda_used": lam_used, "diag/dtype": settings.dtype,
+                           "diag/hvp_method": settings.hvp_method}
+
+    def J(p):
+        return compute_objectives(work, b, spec, params=p, with_mtp=False).rl
+
+    def M(p):
+        return compute_objectives(work, b, spec, params=p).mtp
+
+    def logp_fn(p):
+        return forward_logprobs(work, b, spec.temperature, spec.mtp_grad, False, p)[0]
+
+    def seq_terms(p):
+        return compute_objectives(work, b, spec, params=p, with_mtp=False).seq_rl
+
+    with eager_attention(work):
+        with torch.no_grad():
+            obj = compute_objectives(work, b, spec)
+        out |= logprob_proxies(obj.logp, b.old_logp, obj.mtp_logp, mask, base_coef, _prompt_len(mask))
+        if spec.mtp_kind is None:
+            return out | {"diag/skipped": "regime has no MTP loss"}
+        _, g = grad(J, params)
+        _, u = grad(M, params)
+        decs = {"sgd": decompose(J, M, params, lr, None, settings.hvp_method, logp_fn, mask, mtp_grad=u)}
+        precond = optim.preconditioner(params)
+        decs["adam"] = (decompose(J, M, params, lr, precond, settings.hvp_method, logp_fn, mask, mtp_grad=u)
+                        if precond is not None else None)
+        for name, dec in decs.items():
+            out |= _decomp_record(f"diag/{name}", dec)
+        geometry = "adam" if decs["adam"] is not None else "sgd"
+        dec = decs[geometry]
+        out["diag/curve/geometry"] = geometry
+        fisher = NAN
+        if dec.dlogp is not None:
+            fisher = proxies.fisher(b.advantages, dec.dlogp, mask, lr)
+        out["lambda/fisher"] = fisher
+        if settings.curve_points > 0:
+            out |= _curve(J, M, seq_terms, params, g, u, dec, precond if geometry == "adam" else None, lam_used,
+                          mask, settings, optim, hb, work, spec)
+    return out
+
+
+def _prompt_len(mask: Tensor) -> int:
+    cols = torch.nonzero(mask.sum(0) > 0)
+    return int(cols[0]) if cols.numel() else mask.shape[1]
+
+
+def _curve(J, M, seq_terms, params, g, u, dec: Decomposition, precond, lam_used: float, mask: Tensor,
+           settings: ProbeSettings, optim: OptimizerSnapshot, heldout: RLBatch | None, work: nn.Module,
+           spec: ObjectiveSpec) -> dict[str, Any]:
+    lr = dec.lr
+    lams = lambda_grid(dec.lambda_star, used=lam_used, n=settings.curve_points, span=settings.curve_span,
+                       default=settings.curve_default)
+    seq = measure_delta(J, M, params, lr, lams, precond=precond, eval_objective=seq_terms, grads=(g, u))  # (L, B)
+    weights = mask.sum(1).double().cpu().numpy()
+    deltas = seq.sum(1) / max(weights.sum(), 1.0)
+    out: dict[str, Any] = {"curve/lams": lams.tolist(), "curve/deltas": deltas.tolist()}
+    if np.all(deltas == 0):  # u = 0 (detach): a flat curve, nothing to fit
+        return out | {"diag/curve/flat": True, "diag/curve/alpha": 0.0, "diag/curve/beta": 0.0,
+                      "diag/curve/r2": NAN, "diag/curve/lambda_star": NAN, "diag/curve/concave": False,
+                      "diag/curve/l_eff": NAN}
+    fit = fit_quadratic(lams, deltas)
+    out |= {"diag/curve/flat": False, "diag/curve/alpha": fit.alpha, "diag/curve/beta": fit.beta,
+            "diag/curve/alpha_se": fit.alpha_se, "diag/curve/beta_se": fit.beta_se, "diag/curve/r2": fit.r2,
+            "diag/curve/lambda_star": fit.lambda_star, "diag/curve/concave": fit.concave,
+            "diag/curve/l_eff": effective_smoothness(fit.beta, lr, dec.u_norm_sq),
+            "diag/curve/pred_alpha": lr * dec.slope, "diag/curve/pred_beta": lr**2 * dec.curv,
+            "diag/curve/pred_beta_fisher": lr**2 * dec.curv_fisher}
+    if settings.bootstrap > 0:
+        ci = bootstrap_quadratic(lams, seq, weights, n_boot=settings.bootstrap, seed=settings.seed)
+        for k, (lo, hi) in ci.items():
+            out[f"diag/curve/{k}_lo"], out[f"diag/curve/{k}_hi"] = lo, hi
+    if settings.curve_real_step and optim.kind in ("adam", "adamw") and optim.state:
+        real = real_step_delta(J, params, g, u, lams, optim)
+        rfit = fit_quadratic(lams, real)
+        out |= {"curve/real_deltas": real.tolist(), "diag/curve_real/alpha": rfit.alpha,
+                "diag/curve_real/beta": rfit.beta, "diag/curve_real/r2": rfit.r2,
+                "diag/curve_real/lambda_star": rfit.lambda_star}
+    if heldout is not None:
+        def J_held(p):
+            return compute_objectives(work, heldout, spec, params=p, with_mtp=False).rl
+
+        held = measure_delta(J, M, params, lr, lams, precond=precond, eval_objective=J_held, grads=(g, u))
+        hfit = fit_quadratic(lams, held)
+        out |= {"curve/heldout_deltas": held.tolist(), "diag/curve_heldout/alpha": hfit.alpha,
+                "diag/curve_heldout/beta": hfit.beta, "diag/curve_heldout/r2": hfit.r2,
+                "diag/curve_heldout/lambda_star": hfit.lambda_star}
+    return out
+
+
+def real_step_delta(J, params: dict[str, Tensor], g: dict[str, Tensor], u: dict[str, Tensor], lams: np.ndarray,
+                    optim: OptimizerSnapshot) -> np.ndarray:
+    """Δ(λ) with the real Adam(W) step from a copy of the optimizer state (gradient −(g + λu) on θ_S)."""
+    cls = torch.optim.AdamW if optim.kind == "adamw" else torch.optim.Adam
+
+    def after_step(lam: float) -> float:
+        clones = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
+        opt = cls(list(clones.values()), lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                  weight_decay=optim.weight_decay)
+        for k, p in clones.items():
+            opt.state[p] = {n: v.clone().to(p.dtype) if n != "step" else v.clone()
+                            for n, v in optim.state[k].items()}
+            p.grad = -(g[k] + lam * u[k]).to(p.dtype)
+        if optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(list(clones.values()), optim.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            return float(J({k: p.detach() for k, p in clones.items()}))
+
+    base = after_step(0.0)
+    return np.array([after_step(float(lam)) - base for lam in lams])
+
+
+# ---------------------------------------------------------------- bundles
+
+
+def save_bundle(path: Path, *, step: int, model: nn.Module, batch: RLBatch, spec: ObjectiveSpec, lam_used: float,
+                base_coef: float, optim: OptimizerSnapshot, settings: ProbeSettings,
+                heldout: RLBatch | None = None, online: dict[str, Any] | None = None) -> None:
+    """Everything ``run_probe`` needs for this step, written atomically to ``path/``."""
+    from ..atomic import atomic_dir
+
+    payload = {
+        "format": "occ_theory.probe", "version": 1, "step": step,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "batch": {k: v.cpu() for k, v in batch.tensors().items()},
+        "heldout": None if heldout is None else {k: v.cpu() for k, v in heldout.tensors().items()},
+        "spec": asdict(spec), "lam_used": float(lam_used), "base_coef": float(base_coef),
+        "optim": optim.to_dict(), "settings": asdict(settings),
+    }
+    with atomic_dir(Path(path)) as tmp:
+        torch.save(payload, tmp / BUNDLE_FILE)
+        if online is not None:
+            (tmp / "online.json").write_text(json.dumps(_jsonable(online), indent=1, allow_nan=True))
+
+
+def load_bundle(path: Path) -> dict[str, Any]:
+    """Read a probe bundle; a missing or corrupt one raises ``ValueError`` naming the file."""
+    f = Path(path) / BUNDLE_FILE
+    if not f.is_file():
+        raise ValueError(f"probe bundle {path} has no {BUNDLE_FILE}")
+    try:
+        payload = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError on damage
+        raise ValueError(f"probe bundle {f} is corrupt or unreadable: {type(e).__name__}: {e}") from e
+    if not isinstance(payload, dict) or payload.get("format") != "occ_theory.probe":
+        raise ValueError(f"{f} is not an occ_theory probe bundle")
+    missing = [k for k in ("step", "model", "batch", "spec", "optim", "settings", "lam_used") if k not in payload]
+    if missing:
+        raise ValueError(f"probe bundle {f} lacks {missing}")
+    return payload
+
+
+def probe_from_bundle(payload: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """Load the bundle's weights into ``model`` (same architecture) and rerun the probe."""
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as e:
+        raise ValueError(f"probe bundle weights do not fit the run's model: {e}") from e
+    heldout = RLBatch.from_tensors(payload["heldout"]) if payload.get("heldout") else None
+    return run_probe(model, RLBatch.from_tensors(payload["batch"]), ObjectiveSpec(**payload["spec"]),
+                     payload["lam_used"], payload.get("base_coef", 0.0),
+                     OptimizerSnapshot.from_dict(payload["optim"]), ProbeSettings(**payload["settings"]), heldout)
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    def conv(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, np.generic):
+            return conv(v.item())
+        return v
+    return {k: ([conv(x) for x in v] if isinstance(v, list) else conv(v)) for k, v in d.items()}

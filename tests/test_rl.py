@@ -1,0 +1,148 @@
+"""The RL trainer: identities 3 and 5 on real steps, regimes end to end, resume, online/offline probes."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+from rl_fixtures import inject_random_advantages, make_checkpoint, rl_config, with_signal
+
+from analysis.load import read_jsonl
+from occ_theory.diagnostics.offline import read_online, recompute_run
+from occ_theory.diagnostics.probe import logprob_proxies
+from occ_theory.theory import proxies
+from occ_theory.train.config import REGIMES
+from occ_theory.train.rl import RLTrainer, resume_rl, run_rl
+from occ_theory.train.run import RunContext
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "sft")
+
+
+def _trainer(ckpt, tmp_path, regime, *extra):
+    cfg = rl_config(ckpt, regime, *extra)
+    return RLTrainer(cfg, RunContext.create(cfg, regime, out_dir=tmp_path / regime))
+
+
+def _diag_step(ckpt, tmp_path, regime, *extra):
+    """One diagnosed optimizer step on a minibatch with signal; returns the metrics record."""
+    tr = _trainer(ckpt, tmp_path, regime, "diag.at=[1]", "diag.every=0", *extra)
+    batch, _ = tr.rollout()
+    mb = with_signal(tr, batch.split(2)[0])
+    return tr, mb, tr.train_step(mb, first_after_rollout=False)
+
+
+@pytest.mark.parametrize("regime", ["policy", "ce", "occ", "detach_encoder"])
+def test_identity3_recorded_gradients_add_up_to_the_optimizer_gradient(ckpt, tmp_path, regime):
+    _, _, rec = _diag_step(ckpt, tmp_path, regime)
+    assert rec["diag/identity3/rel_err"] < 1e-5
+    assert rec["diag/grad/g_norm"] > 0
+
+
+def test_identity5_detach_gives_zero_u_zero_terms_and_a_flat_curve(ckpt, tmp_path):
+    tr, _, rec = _diag_step(ckpt, tmp_path, "detach")
+    assert rec["diag/grad/u_norm"] == 0.0
+    for geo in ("sgd",):
+        assert (rec[f"diag/{geo}/corr"], rec[f"diag/{geo}/cross"], rec[f"diag/{geo}/curv"]) == (0.0, 0.0, 0.0)
+        assert math.isnan(rec[f"diag/{geo}/lambda_star"]) and "u = 0" in rec[f"diag/{geo}/reason"]
+    assert rec["diag/curve/flat"] and rec["diag/curve/beta"] == 0.0
+    mtp_grads = [p.grad for p in tr.model.mtp.parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in mtp_grads)  # θ_M still trains
+
+
+@pytest.mark.parametrize("regime", ["policy", "ce"])
+def test_policy_and_ce_give_a_finite_decomposition_and_a_fit(ckpt, tmp_path, regime):
+    _, _, rec = _diag_step(ckpt, tmp_path, regime)
+    for key in ("diag/sgd/corr", "diag/sgd/cross", "diag/sgd/curv", "diag/sgd/curv_fisher", "diag/sgd/proj",
+                "diag/curve/alpha", "diag/curve/beta", "diag/curve/r2"):
+        assert math.isfinite(rec[key]), key
+    assert rec["diag/sgd/u_norm"] > 0 and not rec["diag/curve/flat"]
+
+
+def test_trainer_proxies_equal_the_pure_functions(ckpt, tmp_path):
+    tr = _trainer(ckpt, tmp_path, "occ", "rl.proxy=least_squares")
+    batch, _ = tr.rollout()
+    mb = with_signal(tr, batch.split(2)[0])
+    from occ_theory.rl.batch import compute_objectives
+
+    with torch.no_grad():
+        obj = compute_objectives(tr.model, mb, tr.spec)
+    mask = mb.response_mask
+    q = obj.mtp_logp[0]
+    p0 = int(torch.nonzero(mask.sum(0))[0])
+    rec = logprob_proxies(obj.logp, mb.old_logp, [q], mask, 0.1, p0)
+
+    def block(t):
+        return torch.where(mask > 0, t, 0.0)[:, p0:]
+
+    assert rec["lambda/reference"] == proxies.reference(block(obj.logp), block(mb.old_logp), block(q), 0.1)
+    valid = mask * torch.isfinite(q)
+    assert rec["lambda/least_squares"] == proxies.least_squares(obj.logp, mb.old_logp, q, valid, 0.1)
+    step = tr.train_step(mb, first_after_rollout=False)
+    assert step["lambda/used"] == pytest.approx(step["lambda/least_squares"], rel=1e-6)
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_end_to_end_run_in_each_regime(ckpt, tmp_path, regime, monkeypatch):
+    inject_random_advantages(monkeypatch)
+    run_dir = run_rl(rl_config(ckpt, regime), out_dir=tmp_path / regime)
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all("lambda/used" in r and "reward/mean" in r for r in records)
+    if regime == "off":
+        assert all(r["lambda/used"] == 0.0 for r in records)
+    else:
+        assert (run_dir / "probes" / "step_000002" / "bundle.pt").is_file()
+    if regime == "occ":  # reference proxy: λ = 0 exactly on the first minibatch after each rollout
+        assert all(r["lambda/used"] == 0.0 for r in records if r["first_after_rollout"])
+        assert all(r["lambda/used"] != 0.0 for r in records if not r["first_after_rollout"])
+    evald = json.loads((run_dir / "eval.json").read_text())
+    assert set(evald["suites"]) == {"addition", "linear", "length_gen"}
+    assert (run_dir / "final" / "occ_model.json").is_file() and (run_dir / "tb").is_dir()
+
+
+def _comparable(records):
+    drop = ("perf/", "rollout/tokens_per_s")
+    return [{k: v for k, v in r.items() if not k.startswith(drop)} for r in records]
+
+
+def test_resume_after_interruption_gives_the_same_metrics(ckpt, tmp_path, monkeypatch):
+    inject_random_advantages(monkeypatch)
+    extra = ("rl.steps=6", "rl.checkpoint_every=1", "diag.every=3")
+    full = run_rl(rl_config(ckpt, "occ", *extra), out_dir=tmp_path / "full")
+
+    cut_dir = tmp_path / "cut"
+    original = RLTrainer.train_step
+
+    def crash_at_5(self, mb, first_after_rollout):
+        if self.step == 4:  # step 5 is about to run: the checkpoint after rollout 2 (step 4) exists
+            raise KeyboardInterrupt
+        return original(self, mb, first_after_rollout)
+
+    monkeypatch.setattr(RLTrainer, "train_step", crash_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        run_rl(rl_config(ckpt, "occ", *extra), out_dir=cut_dir)
+    monkeypatch.setattr(RLTrainer, "train_step", original)
+    assert [r["step"] for r in read_jsonl(cut_dir / "metrics.jsonl")] == [1, 2, 3, 4]
+    resume_rl(cut_dir)
+    a, b = read_jsonl(full / "metrics.jsonl"), read_jsonl(cut_dir / "metrics.jsonl")
+    assert _comparable(a) == _comparable(b)
+
+
+def test_offline_probe_recomputation_equals_online_values(ckpt, tmp_path, monkeypatch):
+    inject_random_advantages(monkeypatch)
+    run_dir = run_rl(rl_config(ckpt, "policy", "diag.every=2", "rl.steps=4"), out_dir=tmp_path / "p")
+    out = recompute_run(run_dir)
+    df = pd.read_parquet(out)
+    assert list(df["step"]) == [1, 2, 4]
+    for _, row in df.iterrows():
+        online = read_online(run_dir / "probes" / f"step_{int(row['step']):06d}")
+        checked = 0
+        for k, v in online.items():
+            if isinstance(v, float) and k in row and isinstance(row[k], float) and math.isfinite(row[k]):
+                assert row[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+                checked += 1
+        assert checked > 20

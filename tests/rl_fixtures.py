@@ -28,11 +28,11 @@ def rl_config(ckpt: Path, regime: str, *extra: str) -> Config:
         "task.suites=[addition,linear]", "threads=1", *extra])
 
 
-def with_signal(trainer, mb: RLBatch, seed: int = 0) -> RLBatch:
+def with_signal(trainer, mb: RLBatch, seed: int = 0, noise: float = 0.05) -> RLBatch:
     """A minibatch with random advantages and an old policy slightly off the current one (ratios ≠ 1)."""
     g = torch.Generator().manual_seed(seed)
     mb, _ = trainer.fill_old_logp(mb)
-    noise = 0.05 * torch.randn(mb.old_logp.shape, generator=g) * mb.response_mask
+    noise = noise * torch.randn(mb.old_logp.shape, generator=g) * mb.response_mask
     return replace(mb, advantages=torch.randn(mb.size, generator=g), old_logp=mb.old_logp + noise)
 
 

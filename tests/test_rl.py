@@ -146,3 +146,55 @@ def test_offline_probe_recomputation_equals_online_values(ckpt, tmp_path, monkey
                 assert row[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
                 checked += 1
         assert checked > 20
+
+
+def test_taylor_order_on_a_tiny_transformer_with_mtp_head(ckpt, tmp_path):
+    """Identity 2 on the real objective: halving η divides the residual by about 8 (float64, SGD geometry).
+
+    Ratios stay well inside the clip range (old log-probs 0.01 off), where the surrogate is smooth.
+    """
+    tr = _trainer(ckpt, tmp_path, "policy")
+    batch, _ = tr.rollout()
+    mb = with_signal(tr, batch.split(2)[0], noise=0.01)
+    from occ_theory.diagnostics.probe import OptimizerSnapshot, ProbeSettings, run_probe
+
+    snap = OptimizerSnapshot("sgd", 0.01, (0.9, 0.999), 1e-8, 0.0, {})
+    settings = ProbeSettings(dtype="float64", curve_points=0, bootstrap=0, taylor_halvings=4, curve_default=0.5)
+    out = run_probe(tr.model, mb, tr.spec, 0.1, 0.1, snap, settings)
+    res = out["taylor/residuals"]
+    ratios = [res[i] / res[i + 1] for i in range(len(res) - 1)]
+    assert all(6.0 <= r <= 10.0 for r in ratios[1:]), (res, ratios)
+    assert 2.7 <= out["diag/taylor/slope"] <= 3.3
+
+
+def test_objective_gradient_is_the_derivative_even_with_pad_tokens_in_responses(ckpt, tmp_path):
+    """nn.Embedding(padding_idx) would zero the pad row's gradient although a response may hold that token."""
+    tr, mb, _ = _diag_step(ckpt, tmp_path, "policy")
+    from occ_theory.diagnostics.probe import shared_params
+    from occ_theory.models import exact_float64
+    from occ_theory.rl.batch import compute_objectives
+    from occ_theory.theory import grad
+    from occ_theory.theory.params import axpy, dot
+
+    model = tr.model.double()
+    ids = mb.input_ids.clone()
+    resp = torch.nonzero(mb.response_mask[0])[:, 0]
+    ids[0, resp[0]] = tr.tokenizer.pad_token_id  # a sampled pad token inside a response
+    from dataclasses import replace
+
+    mb = replace(mb, input_ids=ids, **{k: v.double() for k, v in mb.tensors().items() if v.is_floating_point()})
+    params = shared_params(model)
+
+    def J(p):
+        return compute_objectives(model, mb, tr.spec, params=p, with_mtp=False).rl
+
+    with exact_float64(model):
+        _, g = grad(J, params)
+        v = {k: torch.randn(t.shape, generator=torch.Generator().manual_seed(1), dtype=t.dtype)
+             for k, t in params.items()}
+        norm = float(dot(v, v)) ** 0.5
+        v = {k: t / norm for k, t in v.items()}
+        e = 1e-5
+        with torch.no_grad():
+            fd = (float(J(axpy(e, v, params))) - float(J(axpy(-e, v, params)))) / (2 * e)
+    assert fd == pytest.approx(float(dot(g, v)), rel=1e-6)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..models import exact_float64
 from ..rl.batch import ObjectiveSpec, RLBatch, compute_objectives, forward_logprobs
 from ..theory import (
     Decomposition,
@@ -55,13 +56,15 @@ class ProbeSettings:
     curve_default: float = 1.0
     curve_real_step: bool = False
     bootstrap: int = 100
+    taylor_halvings: int = 3
     seed: int = 0
 
     @classmethod
     def from_diag(cls, diag: Any, seed: int = 0) -> ProbeSettings:
         return cls(dtype=diag.dtype, hvp_method=diag.hvp_method, curve_points=diag.curve_points,
                    curve_span=diag.curve_span, curve_default=diag.curve_default,
-                   curve_real_step=diag.curve_real_step, bootstrap=diag.bootstrap, seed=seed)
+                   curve_real_step=diag.curve_real_step, bootstrap=diag.bootstrap,
+                   taylor_halvings=diag.taylor_halvings, seed=seed)
 
 
 @dataclass
@@ -198,7 +201,9 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, lam_used: float
     def seq_terms(p):
         return compute_objectives(work, b, spec, params=p, with_mtp=False).seq_rl
 
-    with eager_attention(work):
+    # float64: also keep RMSNorm and the softmax in float64 (transformers computes them in float32)
+    curvature_numerics = exact_float64 if dtype == torch.float64 else eager_attention
+    with curvature_numerics(work):
         with torch.no_grad():
             obj = compute_objectives(work, b, spec)
         out |= logprob_proxies(obj.logp, b.old_logp, obj.mtp_logp, mask, base_coef, _prompt_len(mask))
@@ -219,10 +224,30 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, lam_used: float
         if dec.dlogp is not None:
             fisher = proxies.fisher(b.advantages, dec.dlogp, mask, lr)
         out["lambda/fisher"] = fisher
+        run_precond = precond if geometry == "adam" else None
         if settings.curve_points > 0:
-            out |= _curve(J, M, seq_terms, params, g, u, dec, precond if geometry == "adam" else None, lam_used,
-                          mask, settings, optim, hb, work, spec)
+            out |= _curve(J, M, seq_terms, params, g, u, dec, run_precond, lam_used, mask, settings, optim, hb,
+                          work, spec)
+        if settings.taylor_halvings > 0 and not dec.u_zero:
+            out |= _taylor(J, M, params, g, u, dec, run_precond, lam_used, settings)
     return out
+
+
+def _taylor(J, M, params, g, u, dec: Decomposition, precond, lam_used: float, settings: ProbeSettings
+            ) -> dict[str, Any]:
+    """Identity 2 on the live model: residual max_λ |Δ_measured − Δ_model| as η halves (slope ≈ 3)."""
+    scale = max(abs(lam_used), settings.curve_default)  # not λ*: in SGD geometry it can be enormous
+    lams = np.array([-scale, scale, 2 * scale])
+    lrs, res = [], []
+    for k in range(settings.taylor_halvings + 1):
+        lr = dec.lr / 2**k
+        measured = measure_delta(J, M, params, lr, lams, precond=precond, grads=(g, u))
+        model = replace(dec, lr=lr).predicted_delta(lams)
+        lrs.append(lr)
+        res.append(float(np.max(np.abs(measured - model))))
+    ok = [(a, b) for a, b in zip(lrs, res) if b > 0]
+    slope = float(np.polyfit(np.log([a for a, _ in ok]), np.log([b for _, b in ok]), 1)[0]) if len(ok) >= 2 else NAN
+    return {"taylor/lrs": lrs, "taylor/residuals": res, "diag/taylor/slope": slope}
 
 
 def _prompt_len(mask: Tensor) -> int:

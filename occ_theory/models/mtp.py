@@ -114,6 +114,9 @@ class OCCModel(nn.Module):
             module.reset_parameters(std)
         ref = trunk.get_input_embeddings().weight
         self.mtp.to(device=ref.device, dtype=ref.dtype)
+        # nn.Embedding(padding_idx=...) zeroes the pad row's lookup gradient although the forward uses it
+        # (a sampled response may contain the pad token): the gradient would not be the derivative of J.
+        trunk.get_input_embeddings().padding_idx = None
 
     @property
     def num_mtp(self) -> int:

@@ -198,8 +198,8 @@ class DiagConfig:
     """Save a probe bundle (what `occ probe` needs) on every diagnosed step."""
     dtype: str = "float32"
     """Precision of the curvature computations: float32 | float64."""
-    hvp_method: str = "fwd-rev"
-    """fwd-rev | rev-rev."""
+    hvp_method: str = "rev-rev"
+    """rev-rev | fwd-rev (rev-rev is the faster of the two on CPU: see `occ bench hvp`)."""
     curve_points: int = 9
     """λ-grid points of the measured curve (0: no curve)."""
     curve_span: float = 3.0
@@ -212,13 +212,15 @@ class DiagConfig:
     """Also evaluate the curve on a held-out batch of fresh rollouts."""
     bootstrap: int = 100
     """Bootstrap resamples (over sequences) for the fit's intervals (0: none)."""
+    taylor_halvings: int = 3
+    """Identity 2 on the live model: measure the Taylor residual at η, η/2, ... (this many halvings; 0: off)."""
 
     def validate(self, key: str) -> None:
         if self.dtype not in ("float32", "float64"):
             _fail(f"{key}.dtype", "must be float32 or float64")
         if self.hvp_method not in ("fwd-rev", "rev-rev"):
             _fail(f"{key}.hvp_method", "must be fwd-rev or rev-rev")
-        _non_negative(self, key, "every", "log_spaced", "curve_points", "bootstrap")
+        _non_negative(self, key, "every", "log_spaced", "curve_points", "bootstrap", "taylor_halvings")
         _positive(self, key, "curve_span", "curve_default")
         if 0 < self.curve_points < 3:
             _fail(f"{key}.curve_points", "needs at least 3 points (or 0 for no curve)")
@@ -228,8 +230,8 @@ class DiagConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    size: int = 200
-    """Held-out problems per suite."""
+    size: int = 128
+    """Held-out problems per suite (multiplication's default held-out pool holds about 200)."""
     samples: int = 4
     """k for sampled mean@k."""
     temperature: float = 1.0
@@ -256,6 +258,7 @@ class Config:
     threads: int = 0
     """torch CPU threads (0: torch's default)."""
     model: ModelConfig = field(default_factory=ModelConfig.tiny)
+    """The model; keys given override the tiny model's, unless init_from is given (then it stands alone)."""
     task: TaskConfig = field(default_factory=TaskConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rl: RLConfig = field(default_factory=RLConfig)
@@ -379,6 +382,9 @@ def from_dict(cls: type, data: Any, key: str = "") -> Any:
         if k not in names:
             where = f"{key}.{k}" if key else str(k)
             _fail(where, f"unknown key; valid keys here: {sorted(names)}")
+    if cls is Config and isinstance(data.get("model"), dict) and "init_from" not in data["model"]:
+        # a model section overrides the default tiny model key by key (with init_from it stands alone)
+        data = {**data, "model": {**ModelConfig.tiny().to_dict(), **data["model"]}}
     kwargs = {k: _convert(v, hints[k], f"{key}.{k}" if key else k) for k, v in data.items()}
     try:
         return cls(**kwargs)

@@ -197,7 +197,7 @@ class RLTrainer:
             heldout = self.heldout_batch(step) if self.cfg.diag.curve_heldout else None
             probe = run_probe(self.model, mb, spec, lam, rc.mtp_coef, snap, self.settings, heldout)
             self.model.train()
-            rec |= {k: v for k, v in probe.items() if not k.startswith("curve/") and k not in rec}
+            rec |= {k: v for k, v in probe.items() if not isinstance(v, list) and k not in rec}
             if self.cfg.diag.probes:
                 save_bundle(self.ctx.run_dir / "probes" / f"step_{step:06d}", step=step, model=self.model, batch=mb,
                             spec=spec, lam_used=lam, base_coef=rc.mtp_coef, optim=snap, settings=self.settings,
@@ -350,7 +350,8 @@ def truncate_metrics(run_dir: Path, step: int) -> int:
 
 def run_rl(cfg: Config, out_dir: Path | None = None) -> Path:
     ctx = RunContext.create(cfg, kind=cfg.rl.regime, out_dir=out_dir)
-    trainer = RLTrainer(cfg, ctx)
+    trainer = RLTrainer(cfg, ctx)  # validates the checkpoint and settings before anything is written
+    ctx.begin()
     save_model(trainer.model, ctx.run_dir / "init", trainer.tokenizer)
     ctx.log(f"RL regime={cfg.rl.regime} steps={cfg.rl.steps} from {cfg.rl.init} -> {ctx.run_dir}")
     return trainer.run()

@@ -44,13 +44,16 @@ class RunContext:
             torch.set_num_threads(cfg.threads)
         run_dir = Path(out_dir) if out_dir is not None else Path(cfg.out_dir) / (run_name or
                                                                                    default_run_name(cfg, kind))
-        if not resume:
-            if run_dir.exists() and any(run_dir.iterdir()):
-                raise ValueError(f"run directory {run_dir} already exists and is not empty (use --resume or "
-                                 "another --out)")
-            run_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, run_dir / "config.yaml")
+        if not resume and run_dir.exists() and any(run_dir.iterdir()):
+            raise ValueError(f"run directory {run_dir} already exists and is not empty (use --resume or another "
+                             "--out)")
         return cls(cfg, run_dir, device)
+
+    def begin(self) -> None:
+        """Create the run directory and write the resolved config: call once the inputs are validated."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not (self.run_dir / "config.yaml").exists():
+            dump_config(self.cfg, self.run_dir / "config.yaml")
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..models import aligned_logprobs, build_model, build_tokenizer, save_model
+from ..models import align_logprobs, build_model, build_tokenizer, save_model
 from ..rl.objectives import token_mean
 from ..tasks import Problem
 from .config import Config
@@ -57,13 +57,19 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def sft_losses(model: torch.nn.Module, ids: Tensor, attn: Tensor, loss_mask: Tensor) -> dict[str, Tensor]:
-    """Next-token NLL, per-depth MTP NLL and MTP next-next-token accuracy (depth 1) on target tokens."""
-    logp, mtp = aligned_logprobs(model, ids, attn)
+    """Next-token NLL and accuracy, and per MTP depth k its NLL and accuracy (predicting token t from
+    position t−k−1: depth 1 is next-next-token accuracy), on target tokens."""
+    logits, mtp_logits = model(ids, attention_mask=attn)
+    logp, mtp = align_logprobs(logits, mtp_logits, ids)
     out = {"nll": -token_mean(logp, loss_mask)}
-    depths = [] if mtp is None else ([mtp] if isinstance(mtp, Tensor) else list(mtp))
-    for k, q in enumerate(depths, start=1):
+    with torch.no_grad():
+        out["acc"] = token_mean((logits[:, :-1].argmax(-1) == ids[:, 1:]).float(), loss_mask[:, 1:])
+    for k, (q, lg) in enumerate(zip(mtp, mtp_logits), start=1):
         valid = loss_mask * torch.isfinite(q).to(loss_mask.dtype)
         out[f"mtp_nll_d{k}"] = -token_mean(q, valid)
+        with torch.no_grad():
+            hit = (lg[:, : ids.shape[1] - k - 1].argmax(-1) == ids[:, k + 1:]).float()
+            out[f"mtp_acc_d{k}"] = token_mean(hit, valid[:, k + 1:])
     return out
 
 
@@ -78,6 +84,7 @@ def run_sft(cfg: Config, run_name: str | None = None, out_dir: Path | None = Non
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, sc.warmup, sc.steps, sc.lr_min_ratio))
     stream = problem_stream(cfg, np.random.default_rng(cfg.seed))
+    ctx.begin()
     ctx.log(f"SFT {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {sc.steps} steps "
             f"on {', '.join(cfg.task.suites)} -> {ctx.run_dir}")
     progress = Progress("sft", sc.steps)

@@ -1,0 +1,63 @@
+"""``occ quickstart``: the whole pipeline at tiny scale, minutes on a laptop CPU.
+
+SFT with MTP → RL in each regime (probes every few steps) → ``occ probe`` on every run →
+held-out evaluation (written by each RL run) → ``occ figures``. The settings are the tiny
+configuration with shorter schedules; every stage prints progress.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from .train.config import REGIMES, load_config
+
+SFT_SETTINGS = [
+    "name=quickstart", "model.family=qwen2", "model.hidden_size=128", "model.intermediate_size=384",
+    "model.num_layers=4", "model.num_heads=4", "model.num_kv_heads=2", "model.max_position_embeddings=128",
+    "model.mtp_depths=1", "task.weights=[2,1,1,1,1]", "sft.steps=1000", "sft.batch_size=64", "sft.lr=3e-3",
+    "sft.warmup=50", "sft.eval_every=0", "sft.eval_size=48",
+]
+RL_SETTINGS = [
+    "name=quickstart", "rl.steps=40", "rl.prompts_per_rollout=8", "rl.group_size=8", "rl.minibatches=4",
+    "rl.max_new_tokens=40", "rl.lr=2e-4", "rl.mtp_coef=0.1", "diag.every=8", "diag.curve_points=9",
+    "diag.bootstrap=50", "eval.size=64", "eval.samples=2",
+]
+
+
+def _stage(i: int, n: int, msg: str, t0: float) -> None:
+    print(f"[quickstart {i}/{n} +{time.perf_counter() - t0:.0f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def quickstart(out: Path, figures: Path | None, regimes: list[str], seed: int = 0) -> Path:
+    from analysis.report import write_report
+
+    from .diagnostics.offline import recompute_run
+    from .train.rl import run_rl
+    from .train.sft import run_sft
+
+    bad = [r for r in regimes if r not in REGIMES]
+    if bad:
+        raise ValueError(f"unknown regime(s) {bad}; choose from {list(REGIMES)}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} already exists and is not empty: pass another --out")
+    figures = Path(figures) if figures is not None else out / "figures"
+    t0 = time.perf_counter()
+    n = 2 + 2 * len(regimes) + 1
+    _stage(1, n, "SFT with MTP (tiny model)", t0)
+    ckpt = run_sft(load_config(None, [*SFT_SETTINGS, f"seed={seed}"]), out_dir=out / "sft")
+    runs = []
+    for i, regime in enumerate(regimes):
+        _stage(2 + i, n, f"RL regime {regime}", t0)
+        cfg = load_config(None, [*RL_SETTINGS, f"seed={seed}", f"rl.regime={regime}", f"rl.init={ckpt}"])
+        runs.append(run_rl(cfg, out_dir=out / f"rl_{regime}"))
+    for i, run in enumerate(runs):
+        _stage(2 + len(regimes) + i, n, f"occ probe {run.name}", t0)
+        if (run / "probes").is_dir():
+            recompute_run(run)
+    _stage(n - 1, n, f"figures -> {figures}", t0)
+    summary = write_report(runs, figures)
+    _stage(n, n, f"done in {time.perf_counter() - t0:.0f}s: {summary}", t0)
+    return summary

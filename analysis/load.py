@@ -1,5 +1,10 @@
 """Read run directories into pandas, torch-free.
 
+A run directory (written by ``occ rl``) holds ``config.yaml`` and ``metrics.jsonl`` and, when the
+later stages ran, ``probes.parquet`` (``occ probe``) and ``eval.json``. ``load_run`` reads one into
+a ``Run``; ``load_runs`` takes run directories or folders of them. Every missing required file or
+corrupt file raises ``RunFileError`` naming the file and the problem.
+
 ``read_jsonl`` tolerates a truncated last line (a run killed mid-write) and refuses a corrupt
 line anywhere else, naming the file and line.
 """
@@ -7,7 +12,19 @@ line anywhere else, naming the file and line.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+PROBES_FILE = "probes.parquet"
+EVAL_FILE = "eval.json"
 
 
 class RunFileError(ValueError):
@@ -36,3 +53,129 @@ def read_jsonl(path: Path) -> list[dict]:
             raise RunFileError(f"{path}: line {i} is not a JSON object")
         records.append(rec)
     return records
+
+
+@dataclass
+class Run:
+    """One loaded run directory. ``name`` is the directory's name (config ``name`` is not unique)."""
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+    regime: str
+    seed: int
+    metrics: pd.DataFrame
+    probes: pd.DataFrame | None = None
+    eval: dict[str, Any] | None = None
+
+    @property
+    def is_rl(self) -> bool:
+        """False for an SFT run directory (its metrics are ``sft/…``; its config still has an ``rl`` section)."""
+        return not any(str(c).startswith("sft/") for c in self.metrics.columns)
+
+    @property
+    def steps(self) -> int:
+        """The last logged optimizer step (0 when nothing was logged yet)."""
+        s = self.metrics["step"] if "step" in self.metrics else pd.Series(dtype=float)
+        return int(s.max()) if s.notna().any() else 0
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise RunFileError(f"missing file: {path}")
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise RunFileError(f"{path}: not valid YAML ({type(e).__name__}: {e})") from e
+    if not isinstance(cfg, dict):
+        raise RunFileError(f"{path}: expected a mapping at the top level, got {type(cfg).__name__}")
+    return cfg
+
+
+def metrics_from_records(records: list[dict], path: Path) -> pd.DataFrame:
+    """One row per step, sorted; JSON nulls become NaN; a repeated step keeps its last record."""
+    for i, rec in enumerate(records, 1):
+        if "step" not in rec:
+            raise RunFileError(f"{path}: record {i} has no 'step'")
+    df = pd.DataFrame.from_records(records) if records else pd.DataFrame({"step": pd.Series(dtype="int64")})
+    df = df.astype({c: float for c in df.columns if df[c].isna().all()})  # all-null columns: NaN floats
+    df = df.where(df.notna(), np.nan)  # None in object columns -> NaN
+    return df.drop_duplicates("step", keep="last").sort_values("step", kind="stable").reset_index(drop=True).copy()
+
+
+def read_metrics(path: Path) -> pd.DataFrame:
+    return metrics_from_records(read_jsonl(path), Path(path))
+
+
+def read_probes(path: Path) -> pd.DataFrame | None:
+    """``probes.parquet`` sorted by step, or None when absent."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        df = pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError on damage
+        raise RunFileError(f"{path}: corrupt or unreadable parquet ({type(e).__name__}: {e})") from e
+    if "step" not in df.columns:
+        raise RunFileError(f"{path}: has no 'step' column")
+    return df.sort_values("step", kind="stable").reset_index(drop=True)
+
+
+def read_eval(path: Path) -> dict[str, Any] | None:
+    """``eval.json`` (``{"suites": {suite: {"greedy_acc", …}}, …}``), or None when absent."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunFileError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("suites"), dict):
+        raise RunFileError(f"{path}: expected an object with a 'suites' mapping")
+    for suite, entry in data["suites"].items():
+        if not isinstance(entry, dict) or "greedy_acc" not in entry:
+            raise RunFileError(f"{path}: suite {suite!r} has no 'greedy_acc'")
+    return data
+
+
+def load_run(path: Path) -> Run:
+    """Read one run directory (see the module docstring)."""
+    path = Path(path)
+    cfg_path = path / CONFIG_FILE
+    cfg = read_config(cfg_path)
+    rl = cfg.get("rl") if isinstance(cfg.get("rl"), dict) else {}
+    if "regime" not in rl:
+        raise RunFileError(f"{cfg_path}: has no 'rl.regime'")
+    seed = cfg.get("seed", 0)
+    if not isinstance(seed, int):
+        raise RunFileError(f"{cfg_path}: 'seed' must be an integer, got {seed!r}")
+    return Run(name=path.name, path=path, config=cfg, regime=str(rl["regime"]), seed=seed,
+               metrics=read_metrics(path / METRICS_FILE), probes=read_probes(path / PROBES_FILE),
+               eval=read_eval(path / EVAL_FILE))
+
+
+def find_run_dirs(path: Path) -> list[Path]:
+    """``path`` itself when it holds ``config.yaml``, else every directory below it that does (sorted)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RunFileError(f"missing run directory: {path}")
+    if (path / CONFIG_FILE).is_file():
+        return [path]
+    return sorted(p.parent for p in path.rglob(CONFIG_FILE) if p.parent != path)
+
+
+def load_runs(paths: Iterable[Path] | Path) -> list[Run]:
+    """Runs from run directories and folders of run directories; a folder with none raises."""
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    runs, seen = [], set()
+    for p in paths:
+        dirs = find_run_dirs(Path(p))
+        if not dirs:
+            raise RunFileError(f"{p}: no run directory (a folder holding {CONFIG_FILE}) found")
+        for d in dirs:
+            if d.resolve() not in seen:
+                seen.add(d.resolve())
+                runs.append(load_run(d))
+    return runs

@@ -40,7 +40,7 @@ def test_invalid_settings_are_rejected_naming_the_key(override, named):
 def test_yaml_file_errors_name_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("rl: [unclosed\n")
-    with pytest.raises(ValueError, match="bad.yaml"):
+    with pytest.raises(ValueError, match=r"bad\.yaml"):
         load_config(bad)
     off = tmp_path / "off.yaml"
     off.write_text("rl:\n  regime: off\n")  # YAML reads a bare off as false

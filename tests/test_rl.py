@@ -100,7 +100,7 @@ def test_end_to_end_run_in_each_regime(ckpt, tmp_path, regime, monkeypatch):
         assert all(r["lambda/used"] == 0.0 for r in records if r["first_after_rollout"])
         assert all(r["lambda/used"] != 0.0 for r in records if not r["first_after_rollout"])
     evald = json.loads((run_dir / "eval.json").read_text())
-    assert set(evald["suites"]) == {"addition", "linear", "length_gen"}
+    assert set(evald["suites"]) == {"addition", "signed", "multiplication", "linear", "countdown", "length_gen"}
     assert (run_dir / "final" / "occ_model.json").is_file() and (run_dir / "tb").is_dir()
 
 

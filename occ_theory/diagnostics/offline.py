@@ -55,7 +55,7 @@ def recompute_run(run_dir: Path, steps: list[int] | None = None) -> Path:
         payload = load_bundle(b)
         res = probe_from_bundle(payload, model)
         row = {"run": run_dir.name, "regime": rl.get("regime"), "seed": cfg.get("seed"), "step": payload["step"],
-               "proxy": rl.get("proxy"), "mtp_coef": rl.get("mtp_coef")}
+               "proxy": rl.get("proxy"), "mtp_coef": rl.get("mtp_coef"), **payload.get("extra", {})}
         row |= {k: _cell(v) for k, v in res.items()}
         rows.append(row)
         progress.update(i)

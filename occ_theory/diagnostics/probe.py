@@ -121,7 +121,9 @@ def _dtype(name: str) -> torch.dtype:
 
 def _decomp_record(prefix: str, dec: Decomposition | None) -> dict[str, Any]:
     keys = ("corr", "cross", "curv", "curv_fisher", "lambda_star", "lambda_star_first_order", "lambda_star_fisher",
-            "gain_at_optimum", "proj", "u_norm_sq", "g_norm", "u_norm", "cosine")
+            "gain_at_optimum", "proj", "u_norm_sq")
+    if prefix.endswith("sgd"):  # norms and cosine of g and u themselves (parameter space, P-independent)
+        keys += ("g_norm", "u_norm", "cosine")
     if dec is None:
         return {f"{prefix}/{k}": NAN for k in keys} | {f"{prefix}/concave": None, f"{prefix}/reason":
                                                         "no optimizer state yet (first step)"}
@@ -326,7 +328,8 @@ def real_step_delta(J, params: dict[str, Tensor], g: dict[str, Tensor], u: dict[
 
 def save_bundle(path: Path, *, step: int, model: nn.Module, batch: RLBatch, spec: ObjectiveSpec, lam_used: float,
                 base_coef: float, optim: OptimizerSnapshot, settings: ProbeSettings,
-                heldout: RLBatch | None = None, online: dict[str, Any] | None = None) -> None:
+                heldout: RLBatch | None = None, online: dict[str, Any] | None = None,
+                extra: dict[str, Any] | None = None) -> None:
     """Everything ``run_probe`` needs for this step, written atomically to ``path/``."""
     from ..atomic import atomic_dir
 
@@ -336,7 +339,7 @@ def save_bundle(path: Path, *, step: int, model: nn.Module, batch: RLBatch, spec
         "batch": {k: v.cpu() for k, v in batch.tensors().items()},
         "heldout": None if heldout is None else {k: v.cpu() for k, v in heldout.tensors().items()},
         "spec": asdict(spec), "lam_used": float(lam_used), "base_coef": float(base_coef),
-        "optim": optim.to_dict(), "settings": asdict(settings),
+        "optim": optim.to_dict(), "settings": asdict(settings), "extra": dict(extra or {}),
     }
     with atomic_dir(Path(path)) as tmp:
         torch.save(payload, tmp / BUNDLE_FILE)

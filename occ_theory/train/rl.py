@@ -43,6 +43,7 @@ from ..rl.batch import ObjectiveSpec, RLBatch, compute_objectives, forward_logpr
 from ..rl.coef import CoefficientRule
 from ..rl.objectives import entropy_from_logits, mtp_objective
 from ..rl.sampler import generate
+from ..tasks import SUITES
 from ..theory import eager_attention, jvp, proxies
 from ..theory.params import mul
 from .config import Config, load_config
@@ -196,18 +197,21 @@ class RLTrainer:
             snap = OptimizerSnapshot.capture(self.optimizer, self.shared, rc.grad_clip)
             heldout = self.heldout_batch(step) if self.cfg.diag.curve_heldout else None
             probe = run_probe(self.model, mb, spec, lam, rc.mtp_coef, snap, self.settings, heldout)
+            probe["first_after_rollout"] = first_after_rollout
             self.model.train()
             rec |= {k: v for k, v in probe.items() if not isinstance(v, list) and k not in rec}
             if self.cfg.diag.probes:
                 save_bundle(self.ctx.run_dir / "probes" / f"step_{step:06d}", step=step, model=self.model, batch=mb,
                             spec=spec, lam_used=lam, base_coef=rc.mtp_coef, optim=snap, settings=self.settings,
-                            heldout=heldout, online=probe)
+                            heldout=heldout, online=probe, extra={"first_after_rollout": first_after_rollout})
             diag_s = time.perf_counter() - td
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if record is not None:
+            td = time.perf_counter()
             rec |= self.recorder.check(record, lam) | self.recorder.breakdown(record)
+            diag_s += time.perf_counter() - td
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, rc.grad_clip if rc.grad_clip > 0 else float("inf"))
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
         if finite:
@@ -247,11 +251,11 @@ class RLTrainer:
     # ------------------------------------------------------------------ loop, checkpoints
 
     def evaluate(self, size: int, samples: int) -> dict[str, Any]:
+        """Held-out evaluation on all six suites (whatever the training mixture)."""
         ec = self.cfg.eval
-        suites = tuple(self.cfg.task.suites) + tuple(s for s in ("length_gen",) if s not in self.cfg.task.suites)
         if self.cfg.task.user_data is not None:
             return {}
-        return evaluate_suites(self.model, self.tokenizer, suites, size, samples, ec.temperature, ec.max_new_tokens,
+        return evaluate_suites(self.model, self.tokenizer, SUITES, size, samples, ec.temperature, ec.max_new_tokens,
                                ec.seed, self.cfg.task.difficulty, autocast_dtype=self.ctx.autocast_dtype)
 
     def run(self) -> Path:
@@ -275,6 +279,8 @@ class RLTrainer:
                     if rc.eval_every and self.step % rc.eval_every == 0:
                         res = self.evaluate(rc.eval_size, 0)
                         rec |= {f"eval/{s}/greedy_acc": e["greedy_acc"] for s, e in res.get("suites", {}).items()}
+                        if res:
+                            rec["eval/mean_greedy_acc"] = res["mean_greedy_acc"]
                     writer.write(rec)
                     progress.update(self.step, reward=rec["reward/mean"], lam=rec["lambda/used"],
                                     J=rec["rl/objective"])

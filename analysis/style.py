@@ -1,0 +1,69 @@
+"""Shared plotting style: one colour per regime and per proxy across every figure, saving, symlog.
+
+Figures are ``matplotlib.figure.Figure`` objects drawn on the Agg canvas; pyplot's global state is
+never touched, so the analysis runs headless and figures never leak between calls.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .frames import require
+
+REGIME_COLORS = {"off": "#7f7f7f", "detach": "#1f77b4", "detach_encoder": "#17becf", "ce": "#ff7f0e",
+                 "policy": "#d62728", "occ": "#2ca02c"}
+PROXY_COLORS = {"reference": "#9467bd", "least_squares": "#8c564b", "fisher": "#e377c2"}
+PROXY_MARKERS = {"reference": "o", "least_squares": "s", "fisher": "^"}
+_EXTRA = ("#bcbd22", "#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5")
+
+
+def regime_color(regime: str) -> str:
+    """The regime's colour (a fixed fallback, stable across calls, for regimes outside the six)."""
+    return REGIME_COLORS.get(regime) or _EXTRA[sum(map(ord, regime)) % len(_EXTRA)]
+
+
+def new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save(fig: Figure, out: Path, pdf: bool = False) -> Path:
+    """Write ``out`` as PNG (and the same name as PDF when asked); return the PNG path."""
+    out = Path(out).with_suffix(".png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=140)
+    if pdf:
+        fig.savefig(out.with_suffix(".pdf"))
+    return out
+
+
+def symlog_if_mixed(ax, values: Iterable[float], axis: str = "y") -> bool:
+    """Symmetric-log scale on ``axis`` when the finite values take both signs; True if applied."""
+    v = np.asarray([x for x in values if np.isfinite(x)], float)
+    if not ((v > 0).any() and (v < 0).any()):
+        return False
+    a = np.abs(v[v != 0])
+    linthresh = max(float(np.percentile(a, 25)), float(a.max()) * 1e-4)  # at most ~4 decades per sign
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("symlog", linthresh=linthresh)
+    return True
+
+
+def figure(title: str, *requires: str) -> Callable:
+    """Declare a figure function's title and the columns it needs (``REQUIRES``); the check runs first."""
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(df, out, *args, **kwargs):
+            require(df, requires, title)
+            return fn(df, out, *args, **kwargs)
+
+        wrapper.REQUIRES = requires
+        wrapper.TITLE = title
+        return wrapper
+    return deco

@@ -1,0 +1,150 @@
+"""Synthetic run directories and frames for the analysis tests (no torch, no training).
+
+``write_run`` writes the four files of a run directory the way ``occ rl`` / ``occ probe`` /
+``occ eval`` do; ``synthetic_metrics``, ``synthetic_probes`` and ``synthetic_eval`` fill them with
+data shaped like the real thing (every key the figures read); ``make_study`` builds a small study
+of every regime with MTP over two seeds. ``rows`` builds a frame directly for the claim tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+MODULES = ("embed", "block.0", "block.1", "final_norm")
+SUITES = ("addition", "signed", "multiplication", "linear", "countdown", "length_gen")
+LR = 1e-3
+NAN = float("nan")
+
+# per regime: C at step 1, decay time of C (steps; inf: none), Q, time per step, accuracy offset
+REGIME_SHAPE = {
+    "detach": dict(c0=0.0, tau=math.inf, q=0.0, train_s=0.010, acc=0.0),
+    "ce": dict(c0=0.02, tau=math.inf, q=-400.0, train_s=0.010, acc=-0.05),
+    "policy": dict(c0=0.4, tau=10.0, q=-400.0, train_s=0.010, acc=0.02),
+    "occ": dict(c0=0.3, tau=10.0, q=-400.0, train_s=0.010, acc=0.03),
+}
+
+
+def write_run(root: Path, name: str, regime: str, seed: int, metrics: list[dict[str, Any]],
+              probes: pd.DataFrame | None = None, evaluation: dict[str, Any] | None = None,
+              proxy: str = "reference", mtp_coef: float = 0.1) -> Path:
+    run = Path(root) / name
+    run.mkdir(parents=True, exist_ok=True)
+    cfg = {"name": "synthetic", "seed": seed, "rl": {"init": "ck", "regime": regime, "proxy": proxy,
+                                                     "mtp_coef": mtp_coef, "steps": len(metrics), "lr": LR}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(_null(r)) + "\n" for r in metrics))
+    if probes is not None:
+        probes.to_parquet(run / "probes.parquet", index=False)
+    if evaluation is not None:
+        (run / "eval.json").write_text(json.dumps(evaluation))
+    return run
+
+
+def _null(rec: dict[str, Any]) -> dict[str, Any]:
+    """As ``MetricsWriter`` writes: non-finite floats become null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
+
+
+def diag_steps(steps: int, every: int) -> list[int]:
+    return sorted({1, *range(every, steps + 1, every)})
+
+
+def probe_record(regime: str, step: int, rng: np.random.Generator, minibatches: int = 2) -> dict[str, Any]:
+    """Every scalar probe key of one diagnosed step, from the regime's shape: C = c0·exp(−(step−1)/τ),
+    Q persistent, λ* = −C/(ηQ), curve Δ(λ) = ηCλ + ½η²Qλ², proxies ≈ λ* (reference 0 on the first
+    minibatch after a rollout), Taylor residual ∝ η³."""
+    s = REGIME_SHAPE[regime]
+    c = s["c0"] * math.exp(-(step - 1) / s["tau"]) * (1 + 0.05 * rng.standard_normal()) if s["c0"] else 0.0
+    q = s["q"] * (1 + 0.05 * rng.standard_normal()) if s["q"] else 0.0
+    alpha, beta = LR * c, LR**2 * q
+    flat = alpha == 0 and beta == 0
+    lam_star = -alpha / beta if beta < 0 else NAN
+    first = (step - 1) % minibatches == 0
+    ref = 0.0 if first else lam_star * math.exp(0.2 * rng.standard_normal()) if not flat else 0.0
+    adam = {f"diag/adam/{k}": NAN for k in ("corr", "curv", "lambda_star")} if step == 1 else {
+        "diag/adam/corr": 1e3 * c, "diag/adam/curv": 1e6 * q, "diag/adam/lambda_star": lam_star}
+    scale = max(abs(lam_star) if math.isfinite(lam_star) else 0.0, 1.0)
+    lams = np.array([-1.0, -0.5, 0.0, 0.1, 0.5, 1.0, 2.0]) * scale
+    deltas = alpha * lams + 0.5 * beta * lams**2 + (0 if flat else 1e-3 * abs(alpha) * rng.standard_normal(lams.size))
+    lrs = LR / 2.0 ** np.arange(4)
+    return {
+        "step": step, "first_after_rollout": first, "diag/lr": LR, "diag/lambda_used": 0.1,
+        "diag/sgd/corr": c, "diag/sgd/curv": q, "diag/sgd/lambda_star": lam_star,
+        "diag/sgd/cosine": NAN if flat else float(np.clip(c / 0.5, -1, 1)), **adam,
+        "diag/curve/geometry": "sgd" if step == 1 else "adam", "diag/curve/flat": flat,
+        "diag/curve/alpha": alpha, "diag/curve/beta": beta, "diag/curve/r2": NAN if flat else 0.99,
+        "diag/curve/lambda_star": lam_star, "diag/curve/concave": beta < 0,
+        "lambda/reference": ref, "lambda/least_squares": NAN if flat else 0.5 * lam_star,
+        "lambda/fisher": NAN if flat else lam_star * math.exp(0.5 * rng.standard_normal()),
+        "curve/lams": lams.tolist(), "curve/deltas": deltas.tolist(),
+        "taylor/lrs": lrs.tolist(), "taylor/residuals": [] if flat else (5e3 * lrs**3).tolist(),
+        "diag/taylor/slope": NAN if flat else 3.0,
+    }
+
+
+def synthetic_metrics(regime: str, seed: int, steps: int = 24, diag_every: int = 4, eval_every: int = 8
+                      ) -> list[dict[str, Any]]:
+    rng = np.random.default_rng([seed, len(regime)])
+    s = REGIME_SHAPE[regime]
+    diagnosed = set(diag_steps(steps, diag_every))
+    out = []
+    for step in range(1, steps + 1):
+        rec: dict[str, Any] = {"step": step, "rollout": (step + 1) // 2, "first_after_rollout": step % 2 == 1,
+                               "reward/mean": min(1.0, 0.2 + 0.02 * step + 0.05 * rng.standard_normal()),
+                               "reward/std": 0.3, "rl/objective": 0.1, "lambda/used": 0.1,
+                               "perf/train_s": s["train_s"] * (1 + 0.01 * rng.standard_normal()),
+                               "perf/diag_s": 0.0, "perf/step_s": s["train_s"]}
+        if step in diagnosed:
+            probe = probe_record(regime, step, rng)
+            rec |= {k: v for k, v in probe.items() if not isinstance(v, list) and k not in rec}
+            rec["perf/diag_s"], rec["perf/train_s"] = 0.5, 0.05  # diagnosed steps are slower: never compared
+            cos = probe["diag/sgd/cosine"]
+            rec["diag/grad/cos"] = cos
+            rec |= {f"diag/module/{m}/cos": cos * (1 - 0.2 * i) for i, m in enumerate(MODULES)}
+        if step % eval_every == 0:
+            rec |= {f"eval/{suite}/greedy_acc": 0.3 + 0.01 * step for suite in SUITES[:2]}
+        out.append(rec)
+    return out
+
+
+def synthetic_probes(regime: str, seed: int, run: str, steps: int = 24, diag_every: int = 4) -> pd.DataFrame:
+    rng = np.random.default_rng([seed, len(regime), 1])
+    recs = [probe_record(regime, s, rng) for s in diag_steps(steps, diag_every)]
+    return pd.DataFrame([{"run": run, "regime": regime, "seed": seed, "proxy": "reference", "mtp_coef": 0.1} | r
+                         for r in recs])
+
+
+def synthetic_eval(regime: str, seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng([seed, len(regime), 2])
+    acc = {s: float(np.clip(0.5 + REGIME_SHAPE[regime]["acc"] + 0.02 * rng.standard_normal(), 0, 1)) for s in SUITES}
+    suites = {s: {"n": 50, "greedy_acc": a, "mean_at_k": a, "k": 4} for s, a in acc.items()}
+    return {"suites": suites, "mean_greedy_acc": float(np.mean(list(acc.values()))),
+            "mean_at_k": float(np.mean(list(acc.values())))}
+
+
+def make_study(root: Path, regimes: tuple[str, ...] = ("detach", "ce", "policy", "occ"), seeds: tuple[int, ...] = (0, 1),
+               steps: int = 24, with_probes: bool = True, with_eval: bool = True) -> list[Path]:
+    """One run directory per (regime, seed) under ``root``, with probes.parquet and eval.json."""
+    runs = []
+    for regime in regimes:
+        for seed in seeds:
+            name = f"synthetic__{regime}__{seed}"
+            probes = synthetic_probes(regime, seed, name, steps) if with_probes else None
+            ev = synthetic_eval(regime, seed) if with_eval else None
+            runs.append(write_run(root, name, regime, seed, synthetic_metrics(regime, seed, steps), probes, ev))
+    return runs
+
+
+def rows(regime: str, steps: list[int] | None = None, seed: int = 0, run: str | None = None,
+         **columns: Any) -> pd.DataFrame:
+    """A tidy frame of ``len(steps)`` rows of one run; each column a scalar (broadcast) or a list."""
+    steps = steps if steps is not None else [1, 2, 3]
+    data = {"run": run or f"{regime}_{seed}", "regime": regime, "seed": seed, "step": steps}
+    return pd.DataFrame(data | columns)

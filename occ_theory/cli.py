@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import RunStopped
+
 
 def _config_args(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--config", default=default, help=f"YAML config (default: {default or 'built-in defaults'})")
@@ -183,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"occ {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RunStopped as exc:
+        print(f"occ {args.command}: stopped: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"occ {args.command}: interrupted", file=sys.stderr)
         return 130

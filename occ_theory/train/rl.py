@@ -37,6 +37,7 @@ from ..atomic import atomic_torch_save, atomic_write_text
 from ..diagnostics.probe import OptimizerSnapshot, ProbeSettings, logprob_proxies, run_probe, save_bundle
 from ..diagnostics.recorder import GradientRecorder
 from ..diagnostics.schedule import Schedule
+from ..errors import RunStopped
 from ..models import load_model, load_tokenizer, save_model
 from ..rl.advantages import group_advantages
 from ..rl.batch import ObjectiveSpec, RLBatch, compute_objectives, forward_logprobs
@@ -54,7 +55,7 @@ from .run import RunContext, problem_stream, training_tasks
 CKPT_RE = re.compile(r"^step_(\d{6,})\.pt$")
 
 
-class BadStepsError(RuntimeError):
+class BadStepsError(RunStopped):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
@@ -265,6 +266,17 @@ class RLTrainer:
                          "minibatches (l = l_old there), as the public implementation does; "
                          "metrics mark those steps with first_after_rollout = true")
         progress = Progress(f"rl {rc.regime}", rc.steps)
+        try:
+            self._loop(progress)
+        except BadStepsError as e:
+            path = self.save_checkpoint()
+            self.ctx.log(f"stopped: {e}; checkpoint {path}")
+            raise BadStepsError(f"{e}; checkpoint saved to {path}") from e
+        self.save_checkpoint()
+        return self._finish()
+
+    def _loop(self, progress: Progress) -> None:
+        rc = self.rc
         with MetricsWriter(self.ctx.run_dir) as writer:
             while self.step < rc.steps:
                 batch, ro_rec = self.rollout()
@@ -286,7 +298,9 @@ class RLTrainer:
                                     J=rec["rl/objective"])
                 if rc.checkpoint_every and self.rollouts % rc.checkpoint_every == 0:
                     self.save_checkpoint()
-        self.save_checkpoint()
+
+    def _finish(self) -> Path:
+        rc = self.rc
         save_model(self.model, self.ctx.run_dir / "final", self.tokenizer)
         ec = self.cfg.eval
         result = self.evaluate(ec.size, ec.samples)

@@ -1,0 +1,153 @@
+"""Faults and degenerate input: non-finite steps, SIGKILL mid-run, corrupt files, degenerate batches."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import replace
+
+import pytest
+import torch
+from rl_fixtures import inject_random_advantages, make_checkpoint, rl_config, with_signal
+
+import occ_theory.rl.batch as batch_mod
+from analysis.load import read_jsonl
+from occ_theory.cli import main
+from occ_theory.errors import RunStopped
+from occ_theory.train import rl as rl_mod
+from occ_theory.train.rl import RLTrainer, latest_checkpoint, run_rl
+from occ_theory.train.run import RunContext
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "sft")
+
+
+def _poison(monkeypatch, bad_steps):
+    """Make the RL objective NaN on the given optimizer steps (counted from 1)."""
+    original = batch_mod.compute_objectives
+    calls = {"n": 0}
+
+    def compute(model, batch, spec, params=None, with_mtp=True):
+        obj = original(model, batch, spec, params, with_mtp)
+        if params is None and torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] in bad_steps:
+                obj.rl = obj.rl * float("nan")
+        return obj
+
+    monkeypatch.setattr(rl_mod, "compute_objectives", compute)
+
+
+def test_non_finite_step_is_skipped_counted_and_the_run_continues(ckpt, tmp_path, monkeypatch):
+    inject_random_advantages(monkeypatch)
+    _poison(monkeypatch, {2})
+    run = run_rl(rl_config(ckpt, "policy", "diag.every=0"), out_dir=tmp_path / "r")
+    recs = read_jsonl(run / "metrics.jsonl")
+    assert [r["rl/skipped"] for r in recs] == [False, True, False, False]
+    assert recs[-1]["rl/bad_steps_total"] == 1
+    model = rl_mod.load_model(run / "final")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_too_many_bad_steps_in_a_row_stop_with_a_message_and_a_checkpoint(ckpt, tmp_path, monkeypatch):
+    _poison(monkeypatch, {1, 2, 3, 4})
+    with pytest.raises(RunStopped, match="consecutive") as err:
+        run_rl(rl_config(ckpt, "policy", "rl.max_bad_steps=2", "diag.every=0"), out_dir=tmp_path / "r")
+    assert "checkpoint saved" in str(err.value)
+    assert latest_checkpoint(tmp_path / "r") is not None
+    assert len(read_jsonl(tmp_path / "r" / "metrics.jsonl")) == 1  # step 2 raised before its record
+
+
+def test_sigkill_mid_run_then_resume_loses_no_completed_record(ckpt, tmp_path):
+    run = tmp_path / "killed"
+    args = [sys.executable, "-m", "occ_theory.cli", "rl", "--init", str(ckpt), "--out", str(run),
+            "--set", "rl.steps=400", "--set", "rl.checkpoint_every=1", "--set", "rl.prompts_per_rollout=2",
+            "--set", "rl.group_size=2", "--set", "rl.minibatches=2", "--set", "rl.max_new_tokens=6",
+            "--set", "diag.every=0", "--set", "eval.size=2", "--set", "eval.samples=1", "--set", "threads=1",
+            "--set", "eval.max_new_tokens=4"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        m = run / "metrics.jsonl"
+        if m.exists() and m.read_text().count("\n") >= 30:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = read_jsonl(run / "metrics.jsonl")  # every complete line parses; a torn last line is dropped
+    assert len(before) >= 30 and [r["step"] for r in before] == list(range(1, len(before) + 1))
+    ckpt_path = latest_checkpoint(run)
+    assert ckpt_path is not None and torch.load(ckpt_path, weights_only=True)["step"] >= 2
+    assert not list((run / "checkpoints").glob("*.tmp"))
+    assert main(["rl", "--resume", str(run)]) == 0
+    after = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in after] == list(range(1, 401))
+
+
+def test_corrupt_probe_bundle_and_checkpoint_are_named(ckpt, tmp_path, monkeypatch, capsys):
+    inject_random_advantages(monkeypatch)
+    run = run_rl(rl_config(ckpt, "policy", "diag.every=2", "rl.checkpoint_every=1"), out_dir=tmp_path / "r")
+    bundle = run / "probes" / "step_000002" / "bundle.pt"
+    bundle.write_bytes(bundle.read_bytes()[:100])
+    assert main(["probe", str(run)]) == 2
+    assert "step_000002" in capsys.readouterr().err
+    assert not (run / "probes.parquet").exists()
+    ck = latest_checkpoint(run)
+    ck.write_bytes(b"not a checkpoint")
+    assert main(["rl", "--resume", str(run)]) == 2
+    assert ck.name in capsys.readouterr().err
+
+
+def test_mismatched_checkpoint_for_the_regime_is_refused(tmp_path, capsys):
+    from occ_theory.models import ModelConfig, build_model, build_tokenizer, save_model
+
+    tok = build_tokenizer()
+    no_mtp = ModelConfig(family="llama", hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                         num_kv_heads=2, max_position_embeddings=64, mtp_depths=0)
+    path = save_model(build_model(no_mtp, tok, seed=0), tmp_path / "nomtp", tok)
+    assert main(["rl", "--init", str(path), "--regime", "policy", "--out", str(tmp_path / "r")]) == 2
+    assert "mtp_depths = 0" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def _trainer(ckpt, tmp_path, regime):
+    cfg = rl_config(ckpt, regime, "diag.at=[1]", "diag.every=0")
+    return RLTrainer(cfg, RunContext.create(cfg, regime, out_dir=tmp_path / regime))
+
+
+@pytest.mark.parametrize("regime", ["occ", "policy", "ce"])
+def test_degenerate_batches_give_defined_outputs_without_warnings(ckpt, tmp_path, regime):
+    """All-equal rewards (A = 0), an empty response mask, q − l_old = 0: no warning, no NaN λ applied."""
+    tr = _trainer(ckpt, tmp_path, regime)
+    batch, _ = tr.rollout()
+    mb, _ = tr.fill_old_logp(batch.split(2)[0])
+    cases = {
+        "zero_advantages": replace(mb, advantages=torch.zeros(mb.size)),
+        "empty_mask": replace(mb, response_mask=torch.zeros_like(mb.response_mask)),
+    }
+    for name, case in cases.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # numpy/torch division by zero, invalid values
+            rec = tr.train_step(case, first_after_rollout=False)
+        assert math.isfinite(rec["lambda/used"]), name
+        assert not rec["rl/skipped"], name
+        if name == "empty_mask" or regime != "ce":  # M is constant: u = 0 and λ* is undefined, with the reason
+            assert "u = 0" in rec["diag/sgd/reason"] and math.isnan(rec["diag/sgd/lambda_star"]), name
+        else:  # ce with A = 0: u ≠ 0 but g = 0, so C = 0
+            assert rec["diag/sgd/corr"] == 0.0 and rec["diag/sgd/u_norm"] > 0
+        tr.step = 0  # diagnose the next case too
+
+
+def test_proxies_with_q_equal_to_old_logp_are_zero(ckpt, tmp_path):
+    tr = _trainer(ckpt, tmp_path, "occ")
+    batch, _ = tr.rollout()
+    mb = with_signal(tr, batch.split(2)[0])
+    from occ_theory.diagnostics.probe import logprob_proxies
+
+    rec = logprob_proxies(mb.old_logp + 0.1, mb.old_logp, [mb.old_logp.clone()], mb.response_mask, 0.1, 0)
+    assert rec["lambda/reference"] == 0.0 and rec["lambda/least_squares"] == 0.0

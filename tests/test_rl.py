@@ -79,7 +79,7 @@ def test_trainer_proxies_equal_the_pure_functions(ckpt, tmp_path):
         return torch.where(mask > 0, t, 0.0)[:, p0:]
 
     assert rec["lambda/reference"] == proxies.reference(block(obj.logp), block(mb.old_logp), block(q), 0.1)
-    valid = mask * torch.isfinite(q)
+    valid = mask * torch.isfinite(q)  # the positions with an MTP prediction
     assert rec["lambda/least_squares"] == proxies.least_squares(obj.logp, mb.old_logp, q, valid, 0.1)
     step = tr.train_step(mb, first_after_rollout=False)
     assert step["lambda/used"] == pytest.approx(step["lambda/least_squares"], rel=1e-6)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models import exact_float64
-from ..rl.batch import ObjectiveSpec, RLBatch, compute_objectives, forward_logprobs
+from ..rl.batch import ObjectiveSpec, RLBatch, compute_objectives, forward_logprobs, mtp_mask
 from ..theory import (
     Decomposition,
     bootstrap_quadratic,
@@ -153,10 +153,9 @@ def logprob_proxies(logp: Tensor, old_logp: Tensor, mtp_logp: list[Tensor], mask
         return torch.where(mask > 0, t, torch.zeros_like(t))[:, prompt_len:]
 
     ref = ls = 0.0
-    for q in mtp_logp:
+    for k, q in enumerate(mtp_logp, start=1):
         ref += proxies.reference(block(logp), block(old_logp), block(q), base_coef, depths)
-        valid = mask * torch.isfinite(q).to(mask.dtype)
-        ls += proxies.least_squares(logp, old_logp, q, valid, base_coef, depths)
+        ls += proxies.least_squares(logp, old_logp, q, mtp_mask(mask, k), base_coef, depths)
     out |= _log_ratio_stats("stats/q_minus_old", mtp_logp[0] - old_logp, mask)
     return out | {"lambda/reference": ref, "lambda/least_squares": ls}
 

@@ -118,28 +118,53 @@ def forward_logprobs(model: nn.Module, batch: RLBatch, temperature: float, mtp_g
     return logp, mtp, logits
 
 
+def mtp_mask(mask: Tensor, depth: int) -> Tensor:
+    """Response positions that have a depth-``depth`` MTP prediction (column t >= depth + 1)."""
+    valid = mask.clone()
+    valid[:, : depth + 1] = 0
+    return valid
+
+
+@dataclass(frozen=True)
+class Norms:
+    """Token counts that normalise J (``rl``) and each depth's M (``mtp``): the global counts in data
+    parallelism (each process then holds a term of the global token mean), the local ones otherwise."""
+
+    rl: float
+    mtp: tuple[float, ...]
+
+    @classmethod
+    def of(cls, batch: RLBatch, depths: int, reduce=None) -> Norms:
+        counts = {"rl": batch.response_mask.sum().double()}
+        counts |= {f"mtp{k}": mtp_mask(batch.response_mask, k).sum().double() for k in range(1, depths + 1)}
+        if reduce is not None:
+            counts = reduce(counts)
+        return cls(float(counts["rl"]), tuple(float(counts[f"mtp{k}"]) for k in range(1, depths + 1)))
+
+
 def compute_objectives(model: nn.Module, batch: RLBatch, spec: ObjectiveSpec,
-                       params: dict[str, Tensor] | None = None, with_mtp: bool = True) -> Objectives:
-    """J and M of ``batch`` at the model's parameters (or at ``params`` for the shared ones)."""
+                       params: dict[str, Tensor] | None = None, with_mtp: bool = True,
+                       norms: Norms | None = None) -> Objectives:
+    """J and M of ``batch`` at the model's parameters (or at ``params`` for the shared ones).
+
+    ``norms`` gives the token counts J and M are normalised by (default: this batch's own).
+    """
     use_mtp = with_mtp and spec.mtp_kind is not None
     logp, mtp_logp, logits = forward_logprobs(model, batch, spec.temperature, spec.mtp_grad, use_mtp, params)
     mask = batch.response_mask
-    surr = clipped_surrogate(logp, batch.old_logp, batch.advantages, mask, spec.eps_lo, spec.eps_hi)
+    rl_denom = None if norms is None else norms.rl
+    surr = clipped_surrogate(logp, batch.old_logp, batch.advantages, mask, spec.eps_lo, spec.eps_hi, rl_denom)
     rl = surr.objective
     kl = None
     if spec.kl_coef > 0:
         if batch.ref_logp is None:
             raise ValueError("kl_coef > 0 needs ref_logp in the batch")
-        kl = k3_kl(logp, batch.ref_logp, mask)
+        kl = k3_kl(logp, batch.ref_logp, mask, rl_denom)
         rl = rl - spec.kl_coef * kl
     seq_rl = (surr.per_token.detach() * mask).sum(1)
-    depths = [mtp_objective(spec.mtp_kind, q, batch.old_logp, batch.advantages, _mtp_mask(mask, q), spec.eps_lo,
-                            spec.eps_hi) for q in mtp_logp] if use_mtp else []
+    depths = [mtp_objective(spec.mtp_kind, q, batch.old_logp, batch.advantages, mtp_mask(mask, k), spec.eps_lo,
+                            spec.eps_hi, None if norms is None else norms.mtp[k - 1])
+              for k, q in enumerate(mtp_logp, start=1)] if use_mtp else []
     mtp = torch.stack(depths).mean() if depths else None
     return Objectives(rl, mtp, depths, logp, mtp_logp, logits, surr, kl, seq_rl)
-
-
-def _mtp_mask(mask: Tensor, q: Tensor) -> Tensor:
-    """Response positions that have an MTP prediction."""
-    return mask * torch.isfinite(q).to(mask.dtype)
 

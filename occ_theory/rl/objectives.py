@@ -22,10 +22,15 @@ def _valid(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask > 0, x, torch.zeros_like(x))
 
 
-def token_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Σ m·x / Σ m over valid tokens; 0 (with a gradient path) when the mask is empty."""
+def token_mean(x: Tensor, mask: Tensor, denom: float | None = None) -> Tensor:
+    """Σ m·x / Σ m over valid tokens; 0 (with a gradient path) when the mask is empty.
+
+    ``denom`` replaces Σ m by a given count: the global token count in data parallelism, where each
+    process contributes Σ_local m·x / Σ_global m and the sum over processes is the global mean.
+    """
     m = mask.to(x.dtype)
-    return (_valid(x, m) * m).sum() / m.sum().clamp_min(1.0)
+    total = m.sum().clamp_min(1.0) if denom is None else max(float(denom), 1.0)
+    return (_valid(x, m) * m).sum() / total
 
 
 @dataclass
@@ -37,7 +42,7 @@ class Surrogate:
 
 
 def clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, eps_lo: float = 0.2,
-                      eps_hi: float = 0.28) -> Surrogate:
+                      eps_hi: float = 0.28, denom: float | None = None) -> Surrogate:
     """DAPO token-mean clipped surrogate. ``advantages`` is (B,) or (B, T)."""
     adv = advantages[:, None] if advantages.dim() == 1 else advantages
     log_ratio = _valid(logp - old_logp, mask)
@@ -50,16 +55,16 @@ def clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: 
         n = m.sum().clamp_min(1.0)
         clip_frac = float(((clipped < unclipped).to(m.dtype) * m).sum() / n)
         ratio_mean = float((ratio * m).sum() / n)
-    return Surrogate(token_mean(per_token, m), per_token, clip_frac, ratio_mean)
+    return Surrogate(token_mean(per_token, m, denom), per_token, clip_frac, ratio_mean)
 
 
 def mtp_objective(kind: str, mtp_logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                  eps_lo: float = 0.2, eps_hi: float = 0.28) -> Tensor:
+                  eps_lo: float = 0.2, eps_hi: float = 0.28, denom: float | None = None) -> Tensor:
     """M for one MTP depth: ``kind`` is 'ce' (imitate every sampled token) or 'policy'."""
     if kind == "ce":
-        return token_mean(mtp_logp, mask)
+        return token_mean(mtp_logp, mask, denom)
     if kind == "policy":
-        return clipped_surrogate(mtp_logp, old_logp, advantages, mask, eps_lo, eps_hi).objective
+        return clipped_surrogate(mtp_logp, old_logp, advantages, mask, eps_lo, eps_hi, denom).objective
     raise ValueError(f"unknown MTP objective {kind!r}; choose 'ce' or 'policy'")
 
 
@@ -71,7 +76,7 @@ def entropy_from_logits(logits: Tensor, mask: Tensor) -> float:
         return float(token_mean(ent, mask[:, 1:]))
 
 
-def k3_kl(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
+def k3_kl(logp: Tensor, ref_logp: Tensor, mask: Tensor, denom: float | None = None) -> Tensor:
     """Token-mean k3 estimator of KL(π‖π_ref): exp(r) − r − 1 with r = ref − logp."""
     r = _valid(ref_logp - logp, mask)
-    return token_mean(torch.exp(r) - r - 1, mask)
+    return token_mean(torch.exp(r) - r - 1, mask, denom)

@@ -24,6 +24,10 @@ from .hvp import ScalarFn, grad, grad_and_hvp, jvp
 from .params import Params, axpy, check_alike, check_params, dot, is_zero, mul, sq_norm
 
 NAN = float("nan")
+Reduce = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+"""Sums a dict of tensors over processes (``None``: one process). Data-parallel J and M are sums of
+per-process terms (each normalised by the global token count), so their gradients, HVPs and values
+are sums too."""
 REASON_U_ZERO = "u = 0: the MTP loss sends no gradient to the shared parameters, Δ ≡ 0"
 REASON_NOT_CONCAVE = "Q >= 0: Δ(λ) is not concave, there is no finite optimum"
 
@@ -130,16 +134,17 @@ def directions(rl_objective: ScalarFn, mtp_objective: ScalarFn, params: Mapping[
     return grad(rl_objective, params)[1], grad(mtp_objective, params)[1]
 
 
-def fisher_curvature(dlogp: Tensor, mask: Tensor) -> float:
+def fisher_curvature(dlogp: Tensor, mask: Tensor, reduce: Reduce | None = None) -> float:
     """Q_F = −Σ m·δ² / Σ m over valid positions; NaN when the mask is empty."""
     if dlogp.shape != mask.shape:
         raise ValueError(f"dlogp has shape {tuple(dlogp.shape)}, mask has {tuple(mask.shape)}")
     m = mask.to(torch.float64)
-    total = float(m.sum())
-    if total == 0.0:
-        return NAN
     d = torch.where(m > 0, dlogp.to(torch.float64), 0.0)
-    return -float((m * d * d).sum()) / total
+    sums = {"num": (m * d * d).sum(), "den": m.sum()}
+    if reduce is not None:
+        sums = reduce(sums)
+    total = float(sums["den"])
+    return NAN if total == 0.0 else -float(sums["num"]) / total
 
 
 def decompose(
@@ -152,28 +157,33 @@ def decompose(
     logp_fn: Callable[[Params], Tensor] | None = None,
     mask: Tensor | None = None,
     mtp_grad: Mapping[str, Tensor] | None = None,
+    reduce: Reduce | None = None,
 ) -> Decomposition:
     """Measure C, X, Q (and Q_F when ``logp_fn`` and ``mask`` are given) at ``params``.
 
     ``rl_objective`` is J and ``mtp_objective`` is M, both to maximise, both functions of the
     shared parameters only. ``precond`` is a dict of diagonal preconditioner entries alike
-    ``params`` (``None``: SGD geometry, P = I). ``mtp_grad`` may pass a precomputed ``u``.
-    Cost: one gradient of M, one gradient-and-HVP of J, and one JVP of ``logp_fn``.
+    ``params`` (``None``: SGD geometry, P = I). ``mtp_grad`` may pass a precomputed (reduced) ``u``.
+    ``reduce`` sums gradients, HVPs and Fisher sums over processes (data parallelism), so every
+    quantity is the one of the global batch. Cost: one gradient of M, one gradient-and-HVP of J,
+    and one JVP of ``logp_fn``.
     """
+    red = reduce or (lambda d: d)
     check_params(params)
     lr = _check_lr(lr)
     check_precond(params, precond)
     if (logp_fn is None) != (mask is None):
         raise ValueError("pass logp_fn and mask together (the Fisher curvature needs both)")
-    u = dict(mtp_grad) if mtp_grad is not None else grad(mtp_objective, params)[1]
+    u = dict(mtp_grad) if mtp_grad is not None else red(grad(mtp_objective, params)[1])
     check_alike(params, u, "mtp_grad")
     pu = mul(u, precond)
     if is_zero(pu):
-        g = grad(rl_objective, params)[1]
+        g = red(grad(rl_objective, params)[1])
         corr = cross = curv = 0.0
         hpu = None
     else:
         g, hpu = grad_and_hvp(rl_objective, params, pu, method)
+        g, hpu = red(g), red(hpu)
         corr = float(dot(g, pu))
         cross = float(dot(mul(g, precond), hpu))
         curv = float(dot(pu, hpu))
@@ -184,7 +194,7 @@ def decompose(
     curv_fisher, dlogp = NAN, None
     if logp_fn is not None and hpu is not None:
         _, dlogp = jvp(logp_fn, params, pu)
-        curv_fisher = fisher_curvature(dlogp, mask)
+        curv_fisher = fisher_curvature(dlogp, mask, reduce)
     return Decomposition(
         lr=lr, corr=corr, cross=cross, curv=curv, g_norm=g_norm, u_norm=u_norm, cosine=cosine,
         u_norm_sq=float(sq_norm(pu)), curv_fisher=curv_fisher,
@@ -201,24 +211,33 @@ def measure_delta(
     precond: Mapping[str, Tensor] | None = None,
     eval_objective: Callable[[Params], Tensor] | None = None,
     grads: tuple[Mapping[str, Tensor], Mapping[str, Tensor]] | None = None,
+    reduce: Reduce | None = None,
 ) -> np.ndarray:
     """Measured Δ(λ) = J(θ + ηP(g + λu)) − J(θ + ηPg) for each λ in ``lams``.
 
     ``eval_objective`` evaluates something else at the updated points: J on a held-out batch, or
     per-sequence terms of J (any tensor shape; the result is then (len(lams), *shape)).
-    ``grads=(g, u)`` skips recomputing the directions.
+    ``grads=(g, u)`` skips recomputing the directions (pass reduced ones in data parallelism).
+    ``reduce`` combines each evaluation over processes (``{"value": tensor}`` in and out): a sum for
+    J, a gather for per-sequence terms.
     """
     check_params(params)
     lr = _check_lr(lr)
     check_precond(params, precond)
-    g, u = grads if grads is not None else directions(rl_objective, mtp_objective, params)
+    red = reduce or (lambda d: d)
+    if grads is not None:
+        g, u = grads
+    else:
+        g, u = (red(d) for d in directions(rl_objective, mtp_objective, params))
     check_alike(params, g, "g")
     check_alike(params, u, "u")
     evaluate = eval_objective or rl_objective
     base = axpy(lr, mul(g, precond), {k: t.detach() for k, t in params.items()})
     step = mul(u, precond)
+    def value(p: Params) -> np.ndarray:
+        return red({"value": evaluate(p).detach()})["value"].to(torch.float64).cpu().numpy()
+
     with torch.no_grad():
-        j0 = evaluate(base).detach().to(torch.float64).cpu().numpy()
-        out = [evaluate(axpy(lr * float(lam), step, base)).detach().to(torch.float64).cpu().numpy() - j0
-               for lam in lams]
+        j0 = value(base)
+        out = [value(axpy(lr * float(lam), step, base)) - j0 for lam in lams]
     return np.stack(out) if out else np.zeros((0, *j0.shape))

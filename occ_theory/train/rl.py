@@ -40,7 +40,7 @@ from ..diagnostics.schedule import Schedule
 from ..errors import RunStopped
 from ..models import load_model, load_tokenizer, save_model
 from ..rl.advantages import group_advantages
-from ..rl.batch import ObjectiveSpec, RLBatch, compute_objectives, forward_logprobs
+from ..rl.batch import ObjectiveSpec, RLBatch, compute_objectives, forward_logprobs, mtp_mask
 from ..rl.coef import CoefficientRule
 from ..rl.objectives import entropy_from_logits, mtp_objective
 from ..rl.sampler import generate
@@ -182,9 +182,9 @@ class RLTrainer:
         mtp_term = obj.mtp
         if rc.regime == "occ" and rc.occ_convention == "advantages" and obj.mtp is not None:
             # the public code folds λ into the MTP surrogate's advantages (differs from λ·M when λ < 0)
-            mtp_term = torch.stack([mtp_objective("policy", q, mb.old_logp, lam * mb.advantages,
-                                                  mask * torch.isfinite(q), rc.eps_lo, rc.eps_hi)
-                                    for q in obj.mtp_logp]).mean()
+            mtp_term = torch.stack([mtp_objective("policy", q, mb.old_logp, lam * mb.advantages, mtp_mask(mask, k),
+                                                  rc.eps_lo, rc.eps_hi)
+                                    for k, q in enumerate(obj.mtp_logp, start=1)]).mean()
             loss = -obj.rl - mtp_term
         else:
             loss = -obj.rl - lam * mtp_term if mtp_term is not None else -obj.rl

@@ -32,8 +32,8 @@ def _poison(monkeypatch, bad_steps):
     original = batch_mod.compute_objectives
     calls = {"n": 0}
 
-    def compute(model, batch, spec, params=None, with_mtp=True):
-        obj = original(model, batch, spec, params, with_mtp)
+    def compute(model, batch, spec, params=None, with_mtp=True, norms=None):
+        obj = original(model, batch, spec, params, with_mtp, norms)
         if params is None and torch.is_grad_enabled():
             calls["n"] += 1
             if calls["n"] in bad_steps:

@@ -9,7 +9,10 @@ run applied and the optimizer's state, and measures (THEORY.md sections 2, 4, 5)
 * every proxy (``reference`` and ``least_squares`` from log-probs, ``fisher`` from the JVP δ);
 * the measured curve Δ(λ) on a grid bracketing the predicted λ*, in the run's geometry, with its
   quadratic fit, bootstrap intervals over sequences and L_eff; optionally with the real
-  optimizer step and on a held-out batch.
+  optimizer step and on a held-out batch. The grid is capped where the predicted λ* would make
+  the MTP step more than ``grid_cap`` times the RL step (``grid_scale``): there the expansion
+  cannot hold and the curve would only show the clip's saturation;
+* the Taylor residual at η, η/2, η/4, … (identity 2 on the live model).
 
 The online trainer and ``occ probe`` both call ``run_probe`` on the same inputs, so their
 numbers agree. A bundle (``save_bundle``/``load_bundle``) holds those inputs.
@@ -29,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models import exact_float64
-from ..rl.batch import ObjectiveSpec, RLBatch, compute_objectives, forward_logprobs, mtp_mask
+from ..rl.batch import Norms, ObjectiveSpec, RLBatch, compute_objectives, forward_logprobs, mtp_mask
 from ..theory import (
     Decomposition,
     bootstrap_quadratic,
@@ -57,6 +60,7 @@ class ProbeSettings:
     curve_real_step: bool = False
     bootstrap: int = 100
     taylor_halvings: int = 3
+    grid_cap: float = 10.0
     seed: int = 0
 
     @classmethod
@@ -64,7 +68,7 @@ class ProbeSettings:
         return cls(dtype=diag.dtype, hvp_method=diag.hvp_method, curve_points=diag.curve_points,
                    curve_span=diag.curve_span, curve_default=diag.curve_default,
                    curve_real_step=diag.curve_real_step, bootstrap=diag.bootstrap,
-                   taylor_halvings=diag.taylor_halvings, seed=seed)
+                   taylor_halvings=diag.taylor_halvings, grid_cap=diag.grid_cap, seed=seed)
 
 
 @dataclass
@@ -121,7 +125,7 @@ def _dtype(name: str) -> torch.dtype:
 
 def _decomp_record(prefix: str, dec: Decomposition | None) -> dict[str, Any]:
     keys = ("corr", "cross", "curv", "curv_fisher", "lambda_star", "lambda_star_first_order", "lambda_star_fisher",
-            "gain_at_optimum", "proj", "u_norm_sq")
+            "gain_at_optimum", "proj", "u_norm_sq", "pg_norm", "lambda_balance")
     if prefix.endswith("sgd"):  # norms and cosine of g and u themselves (parameter space, P-independent)
         keys += ("g_norm", "u_norm", "cosine")
     if dec is None:
@@ -131,33 +135,59 @@ def _decomp_record(prefix: str, dec: Decomposition | None) -> dict[str, Any]:
     return {f"{prefix}/{k}": d[k] for k in keys} | {f"{prefix}/concave": d["concave"], f"{prefix}/reason": d["reason"]}
 
 
-def _log_ratio_stats(prefix: str, x: Tensor, mask: Tensor) -> dict[str, float]:
-    m = mask > 0
-    vals = x[m & torch.isfinite(x)].double()
-    if vals.numel() == 0:
+def _stat_terms(prefix: str, x: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """Sums from which the mean, std and max |x| over valid positions follow (summable over processes)."""
+    v = torch.where((mask > 0) & torch.isfinite(x), x, torch.zeros_like(x)).double()
+    n = ((mask > 0) & torch.isfinite(x)).double().sum()
+    return {f"{prefix}/n": n, f"{prefix}/s1": v.sum(), f"{prefix}/s2": (v * v).sum(),
+            f"{prefix}/max_abs": v.abs().max() if v.numel() else v.new_zeros(())}
+
+
+def _stats(prefix: str, t: dict[str, Tensor]) -> dict[str, float]:
+    n, s1, s2 = (float(t[f"{prefix}/{k}"]) for k in ("n", "s1", "s2"))
+    if n == 0:
         return {f"{prefix}/mean": NAN, f"{prefix}/std": NAN, f"{prefix}/max_abs": NAN}
-    return {f"{prefix}/mean": float(vals.mean()), f"{prefix}/std": float(vals.std()) if vals.numel() > 1 else 0.0,
-            f"{prefix}/max_abs": float(vals.abs().max())}
+    mean = s1 / n
+    var = max(s2 - n * mean * mean, 0.0) / (n - 1) if n > 1 else 0.0
+    return {f"{prefix}/mean": mean, f"{prefix}/std": math.sqrt(var), f"{prefix}/max_abs": float(t[f"{prefix}/max_abs"])}
 
 
-def logprob_proxies(logp: Tensor, old_logp: Tensor, mtp_logp: list[Tensor], mask: Tensor, base_coef: float,
-                    prompt_len: int) -> dict[str, Any]:
-    """``reference`` (public code: unmasked mean over the response block) and ``least_squares``,
-    summed over MTP depths, plus the statistics of l − l_old and q − l_old. Cheap: every step."""
-    depths = len(mtp_logp)
-    out: dict[str, Any] = _log_ratio_stats("stats/l_minus_old", logp - old_logp, mask)
-    if depths == 0:
-        return out | {"lambda/reference": NAN, "lambda/least_squares": NAN}
+def logprob_proxy_terms(logp: Tensor, old_logp: Tensor, mtp_logp: list[Tensor], mask: Tensor, prompt_len: int
+                        ) -> dict[str, Tensor]:
+    """The sums behind ``reference``, ``least_squares`` (per MTP depth) and the log-ratio statistics."""
 
     def block(t: Tensor) -> Tensor:  # the response block, padding filled with zeros as the trainer does
         return torch.where(mask > 0, t, torch.zeros_like(t))[:, prompt_len:]
 
-    ref = ls = 0.0
+    terms = _stat_terms("stats/l_minus_old", logp - old_logp, mask)
     for k, q in enumerate(mtp_logp, start=1):
-        ref += proxies.reference(block(logp), block(old_logp), block(q), base_coef, depths)
-        ls += proxies.least_squares(logp, old_logp, q, mtp_mask(mask, k), base_coef, depths)
-    out |= _log_ratio_stats("stats/q_minus_old", mtp_logp[0] - old_logp, mask)
-    return out | {"lambda/reference": ref, "lambda/least_squares": ls}
+        num, den = proxies.reference_terms(block(logp), block(old_logp), block(q))
+        terms |= {f"ref{k}/num": num, f"ref{k}/den": den}
+        num, den = proxies.least_squares_terms(logp, old_logp, q, mtp_mask(mask, k))
+        terms |= {f"ls{k}/num": num, f"ls{k}/den": den}
+    if mtp_logp:
+        terms |= _stat_terms("stats/q_minus_old", mtp_logp[0] - old_logp, mask)
+    return terms
+
+
+def logprob_proxies(logp: Tensor, old_logp: Tensor, mtp_logp: list[Tensor], mask: Tensor, base_coef: float,
+                    prompt_len: int, reduce: Any = None) -> dict[str, Any]:
+    """``reference`` (public code: unmasked mean over the response block) and ``least_squares``,
+    summed over MTP depths, plus the statistics of l − l_old and q − l_old. Cheap: every step.
+    ``reduce`` sums the terms over processes (the max entries are summed too, so pass a reduce
+    that takes the max of keys ending in ``max_abs``)."""
+    depths = len(mtp_logp)
+    terms = logprob_proxy_terms(logp, old_logp, mtp_logp, mask, prompt_len)
+    if reduce is not None:
+        terms = reduce(terms)
+    out: dict[str, Any] = _stats("stats/l_minus_old", terms)
+    if depths == 0:
+        return out | {"lambda/reference": NAN, "lambda/least_squares": NAN}
+    c = base_coef / depths
+    ref = sum(proxies.from_terms(terms[f"ref{k}/num"], terms[f"ref{k}/den"], scale=c) for k in range(1, depths + 1))
+    ls = sum(proxies.from_terms(terms[f"ls{k}/num"], terms[f"ls{k}/den"], scale=c, eps=proxies.REFERENCE_EPS)
+             for k in range(1, depths + 1))
+    return out | _stats("stats/q_minus_old", terms) | {"lambda/reference": ref, "lambda/least_squares": ls}
 
 
 def shared_params(model: nn.Module) -> dict[str, Tensor]:
@@ -166,21 +196,27 @@ def shared_params(model: nn.Module) -> dict[str, Tensor]:
 
 
 def run_probe(model: nn.Module, batch: RLBatch, spec: ObjectiveSpec, lam_used: float, base_coef: float,
-              optim: OptimizerSnapshot, settings: ProbeSettings, heldout: RLBatch | None = None) -> dict[str, Any]:
-    """Every diagnostic of one step (see the module docstring). Leaves ``model`` unchanged."""
+              optim: OptimizerSnapshot, settings: ProbeSettings, heldout: RLBatch | None = None,
+              dist: Any = None) -> dict[str, Any]:
+    """Every diagnostic of one step (see the module docstring). Leaves ``model`` unchanged.
+
+    ``dist`` (an ``occ_theory.train.dist.Dist``) makes every quantity the one of the global batch
+    when ``batch`` is this process's shard: every process must call it at the same step."""
     dtype = _dtype(settings.dtype)
     work = model if next(model.parameters()).dtype == dtype else copy.deepcopy(model).to(dtype)
     was_training = work.training
     work.eval()
     try:
-        return _probe(work, batch, spec, lam_used, base_coef, optim, settings, heldout, dtype)
+        return _probe(work, batch, spec, lam_used, base_coef, optim, settings, heldout, dtype, dist)
     finally:
         work.train(was_training)
 
 
 def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, lam_used: float, base_coef: float,
-           optim: OptimizerSnapshot, settings: ProbeSettings, heldout: RLBatch | None, dtype: torch.dtype
-           ) -> dict[str, Any]:
+           optim: OptimizerSnapshot, settings: ProbeSettings, heldout: RLBatch | None, dtype: torch.dtype,
+           dist: Any = None) -> dict[str, Any]:
+    sums = dist.sum if dist is not None and dist.active else None  # sums over processes
+    gather = dist.gather_cat if sums is not None else None  # per-sequence terms, concatenated
     b = RLBatch(**{k: (v.to(dtype) if v.is_floating_point() else v) for k, v in batch.tensors().items()})
     hb = None if heldout is None else RLBatch(**{k: (v.to(dtype) if v.is_floating_point() else v)
                                                    for k, v in heldout.tensors().items()})
@@ -190,11 +226,13 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, lam_used: float
     out: dict[str, Any] = {"diag/lr": lr, "diag/lambda_used": lam_used, "diag/dtype": settings.dtype,
                            "diag/hvp_method": settings.hvp_method}
 
+    norms = Norms.of(b, work.num_mtp, sums) if sums is not None else None  # global token counts
+
     def J(p):
-        return compute_objectives(work, b, spec, params=p, with_mtp=False).rl
+        return compute_objectives(work, b, spec, params=p, with_mtp=False, norms=norms).rl
 
     def M(p):
-        return compute_objectives(work, b, spec, params=p).mtp
+        return compute_objectives(work, b, spec, params=p, norms=norms).mtp
 
     def logp_fn(p):
         return forward_logprobs(work, b, spec.temperature, spec.mtp_grad, False, p)[0]
@@ -207,15 +245,17 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, lam_used: float
     with curvature_numerics(work):
         with torch.no_grad():
             obj = compute_objectives(work, b, spec)
-        out |= logprob_proxies(obj.logp, b.old_logp, obj.mtp_logp, mask, base_coef, _prompt_len(mask))
+        out |= logprob_proxies(obj.logp, b.old_logp, obj.mtp_logp, mask, base_coef, b.prompt_len,
+                               dist.sum_terms if sums is not None else None)
         if spec.mtp_kind is None:
             return out | {"diag/skipped": "regime has no MTP loss"}
-        _, g = grad(J, params)
-        _, u = grad(M, params)
-        decs = {"sgd": decompose(J, M, params, lr, None, settings.hvp_method, logp_fn, mask, mtp_grad=u)}
+        red = sums or (lambda d: d)
+        g, u = red(grad(J, params)[1]), red(grad(M, params)[1])
+        decs = {"sgd": decompose(J, M, params, lr, None, settings.hvp_method, logp_fn, mask, mtp_grad=u,
+                                 reduce=sums)}
         precond = optim.preconditioner(params)
-        decs["adam"] = (decompose(J, M, params, lr, precond, settings.hvp_method, logp_fn, mask, mtp_grad=u)
-                        if precond is not None else None)
+        decs["adam"] = (decompose(J, M, params, lr, precond, settings.hvp_method, logp_fn, mask, mtp_grad=u,
+                                  reduce=sums) if precond is not None else None)
         for name, dec in decs.items():
             out |= _decomp_record(f"diag/{name}", dec)
         geometry = "adam" if decs["adam"] is not None else "sgd"
@@ -223,26 +263,28 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, lam_used: float
         out["diag/curve/geometry"] = geometry
         fisher = NAN
         if dec.dlogp is not None:
-            fisher = proxies.fisher(b.advantages, dec.dlogp, mask, lr)
+            num, den = proxies.fisher_terms(b.advantages, dec.dlogp, mask)
+            t = red({"num": num, "den": den})
+            fisher = proxies.from_terms(t["num"], t["den"], scale=1.0 / lr)
         out["lambda/fisher"] = fisher
         run_precond = precond if geometry == "adam" else None
         if settings.curve_points > 0:
             out |= _curve(J, M, seq_terms, params, g, u, dec, run_precond, lam_used, mask, settings, optim, hb,
-                          work, spec)
+                          work, spec, sums, gather)
         if settings.taylor_halvings > 0 and not dec.u_zero:
-            out |= _taylor(J, M, params, g, u, dec, run_precond, lam_used, settings)
+            out |= _taylor(J, M, params, g, u, dec, run_precond, lam_used, settings, sums)
     return out
 
 
-def _taylor(J, M, params, g, u, dec: Decomposition, precond, lam_used: float, settings: ProbeSettings
-            ) -> dict[str, Any]:
+def _taylor(J, M, params, g, u, dec: Decomposition, precond, lam_used: float, settings: ProbeSettings,
+            sums=None) -> dict[str, Any]:
     """Identity 2 on the live model: residual max_λ |Δ_measured − Δ_model| as η halves (slope ≈ 3)."""
     scale = max(abs(lam_used), settings.curve_default)  # not λ*: in SGD geometry it can be enormous
     lams = np.array([-scale, scale, 2 * scale])
     lrs, res = [], []
     for k in range(settings.taylor_halvings + 1):
         lr = dec.lr / 2**k
-        measured = measure_delta(J, M, params, lr, lams, precond=precond, grads=(g, u))
+        measured = measure_delta(J, M, params, lr, lams, precond=precond, grads=(g, u), reduce=sums)
         model = replace(dec, lr=lr).predicted_delta(lams)
         lrs.append(lr)
         res.append(float(np.max(np.abs(measured - model))))
@@ -251,21 +293,34 @@ def _taylor(J, M, params, g, u, dec: Decomposition, precond, lam_used: float, se
     return {"taylor/lrs": lrs, "taylor/residuals": res, "diag/taylor/slope": slope}
 
 
-def _prompt_len(mask: Tensor) -> int:
-    cols = torch.nonzero(mask.sum(0) > 0)
-    return int(cols[0]) if cols.numel() else mask.shape[1]
+def grid_scale(dec: Decomposition, cap: float) -> tuple[float, bool]:
+    """The λ the curve's grid is built around: the predicted λ*, unless the MTP step it implies is more
+    than ``cap`` times the RL step (‖λ*·Pu‖ > cap·‖Pg‖), where no second-order expansion can hold; the
+    grid then spans ±cap·‖Pg‖/‖Pu‖ (the sign of λ* kept) and the cap is reported."""
+    lam, bal = dec.lambda_star, dec.lambda_balance
+    if not math.isfinite(bal) or bal <= 0 or cap <= 0:
+        return lam, False
+    if not math.isfinite(lam):
+        return cap * bal, True
+    if abs(lam) > cap * bal:
+        return math.copysign(cap * bal, lam), True
+    return lam, False
 
 
 def _curve(J, M, seq_terms, params, g, u, dec: Decomposition, precond, lam_used: float, mask: Tensor,
            settings: ProbeSettings, optim: OptimizerSnapshot, heldout: RLBatch | None, work: nn.Module,
-           spec: ObjectiveSpec) -> dict[str, Any]:
+           spec: ObjectiveSpec, sums=None, gather=None) -> dict[str, Any]:
     lr = dec.lr
-    lams = lambda_grid(dec.lambda_star, used=lam_used, n=settings.curve_points, span=settings.curve_span,
+    scale, capped = grid_scale(dec, settings.grid_cap)
+    lams = lambda_grid(scale, used=lam_used, n=settings.curve_points, span=settings.curve_span,
                        default=settings.curve_default)
-    seq = measure_delta(J, M, params, lr, lams, precond=precond, eval_objective=seq_terms, grads=(g, u))  # (L, B)
-    weights = mask.sum(1).double().cpu().numpy()
+    seq = measure_delta(J, M, params, lr, lams, precond=precond, eval_objective=seq_terms, grads=(g, u),
+                        reduce=gather)  # (L, B), B over every process
+    counts = {"value": mask.sum(1).double()}
+    weights = (gather(counts) if gather is not None else counts)["value"].cpu().numpy()
     deltas = seq.sum(1) / max(weights.sum(), 1.0)
-    out: dict[str, Any] = {"curve/lams": lams.tolist(), "curve/deltas": deltas.tolist()}
+    out: dict[str, Any] = {"curve/lams": lams.tolist(), "curve/deltas": deltas.tolist(),
+                           "diag/curve/grid_half_width": float(np.max(np.abs(lams))), "diag/curve/grid_capped": capped}
     if np.all(deltas == 0):  # u = 0 (detach): a flat curve, nothing to fit
         return out | {"diag/curve/flat": True, "diag/curve/alpha": 0.0, "diag/curve/beta": 0.0,
                       "diag/curve/r2": NAN, "diag/curve/lambda_star": NAN, "diag/curve/concave": False,
@@ -282,16 +337,19 @@ def _curve(J, M, seq_terms, params, g, u, dec: Decomposition, precond, lam_used:
         for k, (lo, hi) in ci.items():
             out[f"diag/curve/{k}_lo"], out[f"diag/curve/{k}_hi"] = lo, hi
     if settings.curve_real_step and optim.kind in ("adam", "adamw") and optim.state:
-        real = real_step_delta(J, params, g, u, lams, optim)
+        real = real_step_delta(J, params, g, u, lams, optim, sums)
         rfit = fit_quadratic(lams, real)
         out |= {"curve/real_deltas": real.tolist(), "diag/curve_real/alpha": rfit.alpha,
                 "diag/curve_real/beta": rfit.beta, "diag/curve_real/r2": rfit.r2,
                 "diag/curve_real/lambda_star": rfit.lambda_star}
     if heldout is not None:
-        def J_held(p):
-            return compute_objectives(work, heldout, spec, params=p, with_mtp=False).rl
+        held_norms = Norms.of(heldout, 0, sums) if sums is not None else None
 
-        held = measure_delta(J, M, params, lr, lams, precond=precond, eval_objective=J_held, grads=(g, u))
+        def J_held(p):
+            return compute_objectives(work, heldout, spec, params=p, with_mtp=False, norms=held_norms).rl
+
+        held = measure_delta(J, M, params, lr, lams, precond=precond, eval_objective=J_held, grads=(g, u),
+                             reduce=sums)
         hfit = fit_quadratic(lams, held)
         out |= {"curve/heldout_deltas": held.tolist(), "diag/curve_heldout/alpha": hfit.alpha,
                 "diag/curve_heldout/beta": hfit.beta, "diag/curve_heldout/r2": hfit.r2,
@@ -300,7 +358,7 @@ def _curve(J, M, seq_terms, params, g, u, dec: Decomposition, precond, lam_used:
 
 
 def real_step_delta(J, params: dict[str, Tensor], g: dict[str, Tensor], u: dict[str, Tensor], lams: np.ndarray,
-                    optim: OptimizerSnapshot) -> np.ndarray:
+                    optim: OptimizerSnapshot, sums=None) -> np.ndarray:
     """Δ(λ) with the real Adam(W) step from a copy of the optimizer state (gradient −(g + λu) on θ_S)."""
     cls = torch.optim.AdamW if optim.kind == "adamw" else torch.optim.Adam
 
@@ -316,7 +374,8 @@ def real_step_delta(J, params: dict[str, Tensor], g: dict[str, Tensor], u: dict[
             torch.nn.utils.clip_grad_norm_(list(clones.values()), optim.grad_clip)
         opt.step()
         with torch.no_grad():
-            return float(J({k: p.detach() for k, p in clones.items()}))
+            value = {"value": J({k: p.detach() for k, p in clones.items()})}
+            return float((sums(value) if sums is not None else value)["value"])
 
     base = after_step(0.0)
     return np.array([after_step(float(lam)) - base for lam in lams])

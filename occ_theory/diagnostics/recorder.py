@@ -37,9 +37,15 @@ class GradientRecorder:
         gs = torch.autograd.grad(value, self.params, retain_graph=True, allow_unused=True, materialize_grads=True)
         return [g.detach().float() for g in gs]
 
-    def record(self, rl_objective: Tensor, mtp_objective: Tensor | None) -> GradRecord:
-        """g and u from the live graph (kept for the real backward that follows)."""
-        return GradRecord(self._grads(rl_objective), self._grads(mtp_objective))
+    def record(self, rl_objective: Tensor, mtp_objective: Tensor | None, reduce=None) -> GradRecord:
+        """g and u from the live graph (kept for the real backward that follows); ``reduce`` sums a
+        dict of tensors over processes in data parallelism."""
+        g, u = self._grads(rl_objective), self._grads(mtp_objective)
+        if reduce is not None:
+            both = reduce({f"g{i}": t for i, t in enumerate(g)} | {f"u{i}": t for i, t in enumerate(u)})
+            g = [both[f"g{i}"] for i in range(len(g))]
+            u = [both[f"u{i}"] for i in range(len(u))]
+        return GradRecord(g, u)
 
     def check(self, rec: GradRecord, lam: float) -> dict[str, float]:
         """Identity 3: relative max deviation of the received ``.grad`` from ``−(g + λ·u)``."""

@@ -40,6 +40,12 @@ class RLBatch:
     def size(self) -> int:
         return self.input_ids.shape[0]
 
+    @property
+    def prompt_len(self) -> int:
+        """The first column holding a response token (the response block starts there)."""
+        cols = torch.nonzero(self.response_mask.sum(0) > 0)
+        return int(cols[0]) if cols.numel() else self.response_mask.shape[1]
+
     def tensors(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 

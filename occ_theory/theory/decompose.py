@@ -61,6 +61,7 @@ class Decomposition:
     u_norm: float  # ‖u‖
     cosine: float  # gᵀu / (‖g‖‖u‖)
     u_norm_sq: float  # ‖Pu‖²
+    pg_norm: float = NAN  # ‖Pg‖, the size of the RL step per unit η
     curv_fisher: float = NAN  # Q_F = −Σ m·δ² / Σ m, δ = ∇l·Pu
     geometry: str = "sgd"  # "sgd" (P = I) or "precond"
     method: str = "fwd-rev"
@@ -109,6 +110,11 @@ class Decomposition:
         return self.corr / self.u_norm_sq if not self.u_zero else NAN
 
     @property
+    def lambda_balance(self) -> float:
+        """‖Pg‖ / ‖Pu‖: the λ at which the MTP step is as long as the RL step."""
+        return self.pg_norm / math.sqrt(self.u_norm_sq) if self.u_norm_sq > 0 else NAN
+
+    @property
     def lambda_star_fisher(self) -> float:
         """λ*_F = −C / (η·Q_F): the optimum when the penalty is the Fisher (trust-region) one."""
         if self.u_zero or not self.curv_fisher < 0:
@@ -124,7 +130,7 @@ class Decomposition:
         """Flat record of every field and derived quantity (no tensors), for logs and tables."""
         out = {k: v for k, v in asdict(self).items() if k != "dlogp"}
         for name in ("concave", "reason", "lambda_star", "lambda_star_first_order", "gain_at_optimum",
-                     "proj", "lambda_star_fisher"):
+                     "proj", "lambda_star_fisher", "lambda_balance"):
             out[name] = getattr(self, name)
         return out
 
@@ -197,7 +203,7 @@ def decompose(
         curv_fisher = fisher_curvature(dlogp, mask, reduce)
     return Decomposition(
         lr=lr, corr=corr, cross=cross, curv=curv, g_norm=g_norm, u_norm=u_norm, cosine=cosine,
-        u_norm_sq=float(sq_norm(pu)), curv_fisher=curv_fisher,
+        u_norm_sq=float(sq_norm(pu)), pg_norm=float(sq_norm(mul(g, precond))) ** 0.5, curv_fisher=curv_fisher,
         geometry="sgd" if precond is None else "precond", method=method, dlogp=dlogp,
     )
 

@@ -205,7 +205,9 @@ class DiagConfig:
     curve_span: float = 3.0
     """The grid spans ±curve_span·|predicted λ*|."""
     curve_default: float = 1.0
-    """Grid half-width when no finite λ* is predicted."""
+    """Grid half-width when no finite λ* and no step scale is known."""
+    grid_cap: float = 10.0
+    """Cap the grid where the MTP step would exceed grid_cap × the RL step (‖λ·Pu‖ > cap·‖Pg‖; 0: no cap)."""
     curve_real_step: bool = False
     """Also measure the curve with the real optimizer step from a copy of the optimizer state."""
     curve_heldout: bool = False
@@ -222,6 +224,7 @@ class DiagConfig:
             _fail(f"{key}.hvp_method", "must be fwd-rev or rev-rev")
         _non_negative(self, key, "every", "log_spaced", "curve_points", "bootstrap", "taylor_halvings")
         _positive(self, key, "curve_span", "curve_default")
+        _non_negative(self, key, "grid_cap")
         if 0 < self.curve_points < 3:
             _fail(f"{key}.curve_points", "needs at least 3 points (or 0 for no curve)")
         if any(s < 1 for s in self.at):

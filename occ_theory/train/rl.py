@@ -21,6 +21,7 @@ record. CUDA: bf16 autocast for rollouts and training, full precision for diagno
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
@@ -40,7 +41,7 @@ from ..diagnostics.schedule import Schedule
 from ..errors import RunStopped
 from ..models import load_model, load_tokenizer, save_model
 from ..rl.advantages import group_advantages
-from ..rl.batch import ObjectiveSpec, RLBatch, compute_objectives, forward_logprobs, mtp_mask
+from ..rl.batch import Norms, ObjectiveSpec, RLBatch, compute_objectives, forward_logprobs, mtp_mask
 from ..rl.coef import CoefficientRule
 from ..rl.objectives import entropy_from_logits, mtp_objective
 from ..rl.sampler import generate
@@ -48,6 +49,7 @@ from ..tasks import SUITES
 from ..theory import eager_attention, jvp, proxies
 from ..theory.params import mul
 from .config import Config, load_config
+from .dist import Dist, init_from_env
 from .evaluate import decode_response, evaluate_suites, prompt_ids
 from .logging import MetricsWriter, Progress
 from .run import RunContext, problem_stream, training_tasks
@@ -60,11 +62,17 @@ class BadStepsError(RunStopped):
 
 
 class RLTrainer:
-    def __init__(self, cfg: Config, ctx: RunContext):
+    def __init__(self, cfg: Config, ctx: RunContext, dist: Dist | None = None):
         rc = cfg.rl
         if rc.init is None:
             raise ValueError("config key 'rl.init': RL needs a starting checkpoint (occ rl --init SFT_CHECKPOINT)")
         self.cfg, self.rc, self.ctx = cfg, rc, ctx
+        self.dist = dist or Dist()
+        world = self.dist.world
+        if rc.prompts_per_rollout % world or (rc.prompts_per_rollout // world * rc.group_size) % rc.minibatches:
+            raise ValueError(f"config key 'rl.prompts_per_rollout': {rc.prompts_per_rollout} prompts over {world} "
+                             f"processes must give each the same number of prompts, and of rows per minibatch")
+        self.local_prompts = rc.prompts_per_rollout // world
         self.device = ctx.device
         init = Path(rc.init)
         self.tokenizer = load_tokenizer(init)
@@ -90,10 +98,11 @@ class RLTrainer:
         self.schedule = Schedule(rc.steps, dc.every, dc.at, dc.log_spaced, dc.first)
         self.settings = ProbeSettings.from_diag(dc, cfg.seed)
         self.tasks = {t.name: t for t in training_tasks(cfg)}
-        # randomness: every source is a seeded generator whose state is checkpointed
-        self.task_rng = np.random.default_rng(cfg.seed)
+        # randomness: every source is a seeded generator whose state is checkpointed (one set per process)
+        rank = self.dist.rank
+        self.task_rng = np.random.default_rng(cfg.seed if world == 1 else [cfg.seed, rank])
         self.stream = problem_stream(cfg, self.task_rng, list(self.tasks.values()))
-        self.sample_gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.sample_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 7919 * rank)
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
         self.rollouts = 0
@@ -106,12 +115,14 @@ class RLTrainer:
         rc = self.rc
         stream = stream or self.stream
         t0 = time.perf_counter()
-        problems = [next(stream) for _ in range(rc.prompts_per_rollout)]
+        problems = [next(stream) for _ in range(self.local_prompts)]
         prompts = [prompt_ids(self.tokenizer, p.prompt) for p in problems for _ in range(rc.group_size)]
         self.model.eval()
+        # every process pads its prompts to the same width, so the global batch concatenates column-aligned
+        width = {"prompt_width": self.dist.max(max(len(p) for p in prompts))} if self.dist.active else {}
         ro = generate(self.model, prompts, rc.max_new_tokens, rc.temperature, rc.top_p,
                       eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
-                      generator=gen or self.sample_gen, autocast_dtype=self.ctx.autocast_dtype)
+                      generator=gen or self.sample_gen, autocast_dtype=self.ctx.autocast_dtype, **width)
         texts = [decode_response(self.tokenizer, r) for r in ro.responses]
         owners = [p for p in problems for _ in range(rc.group_size)]
         rewards = torch.tensor([self.tasks[p.suite].reward(p, t) for p, t in zip(owners, texts)])
@@ -119,15 +130,20 @@ class RLTrainer:
         # old_logp holds the sampler's log-probs until fill_old_logp recomputes them
         batch = RLBatch(ro.input_ids, ro.attention_mask, ro.response_mask.float(), adv.to(self.device), ro.logprobs)
         gen_s = time.perf_counter() - t0
+        # statistics of the global rollout batch
+        parts = self.dist.gather((rewards.tolist(), [p.suite for p in owners], ro.response_lengths.tolist(), gen_s))
+        rewards = torch.tensor([r for part in parts for r in part[0]])
+        suites = [s for part in parts for s in part[1]]
+        lengths = torch.tensor([n for part in parts for n in part[2]], dtype=torch.float32)
+        gen_s = max(part[3] for part in parts)
         by_group = rewards.view(-1, rc.group_size)
-        n_tokens = int(ro.response_lengths.sum())
         rec = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
-               "rollout/response_len": float(ro.response_lengths.float().mean()),
-               "rollout/eos_frac": float((ro.response_mask.sum(1) < rc.max_new_tokens).float().mean()),
+               "rollout/response_len": float(lengths.mean()),
+               "rollout/eos_frac": float((lengths < rc.max_new_tokens).float().mean()),
                "rollout/zero_adv_groups": float((by_group.std(1) == 0).float().mean()),
-               "rollout/tokens_per_s": n_tokens / gen_s, "perf/rollout_s": gen_s}
-        for suite in sorted({p.suite for p in problems}):
-            sel = torch.tensor([p.suite == suite for p in owners])
+               "rollout/tokens_per_s": float(lengths.sum()) / gen_s, "perf/rollout_s": gen_s}
+        for suite in sorted(set(suites)):
+            sel = torch.tensor([s == suite for s in suites])
             rec[f"reward/{suite}"] = float(rewards[sel].mean())
         return batch, rec
 
@@ -148,7 +164,8 @@ class RLTrainer:
     # ------------------------------------------------------------------ one optimizer step
 
     def fisher_coefficient(self, mb: RLBatch, u: dict[str, torch.Tensor]) -> float:
-        """The fisher proxy δ = ∇l·Pu by one JVP in the optimizer's geometry (SGD before Adam has state)."""
+        """The fisher proxy δ = ∇l·Pu by one JVP in the optimizer's geometry (SGD before Adam has state);
+        ``u`` is the global MTP gradient, the sums are global."""
         snap = OptimizerSnapshot.capture(self.optimizer, self.shared)
         params = {k: p.detach() for k, p in self.shared.items()}
         pu = mul(u, snap.preconditioner(params))
@@ -158,25 +175,28 @@ class RLTrainer:
 
         with eager_attention(self.model):
             _, dlogp = jvp(logp_fn, params, pu)
-        return proxies.fisher(mb.advantages, dlogp, mb.response_mask, snap.lr)
+        num, den = proxies.fisher_terms(mb.advantages, dlogp, mb.response_mask)
+        t = self.dist.sum({"num": num, "den": den})
+        return proxies.from_terms(t["num"], t["den"], scale=1.0 / snap.lr)
 
     def train_step(self, mb: RLBatch, first_after_rollout: bool) -> dict[str, Any]:
         rc, spec = self.rc, self.spec
         self.step += 1
         step = self.step
         t0 = time.perf_counter()
+        dist = self.dist
         self.model.train()
+        norms = Norms.of(mb, self.model.num_mtp, dist.sum) if dist.active else None  # global token counts
         with self.ctx.autocast():
-            obj = compute_objectives(self.model, mb, spec)
+            obj = compute_objectives(self.model, mb, spec, norms=norms)
         mask = mb.response_mask
-        prompt_len = int(torch.nonzero(mask.sum(0) > 0)[0]) if mask.any() else mask.shape[1]
         rec: dict[str, Any] = {"step": step, "rollout": self.rollouts, "first_after_rollout": first_after_rollout}
         rec |= logprob_proxies(obj.logp.detach().float(), mb.old_logp, [q.detach().float() for q in obj.mtp_logp],
-                               mask, rc.mtp_coef, prompt_len)
+                               mask, rc.mtp_coef, mb.prompt_len, dist.sum_terms if dist.active else None)
         if rc.regime == "occ" and rc.proxy == "fisher":
             u = dict(zip(self.shared, torch.autograd.grad(obj.mtp, list(self.shared.values()), retain_graph=True,
                                                           allow_unused=True, materialize_grads=True)))
-            rec["lambda/fisher"] = self.fisher_coefficient(mb, u)
+            rec["lambda/fisher"] = self.fisher_coefficient(mb, dist.sum(u))
         proxy_values = {k.split("/")[1]: v for k, v in rec.items() if k.startswith("lambda/")}
         lam = self.rule(proxy_values)
         mtp_term = obj.mtp
@@ -194,27 +214,36 @@ class RLTrainer:
         record = None
         if step in self.schedule and rc.regime != "off":
             td = time.perf_counter()
-            record = self.recorder.record(obj.rl, obj.mtp)
+            record = self.recorder.record(obj.rl, obj.mtp, dist.sum if dist.active else None)
             snap = OptimizerSnapshot.capture(self.optimizer, self.shared, rc.grad_clip)
             heldout = self.heldout_batch(step) if self.cfg.diag.curve_heldout else None
-            probe = run_probe(self.model, mb, spec, lam, rc.mtp_coef, snap, self.settings, heldout)
+            probe = run_probe(self.model, mb, spec, lam, rc.mtp_coef, snap, self.settings, heldout, dist)
             probe["first_after_rollout"] = first_after_rollout
             self.model.train()
             rec |= {k: v for k, v in probe.items() if not isinstance(v, list) and k not in rec}
-            if self.cfg.diag.probes:
-                save_bundle(self.ctx.run_dir / "probes" / f"step_{step:06d}", step=step, model=self.model, batch=mb,
-                            spec=spec, lam_used=lam, base_coef=rc.mtp_coef, optim=snap, settings=self.settings,
-                            heldout=heldout, online=probe, extra={"first_after_rollout": first_after_rollout})
+            if self.cfg.diag.probes:  # the global minibatch: `occ probe` recomputes it in one process
+                whole = RLBatch.from_tensors(dist.gather_cat(mb.tensors()))
+                held = None if heldout is None else RLBatch.from_tensors(dist.gather_cat(heldout.tensors()))
+                if dist.main:
+                    save_bundle(self.ctx.run_dir / "probes" / f"step_{step:06d}", step=step, model=self.model,
+                                batch=whole, spec=spec, lam_used=lam, base_coef=rc.mtp_coef, optim=snap,
+                                settings=self.settings, heldout=held, online=probe,
+                                extra={"first_after_rollout": first_after_rollout, "world": dist.world})
             diag_s = time.perf_counter() - td
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        dist.sum_grads(self.trainable)  # every process now holds the gradient of the global batch
         if record is not None:
             td = time.perf_counter()
             rec |= self.recorder.check(record, lam) | self.recorder.breakdown(record)
             diag_s += time.perf_counter() - td
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, rc.grad_clip if rc.grad_clip > 0 else float("inf"))
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
+        totals = dist.sum({"loss": loss.detach().double(), "rl": obj.rl.detach().double()}
+                          | ({"kl": obj.kl.detach().double()} if obj.kl is not None else {})
+                          | ({"mtp": obj.mtp.detach().double()} if obj.mtp is not None else {})
+                          | {f"mtp{k}": m.detach().double() for k, m in enumerate(obj.mtp_depths, start=1)})
+        finite = bool(torch.isfinite(totals["loss"])) and bool(torch.isfinite(norm))
         if finite:
             self.optimizer.step()
             self.bad_in_row = 0
@@ -223,20 +252,22 @@ class RLTrainer:
             self.bad_in_row += 1
             self.bad_total += 1
         step_s = time.perf_counter() - t0
-        n_tok = float(mask.sum())
+        n_tok = float(norms.rl) if norms is not None else float(mask.sum())
+        local = torch.tensor([obj.surrogate.clip_frac, obj.surrogate.ratio_mean, entropy_from_logits(obj.logits, mask)])
+        clip_frac, ratio_mean, entropy = (float(x) for x in dist.sum({"v": local})["v"] / dist.world)
         rec |= {
-            "rl/loss": float(loss.detach()), "rl/objective": float(obj.rl.detach()), "rl/clip_frac": obj.surrogate.clip_frac,
-            "rl/ratio_mean": obj.surrogate.ratio_mean, "rl/entropy": entropy_from_logits(obj.logits, mask),
+            "rl/loss": float(totals["loss"]), "rl/objective": float(totals["rl"]), "rl/clip_frac": clip_frac,
+            "rl/ratio_mean": ratio_mean, "rl/entropy": entropy,
             "rl/grad_norm": float(norm), "rl/skipped": not finite, "rl/bad_steps_total": self.bad_total,
             "perf/step_s": step_s, "perf/train_s": step_s - diag_s, "perf/diag_s": diag_s,
             "perf/train_tokens_per_s": n_tok / max(step_s - diag_s, 1e-9),
         }
         if obj.kl is not None:
-            rec["rl/kl"] = float(obj.kl.detach())
+            rec["rl/kl"] = float(totals["kl"])
         if obj.mtp is not None:
-            rec["mtp/objective"] = float(obj.mtp.detach())
-            for k, m in enumerate(obj.mtp_depths, start=1):
-                rec[f"mtp/objective_d{k}"] = float(m.detach())
+            rec["mtp/objective"] = float(totals["mtp"])
+            for k in range(1, len(obj.mtp_depths) + 1):
+                rec[f"mtp/objective_d{k}"] = float(totals[f"mtp{k}"])
         if self.bad_in_row >= rc.max_bad_steps:
             raise BadStepsError(f"{self.bad_in_row} consecutive steps had a non-finite loss or gradient "
                                 f"(rl.max_bad_steps = {rc.max_bad_steps}); stopped at step {step}")
@@ -252,12 +283,15 @@ class RLTrainer:
     # ------------------------------------------------------------------ loop, checkpoints
 
     def evaluate(self, size: int, samples: int) -> dict[str, Any]:
-        """Held-out evaluation on all six suites (whatever the training mixture)."""
+        """Held-out evaluation on all six suites (whatever the training mixture), on rank 0."""
         ec = self.cfg.eval
-        if self.cfg.task.user_data is not None:
+        if self.cfg.task.user_data is not None or not self.dist.main:
+            self.dist.barrier()
             return {}
-        return evaluate_suites(self.model, self.tokenizer, SUITES, size, samples, ec.temperature, ec.max_new_tokens,
-                               ec.seed, self.cfg.task.difficulty, autocast_dtype=self.ctx.autocast_dtype)
+        result = evaluate_suites(self.model, self.tokenizer, SUITES, size, samples, ec.temperature, ec.max_new_tokens,
+                                 ec.seed, self.cfg.task.difficulty, autocast_dtype=self.ctx.autocast_dtype)
+        self.dist.barrier()
+        return result
 
     def run(self) -> Path:
         rc = self.rc
@@ -277,13 +311,14 @@ class RLTrainer:
 
     def _loop(self, progress: Progress) -> None:
         rc = self.rc
-        with MetricsWriter(self.ctx.run_dir) as writer:
+        main = self.dist.main
+        with MetricsWriter(self.ctx.run_dir) if main else contextlib.nullcontext() as writer:
             while self.step < rc.steps:
                 batch, ro_rec = self.rollout()
                 self.rollouts += 1
                 filled = [self.fill_old_logp(mb) for mb in batch.split(rc.minibatches, self.shuffle_gen)]
                 minibatches = [mb for mb, _ in filled]
-                ro_rec["rollout/logp_gap"] = max(gap for _, gap in filled)
+                ro_rec["rollout/logp_gap"] = max(self.dist.gather(max(gap for _, gap in filled)))
                 for i, mb in enumerate(minibatches):
                     if self.step >= rc.steps:
                         break
@@ -293,15 +328,17 @@ class RLTrainer:
                         rec |= {f"eval/{s}/greedy_acc": e["greedy_acc"] for s, e in res.get("suites", {}).items()}
                         if res:
                             rec["eval/mean_greedy_acc"] = res["mean_greedy_acc"]
-                    writer.write(rec)
-                    progress.update(self.step, reward=rec["reward/mean"], lam=rec["lambda/used"],
-                                    J=rec["rl/objective"])
+                    if main:
+                        writer.write(rec)
+                        progress.update(self.step, reward=rec["reward/mean"], lam=rec["lambda/used"],
+                                        J=rec["rl/objective"])
                 if rc.checkpoint_every and self.rollouts % rc.checkpoint_every == 0:
                     self.save_checkpoint()
 
     def _finish(self) -> Path:
         rc = self.rc
-        save_model(self.model, self.ctx.run_dir / "final", self.tokenizer)
+        if self.dist.main:
+            save_model(self.model, self.ctx.run_dir / "final", self.tokenizer)
         ec = self.cfg.eval
         result = self.evaluate(ec.size, ec.samples)
         if result:
@@ -311,16 +348,21 @@ class RLTrainer:
         return self.ctx.run_dir
 
     def checkpoint_state(self) -> dict[str, Any]:
+        """Model, optimizer, coefficient state, and every process's random generators (rank order)."""
+        rngs = self.dist.gather({"task_rng": self.task_rng.bit_generator.state,
+                                 "sample_gen": self.sample_gen.get_state().cpu()})
         return {"format": "occ_theory.rl_checkpoint", "step": self.step, "rollouts": self.rollouts,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "rule": self.rule.state_dict(), "task_rng": self.task_rng.bit_generator.state,
-                "sample_gen": self.sample_gen.get_state(), "shuffle_gen": self.shuffle_gen.get_state(),
+                "rule": self.rule.state_dict(), "rngs": rngs, "shuffle_gen": self.shuffle_gen.get_state(),
                 "bad_in_row": self.bad_in_row, "bad_total": self.bad_total}
 
     def save_checkpoint(self) -> Path:
         d = self.ctx.run_dir / "checkpoints"
         path = d / f"step_{self.step:06d}.pt"
-        atomic_torch_save(self.checkpoint_state(), path)
+        state = self.checkpoint_state()  # collective: every process takes part
+        if not self.dist.main:
+            return path
+        atomic_torch_save(state, path)
         for old in sorted(p for p in d.iterdir() if CKPT_RE.match(p.name))[:-self.rc.keep_checkpoints]:
             old.unlink()
         return path
@@ -335,9 +377,13 @@ class RLTrainer:
         self.model.load_state_dict(st["model"])
         self.optimizer.load_state_dict(st["optimizer"])
         self.rule.load_state_dict(st["rule"])
-        self.task_rng.bit_generator.state = st["task_rng"]
+        if len(st["rngs"]) != self.dist.world:
+            raise ValueError(f"checkpoint {path} was written by {len(st['rngs'])} processes, this run has "
+                             f"{self.dist.world}")
+        mine = st["rngs"][self.dist.rank]
+        self.task_rng.bit_generator.state = mine["task_rng"]
         self.stream = problem_stream(self.cfg, self.task_rng, list(self.tasks.values()))
-        self.sample_gen.set_state(st["sample_gen"])
+        self.sample_gen.set_state(mine["sample_gen"])
         self.shuffle_gen.set_state(st["shuffle_gen"])
         self.step, self.rollouts = st["step"], st["rollouts"]
         self.bad_in_row, self.bad_total = st["bad_in_row"], st["bad_total"]
@@ -370,9 +416,13 @@ def truncate_metrics(run_dir: Path, step: int) -> int:
 
 def run_rl(cfg: Config, out_dir: Path | None = None) -> Path:
     ctx = RunContext.create(cfg, kind=cfg.rl.regime, out_dir=out_dir)
-    trainer = RLTrainer(cfg, ctx)  # validates the checkpoint and settings before anything is written
+    dist = init_from_env(ctx.device)
+    ctx = replace(ctx, main=dist.main)
+    trainer = RLTrainer(cfg, ctx, dist)  # validates the checkpoint and settings before anything is written
     ctx.begin()
-    save_model(trainer.model, ctx.run_dir / "init", trainer.tokenizer)
+    if dist.main:
+        save_model(trainer.model, ctx.run_dir / "init", trainer.tokenizer)
+    dist.barrier()
     ctx.log(f"RL regime={cfg.rl.regime} steps={cfg.rl.steps} from {cfg.rl.init} -> {ctx.run_dir}")
     return trainer.run()
 
@@ -386,14 +436,17 @@ def resume_rl(run_dir: Path) -> Path:
     cfg = replace(cfg, rl=replace(cfg.rl, init=str(run_dir / "init")))
     ckpt = latest_checkpoint(run_dir)
     ctx = RunContext.create(cfg, kind=cfg.rl.regime, out_dir=run_dir, resume=True)
-    trainer = RLTrainer(cfg, ctx)
+    dist = init_from_env(ctx.device)
+    ctx = replace(ctx, main=dist.main)
+    trainer = RLTrainer(cfg, ctx, dist)
     if ckpt is None:
         ctx.log("no checkpoint yet: restarting from the initial model")
-        truncate_metrics(run_dir, 0)
-        shutil.rmtree(run_dir / "probes", ignore_errors=True)
+        if dist.main:
+            truncate_metrics(run_dir, 0)
+            shutil.rmtree(run_dir / "probes", ignore_errors=True)
     else:
         trainer.load_checkpoint(ckpt)
-        dropped = truncate_metrics(run_dir, trainer.step)
+        dropped = truncate_metrics(run_dir, trainer.step) if dist.main else 0
         ctx.log(f"resumed from {ckpt.name} (step {trainer.step}); {dropped} later records moved to "
                 "metrics.orphaned.jsonl")
     return trainer.run()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError("config key 'device': cuda was asked for but no CUDA device is available")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per process under torchrun
+        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     return torch.device(name)
 
 
@@ -35,6 +38,7 @@ class RunContext:
     run_dir: Path
     device: torch.device
     start: float = field(default_factory=time.perf_counter)
+    main: bool = True  # the process that writes files (rank 0)
 
     @classmethod
     def create(cls, cfg: Config, kind: str, run_name: str | None = None, out_dir: Path | None = None,
@@ -51,6 +55,8 @@ class RunContext:
 
     def begin(self) -> None:
         """Create the run directory and write the resolved config: call once the inputs are validated."""
+        if not self.main:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not (self.run_dir / "config.yaml").exists():
             dump_config(self.cfg, self.run_dir / "config.yaml")
@@ -65,6 +71,8 @@ class RunContext:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def log(self, msg: str) -> None:
+        if not self.main:
+            return
         line = f"[occ {time.strftime('%H:%M:%S')}] {msg}"
         print(line, file=sys.stderr, flush=True)
         with open(self.run_dir / "run.log", "a", encoding="utf-8") as f:

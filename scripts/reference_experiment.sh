@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The reference experiment behind figures/: SFT once, RL in each regime for three seeds, probes,
+# figures and the claim table. About an hour on a 2-core CPU. Usage: scripts/reference_experiment.sh [OUT]
+set -euo pipefail
+OUT=${1:-runs/reference}
+REGIMES=${REGIMES:-"off detach ce policy occ"}
+SEEDS=${SEEDS:-"0 1 2"}
+mkdir -p "$OUT"
+[ -f "$OUT/sft/checkpoint/occ_model.json" ] || occ sft --config configs/tiny.yaml --out "$OUT/sft"
+for seed in $SEEDS; do
+  for regime in $REGIMES; do
+    run="$OUT/${regime}__${seed}"
+    if [ -f "$run/eval.json" ]; then continue; fi
+    if [ -f "$run/config.yaml" ]; then occ rl --resume "$run"
+    else occ rl --config configs/reference.yaml --init "$OUT/sft/checkpoint" --regime "$regime" --seed "$seed" --out "$run"; fi
+    [ -d "$run/probes" ] && occ probe "$run"
+  done
+done
+occ figures "$OUT" --out figures

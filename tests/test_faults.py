@@ -151,3 +151,26 @@ def test_proxies_with_q_equal_to_old_logp_are_zero(ckpt, tmp_path):
 
     rec = logprob_proxies(mb.old_logp + 0.1, mb.old_logp, [mb.old_logp.clone()], mb.response_mask, 0.1, 0)
     assert rec["lambda/reference"] == 0.0 and rec["lambda/least_squares"] == 0.0
+
+
+def test_same_seed_gives_the_same_metrics_run_to_run(ckpt, tmp_path, monkeypatch):
+    inject_random_advantages(monkeypatch)
+    runs = [run_rl(rl_config(ckpt, "occ", "rl.proxy=least_squares"), out_dir=tmp_path / f"r{i}") for i in range(2)]
+    a, b = (read_jsonl(r / "metrics.jsonl") for r in runs)
+    drop = ("perf/", "rollout/tokens_per_s")
+    assert [{k: v for k, v in r.items() if not k.startswith(drop)} for r in a] == \
+        [{k: v for k, v in r.items() if not k.startswith(drop)} for r in b]
+    other = run_rl(rl_config(ckpt, "occ", "rl.proxy=least_squares", "seed=1"), out_dir=tmp_path / "s1")
+    c = read_jsonl(other / "metrics.jsonl")
+    assert [r["rl/objective"] for r in c] != [r["rl/objective"] for r in a]  # another seed samples otherwise
+
+
+def test_checkpoint_of_another_model_is_refused_on_resume(ckpt, tmp_path, monkeypatch, capsys):
+    inject_random_advantages(monkeypatch)
+    run = run_rl(rl_config(ckpt, "policy", "diag.every=0", "rl.checkpoint_every=1"), out_dir=tmp_path / "r")
+    ck = latest_checkpoint(run)
+    state = torch.load(ck, weights_only=True)
+    state["model"] = {k + "_x": v for k, v in state["model"].items()}
+    torch.save(state, ck)
+    assert main(["rl", "--resume", str(run)]) == 2
+    assert "does not match" in capsys.readouterr().err

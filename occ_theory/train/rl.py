@@ -77,6 +77,10 @@ class RLTrainer:
         init = Path(rc.init)
         self.tokenizer = load_tokenizer(init)
         self.model = load_model(init, device=self.device)
+        vocab = self.model.trunk.get_input_embeddings().num_embeddings
+        if len(self.tokenizer) > vocab:
+            raise ValueError(f"checkpoint {init}: its tokenizer has {len(self.tokenizer)} tokens but the model's "
+                             f"vocabulary only {vocab}")
         if rc.regime != "off" and self.model.num_mtp == 0:
             raise ValueError(f"regime {rc.regime!r} needs MTP modules, but {init} has mtp_depths = 0")
         self.spec = ObjectiveSpec.for_regime(rc.regime, rc.eps_lo, rc.eps_hi, rc.temperature, rc.kl_coef,
@@ -374,8 +378,11 @@ class RLTrainer:
             raise ValueError(f"checkpoint {path} is corrupt or unreadable: {type(e).__name__}: {e}") from e
         if not isinstance(st, dict) or st.get("format") != "occ_theory.rl_checkpoint":
             raise ValueError(f"{path} is not an occ_theory RL checkpoint")
-        self.model.load_state_dict(st["model"])
-        self.optimizer.load_state_dict(st["optimizer"])
+        try:
+            self.model.load_state_dict(st["model"])
+            self.optimizer.load_state_dict(st["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ValueError(f"checkpoint {path} does not match this run's model or optimizer: {e}") from e
         self.rule.load_state_dict(st["rule"])
         if len(st["rngs"]) != self.dist.world:
             raise ValueError(f"checkpoint {path} was written by {len(st['rngs'])} processes, this run has "

@@ -52,6 +52,22 @@ def test_quadratic_terms_match_closed_form():
     assert dec.geometry == "precond"
 
 
+@pytest.mark.parametrize("method", ["fwd-rev", "rev-rev"])
+def test_decompose_geometries_equals_one_decomposition_per_geometry(method):
+    from occ_theory.theory import decompose_geometries
+
+    prob = SoftmaxPolicy(seed=16)
+    precond = _precond(gen(17), prob.params, True)
+    both = decompose_geometries(prob.rl_objective, prob.mtp_objective, prob.params, 0.05,
+                                {"sgd": None, "adam": precond}, method, prob.logp, prob.mask)
+    for name, p in (("sgd", None), ("adam", precond)):
+        one = decompose(prob.rl_objective, prob.mtp_objective, prob.params, 0.05, p, method, prob.logp, prob.mask)
+        a, b = both[name].as_dict(), one.as_dict()
+        for k, v in b.items():
+            if isinstance(v, float) and math.isfinite(v):
+                assert a[k] == pytest.approx(v, rel=1e-12), (name, k)
+
+
 def test_taylor_order_residual_shrinks_like_lr_cubed():
     """Identity 2: on a smooth non-quadratic clipped surrogate, halving η divides the residual by ~8."""
     prob = SoftmaxPolicy(seed=3)

@@ -36,7 +36,7 @@ from ..rl.batch import Norms, ObjectiveSpec, RLBatch, compute_objectives, forwar
 from ..theory import (
     Decomposition,
     bootstrap_quadratic,
-    decompose,
+    decompose_geometries,
     eager_attention,
     effective_smoothness,
     fit_quadratic,
@@ -250,12 +250,13 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, lam_used: float
         if spec.mtp_kind is None:
             return out | {"diag/skipped": "regime has no MTP loss"}
         red = sums or (lambda d: d)
-        g, u = red(grad(J, params)[1]), red(grad(M, params)[1])
-        decs = {"sgd": decompose(J, M, params, lr, None, settings.hvp_method, logp_fn, mask, mtp_grad=u,
-                                 reduce=sums)}
+        u = red(grad(M, params)[1])
         precond = optim.preconditioner(params)
-        decs["adam"] = (decompose(J, M, params, lr, precond, settings.hvp_method, logp_fn, mask, mtp_grad=u,
-                                  reduce=sums) if precond is not None else None)
+        geometries = {"sgd": None} | ({"adam": precond} if precond is not None else {})
+        decs = decompose_geometries(J, M, params, lr, geometries, settings.hvp_method, logp_fn, mask, mtp_grad=u,
+                                    reduce=sums)
+        decs.setdefault("adam", None)
+        g = decs["sgd"].grad_rl
         for name, dec in decs.items():
             out |= _decomp_record(f"diag/{name}", dec)
         geometry = "adam" if decs["adam"] is not None else "sgd"

@@ -5,9 +5,16 @@ Knows nothing of models or trainers; point it at any PyTorch model through closu
 """
 
 from . import proxies
-from .decompose import Decomposition, decompose, directions, fisher_curvature, measure_delta
+from .decompose import (
+    Decomposition,
+    decompose,
+    decompose_geometries,
+    directions,
+    fisher_curvature,
+    measure_delta,
+)
 from .fit import QuadFit, bootstrap_quadratic, effective_smoothness, fit_quadratic, lambda_grid
-from .hvp import HVP_METHODS, eager_attention, grad, grad_and_hvp, hessian, hvp, jvp
+from .hvp import HVP_METHODS, eager_attention, grad, grad_and_hvp, grad_and_hvps, hessian, hvp, jvp
 
 __all__ = [
     "HVP_METHODS",
@@ -15,6 +22,7 @@ __all__ = [
     "QuadFit",
     "bootstrap_quadratic",
     "decompose",
+    "decompose_geometries",
     "directions",
     "eager_attention",
     "effective_smoothness",
@@ -22,6 +30,7 @@ __all__ = [
     "fit_quadratic",
     "grad",
     "grad_and_hvp",
+    "grad_and_hvps",
     "hessian",
     "hvp",
     "jvp",

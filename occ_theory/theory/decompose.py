@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .hvp import ScalarFn, grad, grad_and_hvp, jvp
+from .hvp import ScalarFn, grad, grad_and_hvps, jvp
 from .params import Params, axpy, check_alike, check_params, dot, is_zero, mul, sq_norm
 
 NAN = float("nan")
@@ -66,6 +66,7 @@ class Decomposition:
     geometry: str = "sgd"  # "sgd" (P = I) or "precond"
     method: str = "fwd-rev"
     dlogp: Tensor | None = field(default=None, repr=False, compare=False)  # δ, (B, T)
+    grad_rl: Params | None = field(default=None, repr=False, compare=False)  # g, for measuring the curve
 
     @property
     def u_zero(self) -> bool:
@@ -128,7 +129,7 @@ class Decomposition:
 
     def as_dict(self) -> dict[str, float | bool | str]:
         """Flat record of every field and derived quantity (no tensors), for logs and tables."""
-        out = {k: v for k, v in asdict(self).items() if k != "dlogp"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("dlogp", "grad_rl")}
         for name in ("concave", "reason", "lambda_star", "lambda_star_first_order", "gain_at_optimum",
                      "proj", "lambda_star_fisher", "lambda_balance"):
             out[name] = getattr(self, name)
@@ -174,38 +175,62 @@ def decompose(
     quantity is the one of the global batch. Cost: one gradient of M, one gradient-and-HVP of J,
     and one JVP of ``logp_fn``.
     """
+    return decompose_geometries(rl_objective, mtp_objective, params, lr, {"given": precond}, method, logp_fn,
+                                mask, mtp_grad, reduce)["given"]
+
+
+def decompose_geometries(
+    rl_objective: ScalarFn,
+    mtp_objective: ScalarFn,
+    params: Mapping[str, Tensor],
+    lr: float,
+    preconds: Mapping[str, Mapping[str, Tensor] | None],
+    method: str = "fwd-rev",
+    logp_fn: Callable[[Params], Tensor] | None = None,
+    mask: Tensor | None = None,
+    mtp_grad: Mapping[str, Tensor] | None = None,
+    reduce: Reduce | None = None,
+) -> dict[str, Decomposition]:
+    """``decompose`` in several geometries at once (e.g. SGD and Adam's), sharing u, g and, with
+    ``rev-rev``, the gradient graph of J across the HVPs. Each result keeps g in ``grad_rl``."""
     red = reduce or (lambda d: d)
     check_params(params)
     lr = _check_lr(lr)
-    check_precond(params, precond)
+    for p in preconds.values():
+        check_precond(params, p)
     if (logp_fn is None) != (mask is None):
         raise ValueError("pass logp_fn and mask together (the Fisher curvature needs both)")
     u = dict(mtp_grad) if mtp_grad is not None else red(grad(mtp_objective, params)[1])
     check_alike(params, u, "mtp_grad")
-    pu = mul(u, precond)
-    if is_zero(pu):
-        g = red(grad(rl_objective, params)[1])
-        corr = cross = curv = 0.0
-        hpu = None
+    pus = {name: mul(u, p) for name, p in preconds.items()}
+    active = [name for name, pu in pus.items() if not is_zero(pu)]
+    if active:
+        g, hvs = grad_and_hvps(rl_objective, params, [pus[n] for n in active], method)
+        g, hpus = red(g), dict(zip(active, (red(h) for h in hvs)))
     else:
-        g, hpu = grad_and_hvp(rl_objective, params, pu, method)
-        g, hpu = red(g), red(hpu)
-        corr = float(dot(g, pu))
-        cross = float(dot(mul(g, precond), hpu))
-        curv = float(dot(pu, hpu))
+        g, hpus = red(grad(rl_objective, params)[1]), {}
     g_norm = float(sq_norm(g)) ** 0.5
     u_norm = float(sq_norm(u)) ** 0.5
     gu = float(dot(g, u))
     cosine = gu / (g_norm * u_norm) if g_norm > 0 and u_norm > 0 else NAN
-    curv_fisher, dlogp = NAN, None
-    if logp_fn is not None and hpu is not None:
-        _, dlogp = jvp(logp_fn, params, pu)
-        curv_fisher = fisher_curvature(dlogp, mask, reduce)
-    return Decomposition(
-        lr=lr, corr=corr, cross=cross, curv=curv, g_norm=g_norm, u_norm=u_norm, cosine=cosine,
-        u_norm_sq=float(sq_norm(pu)), pg_norm=float(sq_norm(mul(g, precond))) ** 0.5, curv_fisher=curv_fisher,
-        geometry="sgd" if precond is None else "precond", method=method, dlogp=dlogp,
-    )
+    out = {}
+    for name, precond in preconds.items():
+        pu, hpu = pus[name], hpus.get(name)
+        corr = cross = curv = 0.0
+        curv_fisher, dlogp = NAN, None
+        if hpu is not None:
+            corr = float(dot(g, pu))
+            cross = float(dot(mul(g, precond), hpu))
+            curv = float(dot(pu, hpu))
+            if logp_fn is not None:
+                _, dlogp = jvp(logp_fn, params, pu)
+                curv_fisher = fisher_curvature(dlogp, mask, reduce)
+        out[name] = Decomposition(
+            lr=lr, corr=corr, cross=cross, curv=curv, g_norm=g_norm, u_norm=u_norm, cosine=cosine,
+            u_norm_sq=float(sq_norm(pu)), pg_norm=float(sq_norm(mul(g, precond))) ** 0.5, curv_fisher=curv_fisher,
+            geometry="sgd" if precond is None else "precond", method=method, dlogp=dlogp, grad_rl=g,
+        )
+    return out
 
 
 def measure_delta(

@@ -16,7 +16,7 @@ computations on ``transformers`` models in ``eager_attention(model)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -54,30 +54,42 @@ def grad_and_hvp(
     f: ScalarFn, params: Mapping[str, Tensor], v: Mapping[str, Tensor], method: str = "fwd-rev"
 ) -> tuple[Params, Params]:
     """``(∇f(θ), ∇²f(θ)·v)`` in one pass of the chosen method."""
+    g, (hv,) = grad_and_hvps(f, params, [v], method)
+    return g, hv
+
+
+def grad_and_hvps(
+    f: ScalarFn, params: Mapping[str, Tensor], vs: Sequence[Mapping[str, Tensor]], method: str = "fwd-rev"
+) -> tuple[Params, list[Params]]:
+    """``(∇f(θ), [∇²f(θ)·v for v in vs])``; ``rev-rev`` builds the gradient graph once for every v."""
     check_params(params)
-    v = _as_tangent(params, v)
+    vs = [_as_tangent(params, v) for v in vs]
     base = detached(params)
     if method == "fwd-rev":
         def g_fn(p: Params) -> Params:
             return torch.func.grad(lambda q: _scalar(f(q)))(p)
 
-        g, hv = torch.func.jvp(g_fn, (base,), (v,))
-        return detached(g), detached(hv)
+        pairs = [torch.func.jvp(g_fn, (base,), (v,)) for v in vs]
+        g = detached(pairs[0][0]) if pairs else grad(f, base)[1]
+        return g, [detached(hv) for _, hv in pairs]
     if method == "rev-rev":
         leaves = {k: t.requires_grad_(True) for k, t in ((k, t.clone()) for k, t in base.items())}
+        out = []
         with torch.enable_grad():
             value = _scalar(f(leaves))
             gs = torch.autograd.grad(value, list(leaves.values()), create_graph=True, allow_unused=True,
                                      materialize_grads=True)
-            inner = sum(torch.sum(gk * v[k]) for gk, k in zip(gs, leaves))
-            if not inner.requires_grad:  # f is linear in θ: the Hessian is zero
-                hv = [torch.zeros_like(t) for t in leaves.values()]
-            else:
-                hv = torch.autograd.grad(inner, list(leaves.values()), allow_unused=True,
-                                         materialize_grads=True)
-        return {k: gk.detach() for k, gk in zip(leaves, gs)}, {k: h.detach() for k, h in zip(leaves, hv)}
+            for i, v in enumerate(vs):
+                inner = sum(torch.sum(gk * v[k]) for gk, k in zip(gs, leaves))
+                if not inner.requires_grad:  # f is linear in θ: the Hessian is zero
+                    hv = [torch.zeros_like(t) for t in leaves.values()]
+                else:
+                    hv = torch.autograd.grad(inner, list(leaves.values()), allow_unused=True,
+                                             materialize_grads=True, retain_graph=i < len(vs) - 1)
+                out.append({k: h.detach() for k, h in zip(leaves, hv)})
+        return {k: gk.detach() for k, gk in zip(leaves, gs)}, out
     if method == "fd":
-        return grad(f, base)[1], _fd_hvp(f, base, v)
+        return grad(f, base)[1], [_fd_hvp(f, base, v) for v in vs]
     raise ValueError(f"unknown HVP method {method!r}; choose one of {HVP_METHODS}")
 
 

@@ -198,3 +198,11 @@ def test_objective_gradient_is_the_derivative_even_with_pad_tokens_in_responses(
         with torch.no_grad():
             fd = (float(J(axpy(e, v, params))) - float(J(axpy(-e, v, params)))) / (2 * e)
     assert fd == pytest.approx(float(dot(g, v)), rel=1e-6)
+
+
+def test_trainer_fisher_coefficient_by_finite_difference_matches_the_exact_jvp(ckpt, tmp_path):
+    """occ/fisher applies λ from a central finite difference; the probe computes δ = ∇l·Pu exactly."""
+    tr, _, rec = _diag_step(ckpt, tmp_path, "occ", "rl.proxy=fisher")
+    online = read_online(tr.ctx.run_dir / "probes" / "step_000001")
+    assert rec["lambda/used"] == rec["lambda/fisher"]
+    assert rec["lambda/fisher"] == pytest.approx(online["lambda/fisher"], rel=2e-2)

@@ -20,6 +20,7 @@ numbers agree. A bundle (``save_bundle``/``load_bundle``) holds those inputs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -268,7 +269,10 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, lam_used: float
             t = red({"num": num, "den": den})
             fisher = proxies.from_terms(t["num"], t["den"], scale=1.0 / lr)
         out["lambda/fisher"] = fisher
-        run_precond = precond if geometry == "adam" else None
+    # the curve and the Taylor residual only evaluate J: the fused attention kernels serve (float32)
+    evaluation_numerics = exact_float64 if dtype == torch.float64 else contextlib.nullcontext
+    run_precond = precond if geometry == "adam" else None
+    with evaluation_numerics(work):
         if settings.curve_points > 0:
             out |= _curve(J, M, seq_terms, params, g, u, dec, run_precond, lam_used, mask, settings, optim, hb,
                           work, spec, sums, gather)

@@ -46,8 +46,8 @@ from ..rl.coef import CoefficientRule
 from ..rl.objectives import entropy_from_logits, mtp_objective
 from ..rl.sampler import generate
 from ..tasks import SUITES
-from ..theory import eager_attention, jvp, proxies
-from ..theory.params import mul
+from ..theory import proxies
+from ..theory.params import axpy, mul
 from .config import Config, load_config
 from .dist import Dist, init_from_env
 from .evaluate import decode_response, evaluate_suites, prompt_ids
@@ -55,6 +55,7 @@ from .logging import MetricsWriter, Progress
 from .run import RunContext, problem_stream, training_tasks
 
 CKPT_RE = re.compile(r"^step_(\d{6,})\.pt$")
+FISHER_FD_STEP = 1e-3  # largest parameter change of the finite difference behind the trainer's fisher proxy
 
 
 class BadStepsError(RunStopped):
@@ -168,17 +169,20 @@ class RLTrainer:
     # ------------------------------------------------------------------ one optimizer step
 
     def fisher_coefficient(self, mb: RLBatch, u: dict[str, torch.Tensor]) -> float:
-        """The fisher proxy δ = ∇l·Pu by one JVP in the optimizer's geometry (SGD before Adam has state);
-        ``u`` is the global MTP gradient, the sums are global."""
+        """The fisher proxy with δ = ∇l·Pu in the optimizer's geometry (SGD before Adam has state), by a
+        central finite difference of two forward passes (THEORY.md 4c), in full precision; ``u`` is the
+        global MTP gradient and the sums are global. (Probes compute δ exactly, by a JVP.)"""
         snap = OptimizerSnapshot.capture(self.optimizer, self.shared)
         params = {k: p.detach() for k, p in self.shared.items()}
         pu = mul(u, snap.preconditioner(params))
-
-        def logp_fn(p):
-            return forward_logprobs(self.model, mb, self.rc.temperature, "full", False, p)[0]
-
-        with eager_attention(self.model):
-            _, dlogp = jvp(logp_fn, params, pu)
+        top = max(float(t.abs().max()) for t in pu.values())
+        if top == 0.0:
+            return 0.0
+        eps = FISHER_FD_STEP / top  # the largest coordinate moves by FISHER_FD_STEP
+        with torch.no_grad():
+            plus, minus = (forward_logprobs(self.model, mb, self.rc.temperature, "full", False,
+                                            axpy(sign * eps, pu, params))[0].float() for sign in (1.0, -1.0))
+        dlogp = (plus - minus) / (2 * eps)
         num, den = proxies.fisher_terms(mb.advantages, dlogp, mb.response_mask)
         t = self.dist.sum({"num": num, "den": den})
         return proxies.from_terms(t["num"], t["den"], scale=1.0 / snap.lr)

@@ -1,12 +1,20 @@
-"""The KV-cached sampler: its log-probs are the policy's, its layout is the documented one."""
+"""The KV-cached sampler: its log-probs are the policy's, its layout is the documented one.
+
+Two decoders run the forward passes: ``StaticCacheDecoder`` (the fast one, the trunk's layers by
+hand) and ``TransformersDecoder`` (the reference, the ``transformers`` forward). They are compared
+step by step on the same inputs, and whole rollouts through either are compared to each other.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from occ_theory.models import ModelConfig, aligned_logprobs, build_model
-from occ_theory.rl.sampler import Rollout, generate, sample_next
+from occ_theory.rl import sampler
+from occ_theory.rl.sampler import Rollout, StaticCacheDecoder, TransformersDecoder, generate, sample_next
 
 TINY = dict(family="qwen2", hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
             max_position_embeddings=128)
@@ -14,13 +22,31 @@ PAD, BOS = 0, 1
 PROMPTS = [[BOS, 5, 6, 7, 8, 9], [BOS, 10], [BOS, 11, 12, 13]]  # different lengths: left padding
 
 
-def model_with(vocab: int, seed: int = 0, dtype=torch.float64):
-    return build_model(ModelConfig(**TINY, vocab_size=vocab), seed=seed).to(dtype)
+def model_with(vocab: int, seed: int = 0, dtype=torch.float64, family: str = "qwen2"):
+    return build_model(ModelConfig(**{**TINY, "family": family}, vocab_size=vocab), seed=seed).to(dtype)
 
 
 @pytest.fixture(scope="module")
 def model():
     return model_with(vocab=32)
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def family_model(request):
+    return model_with(vocab=32, family=request.param)
+
+
+def llama_with_biases() -> nn.Module:
+    """A bare Llama trunk with every optional bias and a head size other than H / heads."""
+    cfg = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, attention_bias=True, mlp_bias=True,
+                      max_position_embeddings=64, tie_word_embeddings=False, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    trunk = LlamaForCausalLM(cfg).double().eval()
+    with torch.no_grad():
+        for p in trunk.parameters():
+            p.normal_(0.0, 0.3)  # biases and norm scales away from 0 / 1
+    return trunk
 
 
 def gen(seed: int) -> torch.Generator:
@@ -32,7 +58,8 @@ def run(model, prompts=PROMPTS, n=12, temperature=1.0, top_p=1.0, eos=None, seed
 
 
 @pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.8), (1.3, 0.5)])
-def test_sampler_logprobs_equal_a_fresh_aligned_logprobs_forward(model, temperature, top_p):
+def test_sampler_logprobs_equal_a_fresh_aligned_logprobs_forward(family_model, temperature, top_p):
+    model = family_model
     roll = run(model, temperature=temperature, top_p=top_p, eos=3)
     logp, _ = aligned_logprobs(model, roll.input_ids, roll.attention_mask, temperature=temperature)
     resp = roll.response_mask.bool()
@@ -137,3 +164,105 @@ def test_bf16_autocast_rollouts_record_float32_policy_logprobs():
     assert roll.logprobs.dtype == torch.float32 and torch.isfinite(roll.logprobs).all()
     logp, _ = aligned_logprobs(model, roll.input_ids, roll.attention_mask, temperature=0.8)
     torch.testing.assert_close(roll.logprobs[resp], logp[resp].detach(), atol=0.1, rtol=0)  # bf16 forward
+
+
+# -- the fast decoder against the reference ------------------------------------------------------
+
+
+def reference_only(monkeypatch) -> None:
+    monkeypatch.setattr(StaticCacheDecoder, "supports", staticmethod(lambda trunk: False))
+
+
+def teacher_forced_logits(decoder_cls, trunk: nn.Module, prompt_len: int, ids, mask) -> list[torch.Tensor]:
+    """Last-position logits after the prefill and after every later column of ``ids``."""
+    ids, mask = ids.clone(), mask.clone()
+    with torch.inference_mode():
+        decoder = decoder_cls(trunk, ids, mask, prompt_len)
+        out = [decoder.prefill()]
+        out += [decoder.step(col) for col in range(prompt_len, ids.shape[1] - 1)]
+    return out
+
+
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("trunk", ["qwen2", "llama", "llama_biases"])
+def test_static_cache_decoder_logits_equal_the_transformers_forward_at_every_step(trunk, padded):
+    """Prefill and steps on (left-padded) prompts, with response columns that later end (mask 0)."""
+    trunk = llama_with_biases() if trunk == "llama_biases" else model_with(vocab=32, family=trunk).trunk
+    assert StaticCacheDecoder.supports(trunk)
+    g = torch.Generator().manual_seed(0)
+    plen, width = 6, 14
+    ids = torch.randint(4, 32, (3, width), generator=g)
+    mask = torch.ones_like(ids)
+    if padded:  # the prefill then runs on the real tokens only
+        mask[1, :4] = 0
+        mask[2, :5] = 0
+    mask[1, 10:] = 0  # a row that stopped: its later columns are padding
+    ids[mask == 0] = PAD
+    fast = teacher_forced_logits(StaticCacheDecoder, trunk, plen, ids, mask)
+    ref = teacher_forced_logits(TransformersDecoder, trunk, plen, ids, mask)
+    for a, b in zip(fast, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)  # RMSNorm's float32 bounds the agreement
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("greedy", [False, True])
+def test_fast_and_reference_decoders_give_the_same_rollout(monkeypatch, family, greedy):
+    model = model_with(vocab=32, family=family, dtype=torch.float32)
+    fast = run(model, n=16, temperature=0.8, top_p=0.9, eos=3, seed=4, greedy=greedy)
+    reference_only(monkeypatch)
+    ref = run(model, n=16, temperature=0.8, top_p=0.9, eos=3, seed=4, greedy=greedy)
+    assert torch.equal(fast.input_ids, ref.input_ids) and torch.equal(fast.response_mask, ref.response_mask)
+    torch.testing.assert_close(fast.logprobs, ref.logprobs, atol=1e-5, rtol=0)
+
+
+def test_an_unknown_layer_structure_falls_back_to_the_transformers_forward():
+    model = model_with(vocab=32)
+    for layer in model.trunk.model.layers:
+        layer.mlp = nn.Sequential(layer.mlp)  # same function, a structure the fast decoder does not know
+    assert not StaticCacheDecoder.supports(model.trunk)
+    roll = run(model, temperature=0.7, top_p=0.8, eos=3)
+    logp, _ = aligned_logprobs(model, roll.input_ids, roll.attention_mask, temperature=0.7)
+    resp = roll.response_mask.bool()
+    torch.testing.assert_close(roll.logprobs[resp].double(), logp[resp].detach(), atol=1e-6, rtol=0)
+
+
+def test_a_rotary_table_that_depends_on_the_sequence_length_falls_back():
+    model = model_with(vocab=32)
+    model.trunk.model.rotary_emb.rope_type = "dynamic"
+    assert not StaticCacheDecoder.supports(model.trunk)
+
+
+def test_the_reference_decoder_alone_passes_the_aligned_logprobs_check(monkeypatch, model):
+    reference_only(monkeypatch)
+    roll = run(model, temperature=0.7, top_p=0.8, eos=3)
+    logp, _ = aligned_logprobs(model, roll.input_ids, roll.attention_mask, temperature=0.7)
+    resp = roll.response_mask.bool()
+    torch.testing.assert_close(roll.logprobs[resp].double(), logp[resp].detach(), atol=1e-6, rtol=0)
+
+
+def test_short_rows_softmax_equals_torch_softmax():
+    scores = torch.randn(5, 3, 7, dtype=torch.float64)
+    scores[0, :, :2] = float("-inf")
+    torch.testing.assert_close(sampler._softmax(scores), torch.softmax(scores, -1))
+
+
+def test_prompt_width_aligns_columns_and_keeps_every_response_column():
+    """What data-parallel processes rely on to concatenate their rollouts column-aligned."""
+    from occ_theory.models import ModelConfig, aligned_logprobs, build_model, build_tokenizer
+    from occ_theory.rl.sampler import generate
+
+    tok = build_tokenizer()
+    model = build_model(ModelConfig(family="qwen2", hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                                    num_kv_heads=1, max_position_embeddings=64), tok, seed=0)
+    prompts = [[1, 20, 21], [1, 22]]
+    ro = generate(model, prompts, 6, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                  generator=torch.Generator().manual_seed(0), prompt_width=5)
+    assert ro.prompt_len == 5 and ro.input_ids.shape == (2, 11)
+    assert ro.input_ids[0, 2:5].tolist() == [1, 20, 21] and ro.input_ids[1, 3:5].tolist() == [1, 22]
+    logp, _ = aligned_logprobs(model, ro.input_ids, ro.attention_mask)
+    m = ro.response_mask.bool()
+    assert torch.allclose(logp[m], ro.logprobs[m], atol=1e-5)
+    import pytest
+
+    with pytest.raises(ValueError, match="prompt_width"):
+        generate(model, prompts, 2, eos_id=None, pad_id=0, generator=torch.Generator(), prompt_width=2)

@@ -212,12 +212,13 @@ def proxy_tracks_lambda_star(probes: pd.DataFrame) -> Verdict:
     """Claim 5: Spearman ρ (p-value), Pearson r, sign agreement and median |log ratio| of the ``reference``
     proxy (and ``least_squares``, reported only) against λ*_fit over policy and occ probes."""
     pts, dropped = proxy_points(probes, "reference")
-    nums: dict[str, Any] = {"points": len(pts), "dropped_reference_zero": dropped["reference_zero"],
+    nums: dict[str, Any] = {"points": len(pts), "dropped_zero_by_construction": dropped["zero_by_construction"],
                             "dropped_no_finite_fit": dropped["no_finite_fit"]}
     ls_pts, _ = proxy_points(probes, "least_squares")
     ls = {f"least_squares/{k}": v for k, v in _tracking(ls_pts).items()} if len(ls_pts) >= MIN_CORRELATION_POINTS else {}
-    why_dropped = (f"{dropped['reference_zero']} exact zero(s) of the reference proxy dropped (first minibatch "
-                   f"after a rollout), {dropped['no_finite_fit']} probe(s) without a finite λ*_fit")
+    why_dropped = (f"{dropped['zero_by_construction']} probe(s) on the first minibatch after a rollout dropped "
+                   f"(the proxy is 0 there by construction), {dropped['no_finite_fit']} probe(s) without a finite "
+                   "λ*_fit")
     if len(pts) < MIN_CORRELATION_POINTS:
         return _inconclusive(CLAIM_PROXY, f"only {len(pts)} (proxy, λ*_fit) pair(s); {why_dropped}", **nums, **ls)
     t = _tracking(pts)
@@ -247,6 +248,10 @@ def occ_time_cost(metrics: pd.DataFrame) -> Verdict:
     ratio = float(occ.median() / det.median())
     nums |= {"median_occ_s": float(occ.median()), "median_detach_s": float(det.median()), "ratio": ratio}
     detail = f"median train step occ/detach = {ratio:.3g}"
+    pol = t[ok & (metrics.get("regime") == "policy")]
+    if len(pol) >= MIN_PROBES:  # same graph as occ (MTP into the trunk): isolates the cost of calibrating λ
+        nums["ratio_occ_policy"] = float(occ.median() / pol.median())
+        detail += f"; occ/policy (same graph, fixed λ) = {nums['ratio_occ_policy']:.3g}"
     verdict = SUPPORTED if ratio <= COST_SUPPORTED else NOT_SUPPORTED if ratio > COST_NOT_SUPPORTED else INCONCLUSIVE
     return Verdict(CLAIM_COST, verdict, nums, detail)
 

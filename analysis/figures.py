@@ -231,7 +231,7 @@ def _proxy_scatter(ax, d: pd.DataFrame, shown: list[str]) -> None:
                    s=22, alpha=0.8, edgecolors="none")
         rho, pval = spearman(pts["fit"], pts["proxy"])
         txt = f"ρ = {rho:.2f} (p = {pval:.2g})" if np.isfinite(rho) else "ρ n/a"
-        zeros = f", {dropped['reference_zero']} zeros dropped" if dropped["reference_zero"] else ""
+        zeros = f", {dropped['zero_by_construction']} first-minibatch zeros dropped" if dropped["zero_by_construction"] else ""
         handles.append(Line2D([], [], ls="", marker=PROXY_MARKERS[p], color="0.3",
                               label=f"{p}: {txt}, n = {len(pts)}{zeros}"))
         xs += list(pts["fit"])

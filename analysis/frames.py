@@ -121,14 +121,14 @@ def proxy_points(df: pd.DataFrame, proxy: str, regimes: Sequence[str] = ("policy
                  ) -> tuple[pd.DataFrame, dict[str, int]]:
     """Rows of ``regimes`` with a finite ``lambda/<proxy>`` and λ*_fit (columns ``proxy``, ``fit``).
 
-    The ``reference`` proxy is 0 by construction on the first minibatch after each rollout
-    (l = l_old): those rows are dropped (by ``first_after_rollout`` where recorded, else exact zeros).
+    The ``reference`` and ``least_squares`` proxies are 0 by construction on the first minibatch after
+    each rollout (l = l_old): those rows are dropped (by ``first_after_rollout`` where recorded, else exact zeros).
     Returns the points and the counts dropped."""
     sel = df[df["regime"].isin(regimes)] if "regime" in df else df.iloc[0:0]
     pts = pd.DataFrame({"regime": sel.get("regime"), "step": numeric(sel, "step"),
                         "proxy": numeric(sel, f"lambda/{proxy}"), "fit": numeric(sel, "diag/curve/lambda_star")})
     finite = np.isfinite(pts["proxy"]) & np.isfinite(pts["fit"])
-    if proxy != "reference":
+    if proxy not in ("reference", "least_squares"):  # both are ∝ (l − l_old): exactly 0 when l = l_old
         zero = pd.Series(False, index=pts.index)
     elif "first_after_rollout" in sel:
         zero = sel["first_after_rollout"].fillna(False).astype(bool)
@@ -136,5 +136,5 @@ def proxy_points(df: pd.DataFrame, proxy: str, regimes: Sequence[str] = ("policy
         zero = pts["proxy"] == 0
     dropped = {"no_finite_fit": int((np.isfinite(pts["proxy"]) & ~np.isfinite(pts["fit"])).sum()),
                "proxy_not_finite": int((~np.isfinite(pts["proxy"])).sum()),
-               "reference_zero": int((finite & zero).sum())}
+               "zero_by_construction": int((finite & zero).sum())}
     return pts[finite & ~zero].reset_index(drop=True), dropped

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from occ_theory.atomic import atomic_write_text
+
 from . import figures as F
 from .claims import THRESHOLDS, Verdict, evaluate_claims
 from .frames import REGIME_ORDER, eval_frame, metrics_frame, pick_geometry, probes_frame, regimes_in
@@ -109,7 +111,7 @@ def write_report(run_dirs: Iterable[Path] | Path, out_dir: Path, pdf: bool = Fal
     text = render_summary(runs, [r for r in loaded if not r.is_rl], verdicts, F.eval_table(frames["evals"]),
                           drawn, skipped)
     out = out_dir / SUMMARY_FILE
-    out.write_text(text, encoding="utf-8")
+    atomic_write_text(out, text)
     return out
 
 

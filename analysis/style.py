@@ -7,6 +7,7 @@ never touched, so the analysis runs headless and figures never leak between call
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -38,9 +39,10 @@ def save(fig: Figure, out: Path, pdf: bool = False) -> Path:
     """Write ``out`` as PNG (and the same name as PDF when asked); return the PNG path."""
     out = Path(out).with_suffix(".png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=140)
-    if pdf:
-        fig.savefig(out.with_suffix(".pdf"))
+    for path, kwargs in [(out, {"dpi": 140})] + ([(out.with_suffix(".pdf"), {})] if pdf else []):
+        tmp = path.with_name(f".{path.name}.tmp")  # written whole, then renamed over the old figure
+        fig.savefig(tmp, format=path.suffix[1:], **kwargs)
+        os.replace(tmp, path)
     return out
 
 

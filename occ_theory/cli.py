@@ -41,7 +41,7 @@ def _rl_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regime", default=None, help="off | detach | detach_encoder | ce | policy | occ (sets rl.regime)")
     p.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                   help="continue an interrupted run from its last checkpoint (other options are ignored)")
+                   help="continue an interrupted run from its last checkpoint, with the run's own config")
 
 
 def _rl(args: argparse.Namespace) -> int:
@@ -49,6 +49,10 @@ def _rl(args: argparse.Namespace) -> int:
     from .train.rl import resume_rl, run_rl
 
     if args.resume is not None:
+        given = [flag for flag, v in (("--set", args.overrides), ("--init", args.init), ("--regime", args.regime),
+                                      ("--seed", args.seed), ("--out", args.out)) if v]
+        if given:
+            raise ValueError(f"--resume continues a run with its own config.yaml; drop {', '.join(given)}")
         print(resume_rl(args.resume))
         return 0
     overrides = list(args.overrides)

@@ -16,13 +16,13 @@ from .train.config import REGIMES, load_config
 SFT_SETTINGS = [
     "name=quickstart", "model.family=qwen2", "model.hidden_size=128", "model.intermediate_size=384",
     "model.num_layers=4", "model.num_heads=4", "model.num_kv_heads=2", "model.max_position_embeddings=128",
-    "model.mtp_depths=1", "task.weights=[2,1,1,1,1]", "sft.steps=1000", "sft.batch_size=64", "sft.lr=3e-3",
+    "model.mtp_depths=1", "task.weights=[2,1,1,1,1]", "sft.steps=1200", "sft.batch_size=64", "sft.lr=3e-3",
     "sft.warmup=50", "sft.eval_every=0", "sft.eval_size=48",
 ]
 RL_SETTINGS = [
-    "name=quickstart", "rl.steps=40", "rl.prompts_per_rollout=8", "rl.group_size=8", "rl.minibatches=4",
-    "rl.max_new_tokens=40", "rl.lr=2e-4", "rl.mtp_coef=0.1", "diag.every=8", "diag.curve_points=9",
-    "diag.bootstrap=50", "eval.size=64", "eval.samples=2",
+    "name=quickstart", "rl.steps=60", "rl.prompts_per_rollout=8", "rl.group_size=8", "rl.minibatches=4",
+    "rl.max_new_tokens=40", "rl.lr=1e-5", "rl.mtp_coef=0.1", "diag.every=10", "diag.curve_points=9",
+    "diag.bootstrap=50", "diag.dtype=float64", "diag.taylor_halvings=5", "eval.size=64", "eval.samples=2",
 ]
 
 

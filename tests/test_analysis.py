@@ -256,7 +256,7 @@ def test_claim_proxy_tracks_lambda_star_verdicts(data, verdict):
     v = C.proxy_tracks_lambda_star(data)
     assert v.verdict == verdict
     if verdict == S:
-        assert v.numbers["dropped_reference_zero"] == 2 and v.numbers["points"] == 10
+        assert v.numbers["dropped_zero_by_construction"] == 2 and v.numbers["points"] == 10
         assert v.numbers["sign_agreement"] == 1.0 and v.numbers["median_abs_log_ratio"] == pytest.approx(-math.log(0.3))
 
 

@@ -27,8 +27,8 @@ def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "sft")
 
 
-def _poison(monkeypatch, bad_steps):
-    """Make the RL objective NaN on the given optimizer steps (counted from 1)."""
+def _poison(monkeypatch, bad_steps, logprobs=False):
+    """Make the RL objective (and with ``logprobs`` the main log-probs) NaN on the given steps (from 1)."""
     original = batch_mod.compute_objectives
     calls = {"n": 0}
 
@@ -38,6 +38,8 @@ def _poison(monkeypatch, bad_steps):
             calls["n"] += 1
             if calls["n"] in bad_steps:
                 obj.rl = obj.rl * float("nan")
+                if logprobs:  # a forward that went non-finite: every quantity built on it is NaN
+                    obj.logp = obj.logp * float("nan")
         return obj
 
     monkeypatch.setattr(rl_mod, "compute_objectives", compute)
@@ -52,6 +54,16 @@ def test_non_finite_step_is_skipped_counted_and_the_run_continues(ckpt, tmp_path
     assert recs[-1]["rl/bad_steps_total"] == 1
     model = rl_mod.load_model(run / "final")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_non_finite_forward_gives_lambda_zero_counted_and_a_skipped_step(ckpt, tmp_path, monkeypatch):
+    inject_random_advantages(monkeypatch)
+    _poison(monkeypatch, {2}, logprobs=True)
+    run = run_rl(rl_config(ckpt, "occ", "diag.every=0"), out_dir=tmp_path / "r")
+    recs = read_jsonl(run / "metrics.jsonl")
+    assert recs[1]["rl/skipped"] and recs[1]["lambda/used"] == 0.0 and recs[1]["lambda/non_finite_total"] == 1
+    assert recs[1]["lambda/reference"] is None  # NaN is written as null
+    assert not recs[3]["rl/skipped"] and recs[3]["lambda/used"] != 0.0
 
 
 def test_too_many_bad_steps_in_a_row_stop_with_a_message_and_a_checkpoint(ckpt, tmp_path, monkeypatch):

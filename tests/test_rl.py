@@ -158,7 +158,7 @@ def test_taylor_order_on_a_tiny_transformer_with_mtp_head(ckpt, tmp_path):
     mb = with_signal(tr, batch.split(2)[0], noise=0.01)
     from occ_theory.diagnostics.probe import OptimizerSnapshot, ProbeSettings, run_probe
 
-    snap = OptimizerSnapshot("sgd", 0.01, (0.9, 0.999), 1e-8, 0.0, {})
+    snap = OptimizerSnapshot("sgd", 0.002, (0.9, 0.999), 1e-8, 0.0, {})
     settings = ProbeSettings(dtype="float64", curve_points=0, bootstrap=0, taylor_halvings=4, curve_default=0.5)
     out = run_probe(tr.model, mb, tr.spec, 0.1, 0.1, snap, settings)
     res = out["taylor/residuals"]
@@ -206,3 +206,45 @@ def test_trainer_fisher_coefficient_by_finite_difference_matches_the_exact_jvp(c
     online = read_online(tr.ctx.run_dir / "probes" / "step_000001")
     assert rec["lambda/used"] == rec["lambda/fisher"]
     assert rec["lambda/fisher"] == pytest.approx(online["lambda/fisher"], rel=2e-2)
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.3])
+def test_per_sequence_terms_add_up_to_J_with_and_without_kl(ckpt, tmp_path, kl_coef):
+    """The curve's per-sequence terms (bootstrap) measure the same J the decomposition differentiates."""
+    from dataclasses import replace
+
+    from occ_theory.rl.batch import compute_objectives
+
+    tr = _trainer(ckpt, tmp_path, "policy", f"rl.kl_coef={kl_coef}")
+    batch, _ = tr.rollout()
+    mb = with_signal(tr, batch.split(2)[0])
+    if kl_coef > 0:
+        mb = replace(mb, ref_logp=mb.old_logp - 0.05 * mb.response_mask)
+    with torch.no_grad():
+        obj = compute_objectives(tr.model, mb, tr.spec)
+    assert float(obj.seq_rl.sum() / mb.response_mask.sum()) == pytest.approx(float(obj.rl), rel=1e-5)
+    assert (obj.kl is not None) == (kl_coef > 0)
+
+
+def test_real_step_curve_replays_the_optimizer_step_the_run_takes(ckpt, tmp_path):
+    """The 'real optimizer step' behind curve_real: from a copy of the AdamW state, with the run's clipping."""
+    from occ_theory.diagnostics.probe import OptimizerSnapshot, real_step_params, shared_params
+    from occ_theory.rl.batch import compute_objectives
+    from occ_theory.theory import grad
+
+    tr = _trainer(ckpt, tmp_path, "policy", "rl.grad_clip=0.05", "diag.every=0")
+    batch, _ = tr.rollout()
+    first, second = (with_signal(tr, mb) for mb in batch.split(2))
+    tr.train_step(first, first_after_rollout=False)  # Adam now has state
+    snap = OptimizerSnapshot.capture(tr.optimizer, tr.shared, tr.rc.grad_clip)
+    params = {k: t.clone() for k, t in shared_params(tr.model).items()}
+    g = grad(lambda p: compute_objectives(tr.model, second, tr.spec, params=p, with_mtp=False).rl, params)[1]
+    u = grad(lambda p: compute_objectives(tr.model, second, tr.spec, params=p).mtp, params)[1]
+    own = {k: p.detach() for k, p in tr.model.named_parameters() if k in set(tr.model.mtp_param_names())}
+    um = grad(lambda p: compute_objectives(tr.model, second, tr.spec, params=p).mtp, own)[1]
+    predicted = real_step_params(params, g, u, tr.rc.mtp_coef, snap, sum(float((t * t).sum()) for t in um.values()))
+    tr.train_step(second, first_after_rollout=False)
+    actual = shared_params(tr.model)
+    for k in params:
+        err = float((predicted[k] - actual[k]).abs().max())
+        assert err <= 1e-6 + 1e-4 * float((actual[k] - params[k]).abs().max()), k

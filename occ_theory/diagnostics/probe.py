@@ -10,7 +10,7 @@ run applied and the optimizer's state, and measures (THEORY.md sections 2, 4, 5)
 * the measured curve Δ(λ) on a grid bracketing the predicted λ*, in the run's geometry, with its
   quadratic fit, bootstrap intervals over sequences and L_eff; optionally with the real
   optimizer step and on a held-out batch. The grid is capped where the predicted λ* would make
-  the MTP step more than ``grid_cap`` times the RL step (``grid_scale``): there the expansion
+  the MTP step more than ``grid_cap`` times the RL step (``grid_half_width``): there the expansion
   cannot hold and the curve would only show the clip's saturation;
 * the Taylor residual at η, η/2, η/4, … (identity 2 on the live model).
 
@@ -46,6 +46,7 @@ from ..theory import (
     measure_delta,
     proxies,
 )
+from ..theory.params import sq_norm
 
 NAN = float("nan")
 BUNDLE_FILE = "bundle.pt"
@@ -54,7 +55,7 @@ BUNDLE_FILE = "bundle.pt"
 @dataclass(frozen=True)
 class ProbeSettings:
     dtype: str = "float32"
-    hvp_method: str = "fwd-rev"
+    hvp_method: str = "rev-rev"
     curve_points: int = 9
     curve_span: float = 3.0
     curve_default: float = 1.0
@@ -100,15 +101,9 @@ class OptimizerSnapshot:
 
     def preconditioner(self, params: dict[str, Tensor]) -> dict[str, Tensor] | None:
         """Adam's diagonal ``1/(sqrt(v̂)+ε)`` per shared parameter; None when any state is missing."""
-        if self.kind == "sgd" or any(name not in self.state for name in params):
+        if self.kind == "sgd":
             return None
-        out = {}
-        for name, p in params.items():
-            st = self.state[name]
-            step = float(st["step"])
-            v_hat = st["exp_avg_sq"].to(p.dtype) / (1 - self.betas[1] ** step)
-            out[name] = 1.0 / (v_hat.sqrt() + self.eps)
-        return out
+        return adam_preconditioner(self.state, params, self.betas[1], self.eps)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,6 +113,20 @@ class OptimizerSnapshot:
         d = dict(d)
         d["betas"] = tuple(d["betas"])
         return cls(**d)
+
+
+def adam_preconditioner(state: dict[str, dict[str, Any]], params: dict[str, Tensor], beta2: float, eps: float
+                        ) -> dict[str, Tensor] | None:
+    """``P = 1/(sqrt(v̂)+ε)`` with ``v̂ = v/(1 − β2^t)`` from Adam state keyed like ``params``; None when a
+    parameter has no state yet (before the first step)."""
+    if any(name not in state or "exp_avg_sq" not in state[name] for name in params):
+        return None
+    out = {}
+    for name, p in params.items():
+        st = state[name]
+        v_hat = st["exp_avg_sq"].to(p.dtype) / (1 - beta2 ** float(st["step"]))
+        out[name] = 1.0 / (v_hat.sqrt() + eps)
+    return out
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -162,7 +171,11 @@ def logprob_proxy_terms(logp: Tensor, old_logp: Tensor, mtp_logp: list[Tensor], 
 
     terms = _stat_terms("stats/l_minus_old", logp - old_logp, mask)
     for k, q in enumerate(mtp_logp, start=1):
-        num, den = proxies.reference_terms(block(logp), block(old_logp), block(q))
+        blocks = (block(logp), block(old_logp), block(q))
+        if all(bool(torch.isfinite(t).all()) for t in blocks):
+            num, den = proxies.reference_terms(*blocks)
+        else:  # a non-finite forward: NaN, which the coefficient rule applies as 0 and counts
+            num, den = torch.tensor(NAN, dtype=torch.float64), torch.tensor(float(blocks[0].numel()))
         terms |= {f"ref{k}/num": num, f"ref{k}/den": den}
         num, den = proxies.least_squares_terms(logp, old_logp, q, mtp_mask(mask, k))
         terms |= {f"ls{k}/num": num, f"ls{k}/den": den}
@@ -260,6 +273,9 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, lam_used: float
         g = decs["sgd"].grad_rl
         for name, dec in decs.items():
             out |= _decomp_record(f"diag/{name}", dec)
+        if precond is not None:  # the model step is η·P·g; Adam's next step weighs the new gradient by this
+            t = float(next(iter(optim.state.values()))["step"])
+            out["diag/adam/momentum_weight"] = (1 - optim.betas[0]) / (1 - optim.betas[0] ** (t + 1))
         geometry = "adam" if decs["adam"] is not None else "sgd"
         dec = decs[geometry]
         out["diag/curve/geometry"] = geometry
@@ -272,10 +288,19 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, lam_used: float
     # the curve and the Taylor residual only evaluate J: the fused attention kernels serve (float32)
     evaluation_numerics = exact_float64 if dtype == torch.float64 else contextlib.nullcontext
     run_precond = precond if geometry == "adam" else None
+    mtp_only_sq_norm = 0.0  # ‖∇_{θ_M}M‖², for the real step's gradient clipping
+    if settings.curve_points > 0 and settings.curve_real_step:
+        mtp_names = set(work.mtp_param_names())
+        own = {k: p.detach() for k, p in work.named_parameters() if k in mtp_names}
+        if own:
+            def M_own(p):
+                return compute_objectives(work, b, spec, params=p, norms=norms).mtp
+
+            mtp_only_sq_norm = float(sq_norm(red(grad(M_own, own)[1])))
     with evaluation_numerics(work):
         if settings.curve_points > 0:
             out |= _curve(J, M, seq_terms, params, g, u, dec, run_precond, lam_used, mask, settings, optim, hb,
-                          work, spec, sums, gather)
+                          work, spec, sums, gather, mtp_only_sq_norm)
         if settings.taylor_halvings > 0 and not dec.u_zero:
             out |= _taylor(J, M, params, g, u, dec, run_precond, lam_used, settings, sums)
     return out
@@ -298,38 +323,44 @@ def _taylor(J, M, params, g, u, dec: Decomposition, precond, lam_used: float, se
     return {"taylor/lrs": lrs, "taylor/residuals": res, "diag/taylor/slope": slope}
 
 
-def grid_scale(dec: Decomposition, cap: float) -> tuple[float, bool]:
-    """The λ the curve's grid is built around: the predicted λ*, unless the MTP step it implies is more
-    than ``cap`` times the RL step (‖λ*·Pu‖ > cap·‖Pg‖), where no second-order expansion can hold; the
-    grid then spans ±cap·‖Pg‖/‖Pu‖ (the sign of λ* kept) and the cap is reported."""
+def grid_half_width(dec: Decomposition, span: float, cap: float) -> tuple[float | None, bool]:
+    """Half-width of the curve's λ grid: ``span``·|λ*| (THEORY.md section 5), but never past the λ at
+    which the MTP step is ``cap`` times the RL step (‖λ·Pu‖ = cap·‖Pg‖), where no second-order
+    expansion can hold and the clipped surrogate saturates. Without a finite λ* the default range is
+    that step-aware ±cap·‖Pg‖/‖Pu‖. Returns (None, False) when no step size is known (the caller
+    falls back to ``curve_default``), and whether the cap applied."""
     lam, bal = dec.lambda_star, dec.lambda_balance
     if not math.isfinite(bal) or bal <= 0 or cap <= 0:
-        return lam, False
-    if not math.isfinite(lam):
-        return cap * bal, True
-    if abs(lam) > cap * bal:
-        return math.copysign(cap * bal, lam), True
-    return lam, False
+        return None, False
+    limit = cap * bal
+    if not math.isfinite(lam) or lam == 0:
+        return limit, True
+    return min(span * abs(lam), limit), span * abs(lam) > limit
 
 
 def _curve(J, M, seq_terms, params, g, u, dec: Decomposition, precond, lam_used: float, mask: Tensor,
            settings: ProbeSettings, optim: OptimizerSnapshot, heldout: RLBatch | None, work: nn.Module,
-           spec: ObjectiveSpec, sums=None, gather=None) -> dict[str, Any]:
+           spec: ObjectiveSpec, sums=None, gather=None, mtp_only_sq_norm: float = 0.0) -> dict[str, Any]:
     lr = dec.lr
-    scale, capped = grid_scale(dec, settings.grid_cap)
-    lams = lambda_grid(scale, used=lam_used, n=settings.curve_points, span=settings.curve_span,
-                       default=settings.curve_default)
+    half, capped = grid_half_width(dec, settings.curve_span, settings.grid_cap)
+    lams = lambda_grid(dec.lambda_star, used=lam_used, n=settings.curve_points, span=settings.curve_span,
+                       default=settings.curve_default, half_width=half)
     seq = measure_delta(J, M, params, lr, lams, precond=precond, eval_objective=seq_terms, grads=(g, u),
                         reduce=gather)  # (L, B), B over every process
     counts = {"value": mask.sum(1).double()}
     weights = (gather(counts) if gather is not None else counts)["value"].cpu().numpy()
     deltas = seq.sum(1) / max(weights.sum(), 1.0)
+    finite = np.isfinite(deltas)
     out: dict[str, Any] = {"curve/lams": lams.tolist(), "curve/deltas": deltas.tolist(),
-                           "diag/curve/grid_half_width": float(np.max(np.abs(lams))), "diag/curve/grid_capped": capped}
+                           "diag/curve/grid_half_width": float(np.max(np.abs(lams))), "diag/curve/grid_capped": capped,
+                           "diag/curve/non_finite_points": int((~finite).sum())}
+    none = {"diag/curve/alpha": NAN, "diag/curve/beta": NAN, "diag/curve/r2": NAN, "diag/curve/lambda_star": NAN,
+            "diag/curve/concave": False, "diag/curve/l_eff": NAN}
     if np.all(deltas == 0):  # u = 0 (detach): a flat curve, nothing to fit
-        return out | {"diag/curve/flat": True, "diag/curve/alpha": 0.0, "diag/curve/beta": 0.0,
-                      "diag/curve/r2": NAN, "diag/curve/lambda_star": NAN, "diag/curve/concave": False,
-                      "diag/curve/l_eff": NAN}
+        return out | none | {"diag/curve/flat": True, "diag/curve/alpha": 0.0, "diag/curve/beta": 0.0}
+    if np.unique(lams[finite & (lams != 0)]).size < 2:
+        return out | none | {"diag/curve/flat": False, "diag/curve/reason": "too few finite points to fit"}
+    lams, deltas, seq = lams[finite], deltas[finite], seq[finite]
     fit = fit_quadratic(lams, deltas)
     out |= {"diag/curve/flat": False, "diag/curve/alpha": fit.alpha, "diag/curve/beta": fit.beta,
             "diag/curve/alpha_se": fit.alpha_se, "diag/curve/beta_se": fit.beta_se, "diag/curve/r2": fit.r2,
@@ -340,9 +371,11 @@ def _curve(J, M, seq_terms, params, g, u, dec: Decomposition, precond, lam_used:
     if settings.bootstrap > 0:
         ci = bootstrap_quadratic(lams, seq, weights, n_boot=settings.bootstrap, seed=settings.seed)
         for k, (lo, hi) in ci.items():
-            out[f"diag/curve/{k}_lo"], out[f"diag/curve/{k}_hi"] = lo, hi
+            if k != "concave_share":
+                out[f"diag/curve/{k}_lo"], out[f"diag/curve/{k}_hi"] = lo, hi
+        out["diag/curve/bootstrap_concave_share"] = ci["concave_share"][0]
     if settings.curve_real_step and optim.kind in ("adam", "adamw") and optim.state:
-        real = real_step_delta(J, params, g, u, lams, optim, sums)
+        real = real_step_delta(J, params, g, u, lams, optim, sums, mtp_only_sq_norm)
         rfit = fit_quadratic(lams, real)
         out |= {"curve/real_deltas": real.tolist(), "diag/curve_real/alpha": rfit.alpha,
                 "diag/curve_real/beta": rfit.beta, "diag/curve_real/r2": rfit.r2,
@@ -362,24 +395,35 @@ def _curve(J, M, seq_terms, params, g, u, dec: Decomposition, precond, lam_used:
     return out
 
 
-def real_step_delta(J, params: dict[str, Tensor], g: dict[str, Tensor], u: dict[str, Tensor], lams: np.ndarray,
-                    optim: OptimizerSnapshot, sums=None) -> np.ndarray:
-    """Δ(λ) with the real Adam(W) step from a copy of the optimizer state (gradient −(g + λu) on θ_S)."""
+def real_step_params(params: dict[str, Tensor], g: dict[str, Tensor], u: dict[str, Tensor], lam: float,
+                     optim: OptimizerSnapshot, mtp_only_sq_norm: float = 0.0) -> dict[str, Tensor]:
+    """θ_S after the real Adam(W) step with gradient −(g + λu), from a copy of the optimizer state.
+
+    The run clips the global norm over every trainable parameter, θ_M included, whose gradient is
+    λ·∇_{θ_M}M: ``mtp_only_sq_norm`` = ‖∇_{θ_M}M‖² enters the clip factor as λ²·‖∇_{θ_M}M‖²."""
     cls = torch.optim.AdamW if optim.kind == "adamw" else torch.optim.Adam
+    clones = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
+    opt = cls(list(clones.values()), lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
+    for k, p in clones.items():
+        opt.state[p] = {n: v.clone().to(p.dtype) if n != "step" else v.clone() for n, v in optim.state[k].items()}
+        p.grad = -(g[k] + lam * u[k]).to(p.dtype)
+    if optim.grad_clip > 0:  # torch's clip_grad_norm_ factor, over θ_S and θ_M
+        total = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in clones.values())
+                          + lam * lam * mtp_only_sq_norm)
+        factor = min(1.0, optim.grad_clip / (total + 1e-6))
+        for p in clones.values():
+            p.grad.mul_(factor)
+    opt.step()
+    return {k: p.detach() for k, p in clones.items()}
+
+
+def real_step_delta(J, params: dict[str, Tensor], g: dict[str, Tensor], u: dict[str, Tensor], lams: np.ndarray,
+                    optim: OptimizerSnapshot, sums=None, mtp_only_sq_norm: float = 0.0) -> np.ndarray:
+    """Δ(λ) = J(real step with λ) − J(real step with 0), every step from the same optimizer state."""
 
     def after_step(lam: float) -> float:
-        clones = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
-        opt = cls(list(clones.values()), lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                  weight_decay=optim.weight_decay)
-        for k, p in clones.items():
-            opt.state[p] = {n: v.clone().to(p.dtype) if n != "step" else v.clone()
-                            for n, v in optim.state[k].items()}
-            p.grad = -(g[k] + lam * u[k]).to(p.dtype)
-        if optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(list(clones.values()), optim.grad_clip)
-        opt.step()
         with torch.no_grad():
-            value = {"value": J({k: p.detach() for k, p in clones.items()})}
+            value = {"value": J(real_step_params(params, g, u, lam, optim, mtp_only_sq_norm))}
             return float((sums(value) if sums is not None else value)["value"])
 
     base = after_step(0.0)

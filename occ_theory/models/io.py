@@ -113,7 +113,8 @@ def load_model(
     wrong = mismatches(config_from_hf(trunk.config, config.mtp_depths), config.replace(init_from=None))
     if wrong:
         raise ValueError(f"the trunk in {path!r} disagrees with {META_FILE}: " + "; ".join(wrong))
-    model = OCCModel(trunk, config)
+    with torch.random.fork_rng(devices=[]):  # the MTP init (overwritten below) must not consume the global RNG
+        model = OCCModel(trunk, config)
     try:
         state = load_file(mtp_path)
     except Exception as err:  # safetensors raises SafetensorError on a corrupt file

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor, nn
 
-from .objectives import Surrogate, clipped_surrogate, k3_kl, mtp_objective
+from .objectives import Surrogate, clipped_surrogate, k3_terms, mtp_objective, token_mean
 
 
 @dataclass
@@ -162,12 +162,15 @@ def compute_objectives(model: nn.Module, batch: RLBatch, spec: ObjectiveSpec,
     surr = clipped_surrogate(logp, batch.old_logp, batch.advantages, mask, spec.eps_lo, spec.eps_hi, rl_denom)
     rl = surr.objective
     kl = None
+    per_token = surr.per_token.detach()
     if spec.kl_coef > 0:
         if batch.ref_logp is None:
             raise ValueError("kl_coef > 0 needs ref_logp in the batch")
-        kl = k3_kl(logp, batch.ref_logp, mask, rl_denom)
+        kl_tok = k3_terms(logp, batch.ref_logp, mask)
+        kl = token_mean(kl_tok, mask, rl_denom)
         rl = rl - spec.kl_coef * kl
-    seq_rl = (surr.per_token.detach() * mask).sum(1)
+        per_token = per_token - spec.kl_coef * kl_tok.detach()
+    seq_rl = (per_token * mask).sum(1)  # each sequence's share of J's numerator (J = Σ seq_rl / Σ m)
     depths = [mtp_objective(spec.mtp_kind, q, batch.old_logp, batch.advantages, mtp_mask(mask, k), spec.eps_lo,
                             spec.eps_hi, None if norms is None else norms.mtp[k - 1])
               for k, q in enumerate(mtp_logp, start=1)] if use_mtp else []

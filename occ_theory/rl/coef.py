@@ -5,35 +5,15 @@
 * ``occ``: the chosen proxy (which already carries the base coefficient ``c = mtp_coef /
   num_depths``), then an optional EMA and clip. A non-finite proxy is applied as 0 and counted.
 
-Proxies come from globally summed ``(num, den)`` terms (``occ_theory.theory.proxies``) so a
-multi-process run applies the same λ as one process with the whole batch.
+The trainer computes the proxies from globally summed ``(num, den)`` terms
+(``occ_theory.theory.proxies``), so a multi-process run applies the same λ as one process with the
+whole batch.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-from ..theory import proxies
-
-
-def proxy_values(terms: dict[str, tuple[float, float]], base_coef: float, num_depths: int,
-                 lr: float | None = None) -> dict[str, float]:
-    """Coefficient of each proxy whose terms are given (``fisher`` needs ``lr``)."""
-    c = base_coef / num_depths
-    out = {}
-    for name, (num, den) in terms.items():
-        if name == "reference":
-            out[name] = proxies.from_terms(num, den, scale=c)
-        elif name == "least_squares":
-            out[name] = proxies.from_terms(num, den, scale=c, eps=proxies.REFERENCE_EPS)
-        elif name == "fisher":
-            if lr is None:
-                raise ValueError("the fisher proxy needs the learning rate")
-            out[name] = proxies.from_terms(num, den, scale=1.0 / lr)
-        else:
-            raise ValueError(f"unknown proxy {name!r}")
-    return out
 
 
 @dataclass

@@ -76,7 +76,8 @@ def entropy_from_logits(logits: Tensor, mask: Tensor) -> float:
         return float(token_mean(ent, mask[:, 1:]))
 
 
-def k3_kl(logp: Tensor, ref_logp: Tensor, mask: Tensor, denom: float | None = None) -> Tensor:
-    """Token-mean k3 estimator of KL(π‖π_ref): exp(r) − r − 1 with r = ref − logp."""
+def k3_terms(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
+    """Per-token k3 estimator of KL(π‖π_ref): exp(r) − r − 1 with r = ref − logp (0 at invalid positions)."""
     r = _valid(ref_logp - logp, mask)
-    return token_mean(torch.exp(r) - r - 1, mask, denom)
+    return _valid(torch.exp(r) - r - 1, mask)
+

@@ -481,10 +481,11 @@ def generate(
     ``eos_id=None`` never stops early (every row gets ``max_new_tokens`` tokens).
     ``autocast_dtype`` (e.g. ``torch.bfloat16`` on CUDA) runs the forwards under autocast; the
     sampling and the recorded log-probs are float32 either way.
-    ``prompt_width`` left-pads every prompt to at least that many columns and keeps all
-    ``max_new_tokens`` response columns, so rollouts made by several processes concatenate
-    column-aligned; without it the prompt block is as wide as the longest prompt and trailing
-    all-padding columns are dropped.
+    The response block always has ``max_new_tokens`` columns (right-padded, as verl pads responses
+    to the configured length): the public OCC proxy averages over that block, padding included, so
+    its width must not depend on the longest response of a batch. ``prompt_width`` left-pads every
+    prompt to at least that many columns, so rollouts of several processes concatenate
+    column-aligned; without it the prompt block is as wide as the longest prompt.
     """
     _check_args(prompts, max_new_tokens, temperature, top_p)
     if generator is None and not greedy:
@@ -515,7 +516,6 @@ def generate(
         else:
             decoder = TransformersDecoder(trunk, ids, mask, plen)
         logits = decoder.prefill()
-        steps = 0
         for t in range(max_new_tokens):
             col = plen + t
             tokens, lp = sample_next(logits, temperature, top_p, greedy, generator)
@@ -524,7 +524,6 @@ def generate(
             logprobs[:, col] = lp.masked_fill_(done, 0.0)
             if eos_id is not None:
                 done |= tokens == eos_id
-            steps = t + 1
             if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
                 break
             logits = decoder.step(col)
@@ -532,8 +531,7 @@ def generate(
     response_mask = torch.zeros_like(mask)
     response_mask[:, plen:] = mask[:, plen:]
     lengths = response_mask.sum(-1)
-    end = width if prompt_width is not None else plen + min(steps, int(lengths.max()))  # drop all-pad columns
     return Rollout(
-        input_ids=ids[:, :end], attention_mask=mask[:, :end], response_mask=response_mask[:, :end],
-        logprobs=logprobs[:, :end], prompt_len=plen, response_lengths=lengths,
+        input_ids=ids, attention_mask=mask, response_mask=response_mask, logprobs=logprobs, prompt_len=plen,
+        response_lengths=lengths,
     )

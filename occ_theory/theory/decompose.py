@@ -108,7 +108,7 @@ class Decomposition:
     @property
     def proj(self) -> float:
         """κ = C / ‖Pu‖², the projection coefficient of the smoothness model."""
-        return self.corr / self.u_norm_sq if not self.u_zero else NAN
+        return self.corr / self.u_norm_sq if self.u_norm_sq > 0 else NAN
 
     @property
     def lambda_balance(self) -> float:

@@ -88,21 +88,24 @@ def effective_smoothness(beta: float, lr: float, u_norm_sq: float) -> float:
 
 
 def lambda_grid(scale: float, used: float | None = None, n: int = 9, span: float = 3.0,
-                default: float = 1.0) -> np.ndarray:
+                default: float = 1.0, half_width: float | None = None) -> np.ndarray:
     """A λ grid for the measured curve: 0, negative values, ``used``, ``scale`` and ±span·|scale|.
 
     ``scale`` is the predicted λ* (or any finite estimate); when it is NaN, infinite or zero the
-    grid spans ``±default`` instead. ``n`` points are spread symmetrically (odd ``n`` includes 0);
-    ``used`` (the run's own coefficient) and ``scale`` are added, and the range widens to hold them.
+    grid spans ``±default`` instead. ``half_width`` sets the range directly (a cap chosen by the
+    caller). ``n`` points are spread symmetrically (odd ``n`` includes 0); ``used`` (the run's own
+    coefficient) and ``scale`` (when inside the range) are added, and the range widens to hold ``used``.
     """
     if n < 3:
         raise ValueError(f"n must be at least 3, got {n}")
     if not (math.isfinite(default) and default > 0):
         raise ValueError(f"default must be finite and positive, got {default}")
+    if half_width is not None and not (math.isfinite(half_width) and half_width > 0):
+        raise ValueError(f"half_width must be finite and positive, got {half_width}")
     finite_scale = scale is not None and math.isfinite(scale) and scale != 0
-    half = span * abs(scale) if finite_scale else default
+    half = half_width if half_width is not None else (span * abs(scale) if finite_scale else default)
     extra = [0.0]
-    if finite_scale:
+    if finite_scale and abs(scale) <= half:
         extra.append(float(scale))
     if used is not None and math.isfinite(used):
         extra.append(float(used))
@@ -113,7 +116,9 @@ def lambda_grid(scale: float, used: float | None = None, n: int = 9, span: float
 
 def bootstrap_quadratic(lams: Sequence[float] | np.ndarray, seq_deltas: np.ndarray, weights: np.ndarray,
                         n_boot: int = 200, seed: int = 0, level: float = 0.9) -> dict[str, tuple[float, float]]:
-    """Percentile intervals for α, β and λ*_fit, resampling sequences with replacement.
+    """Percentile intervals for α, β and λ*_fit, resampling sequences with replacement, and the share of
+    resamples whose fit is concave (``concave_share``, given as a degenerate interval): λ*_fit's
+    interval is over those only.
 
     ``seq_deltas[j, s]`` is sequence s's summed token contribution to Δ(λ_j) and ``weights[s]`` its
     token count, so that ``Δ_j = Σ_s seq_deltas[j, s] / Σ_s weights[s]`` (a token-mean objective).
@@ -135,7 +140,9 @@ def bootstrap_quadratic(lams: Sequence[float] | np.ndarray, seq_deltas: np.ndarr
         stats["beta"].append(fit.beta)
         stats["lambda_star"].append(fit.lambda_star)
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
-    out = {}
+    n_fits = len(stats["beta"])
+    share = float(np.mean(np.asarray(stats["beta"]) < 0)) if n_fits else NAN
+    out = {"concave_share": (share, share)}  # λ*'s interval covers only these (concave) resamples
     for k, vals in stats.items():
         arr = np.asarray(vals, dtype=np.float64)
         arr = arr[np.isfinite(arr)]

@@ -45,20 +45,16 @@ def detached(params: Mapping[str, Tensor]) -> Params:
 
 
 def dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
-    """Σ_k ⟨a_k, b_k⟩ as a 0-d tensor (accumulated in the dtype of ``a``)."""
+    """Σ_k ⟨a_k, b_k⟩ as a 0-d tensor, accumulated in float64 (C, X, Q are small differences)."""
     total = None
     for k, t in a.items():
-        term = torch.sum(t * b[k])
+        term = torch.sum(t * b[k], dtype=torch.float64 if t.dtype != torch.float64 else None)
         total = term if total is None else total + term
     return total
 
 
 def sq_norm(a: Mapping[str, Tensor]) -> Tensor:
     return dot(a, a)
-
-
-def scale(a: Mapping[str, Tensor], c: float) -> Params:
-    return {k: c * t for k, t in a.items()}
 
 
 def axpy(alpha: float, x: Mapping[str, Tensor], y: Mapping[str, Tensor]) -> Params:

@@ -115,7 +115,7 @@ class RLConfig:
     """Sampling temperature (log-probs are of the temperature-scaled policy)."""
     top_p: float = 1.0
     """Nucleus sampling threshold."""
-    lr: float = 2e-4
+    lr: float = 1e-5
     """AdamW learning rate (constant)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
@@ -205,9 +205,10 @@ class DiagConfig:
     curve_span: float = 3.0
     """The grid spans ±curve_span·|predicted λ*|."""
     curve_default: float = 1.0
-    """Grid half-width when no finite λ* and no step scale is known."""
+    """Grid half-width when neither a finite λ* nor the step sizes are known."""
     grid_cap: float = 10.0
-    """Cap the grid where the MTP step would exceed grid_cap × the RL step (‖λ·Pu‖ > cap·‖Pg‖; 0: no cap)."""
+    """The grid stops where the MTP step reaches grid_cap × the RL step (‖λ·Pu‖ = cap·‖Pg‖); without a finite
+    λ* it spans exactly that (0: no cap, and curve_default without a finite λ*)."""
     curve_real_step: bool = False
     """Also measure the curve with the real optimizer step from a copy of the optimizer state."""
     curve_heldout: bool = False

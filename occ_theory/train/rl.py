@@ -35,10 +35,18 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_torch_save, atomic_write_text
-from ..diagnostics.probe import OptimizerSnapshot, ProbeSettings, logprob_proxies, run_probe, save_bundle
+from ..diagnostics.probe import (
+    OptimizerSnapshot,
+    ProbeSettings,
+    adam_preconditioner,
+    logprob_proxies,
+    run_probe,
+    save_bundle,
+)
 from ..diagnostics.recorder import GradientRecorder
 from ..diagnostics.schedule import Schedule
 from ..errors import RunStopped
+from ..jsonl import read_jsonl
 from ..models import load_model, load_tokenizer, save_model
 from ..rl.advantages import group_advantages
 from ..rl.batch import Norms, ObjectiveSpec, RLBatch, compute_objectives, forward_logprobs, mtp_mask
@@ -55,7 +63,7 @@ from .logging import MetricsWriter, Progress
 from .run import RunContext, problem_stream, training_tasks
 
 CKPT_RE = re.compile(r"^step_(\d{6,})\.pt$")
-FISHER_FD_STEP = 1e-3  # largest parameter change of the finite difference behind the trainer's fisher proxy
+FISHER_FD_STEP = 1e-4  # largest parameter change of the central difference behind the trainer's fisher proxy
 
 
 class BadStepsError(RunStopped):
@@ -105,7 +113,7 @@ class RLTrainer:
         self.tasks = {t.name: t for t in training_tasks(cfg)}
         # randomness: every source is a seeded generator whose state is checkpointed (one set per process)
         rank = self.dist.rank
-        self.task_rng = np.random.default_rng(cfg.seed if world == 1 else [cfg.seed, rank])
+        self.task_rng = np.random.default_rng([cfg.seed, rank, 1])  # not SFT's stream (default_rng(seed))
         self.stream = problem_stream(cfg, self.task_rng, list(self.tasks.values()))
         self.sample_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 7919 * rank)
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -172,9 +180,12 @@ class RLTrainer:
         """The fisher proxy with δ = ∇l·Pu in the optimizer's geometry (SGD before Adam has state), by a
         central finite difference of two forward passes (THEORY.md 4c), in full precision; ``u`` is the
         global MTP gradient and the sums are global. (Probes compute δ exactly, by a JVP.)"""
-        snap = OptimizerSnapshot.capture(self.optimizer, self.shared)
         params = {k: p.detach() for k, p in self.shared.items()}
-        pu = mul(u, snap.preconditioner(params))
+        group = self.optimizer.param_groups[0]
+        state = {k: self.optimizer.state.get(p, {}) for k, p in self.shared.items()}
+        precond = adam_preconditioner(state, params, group["betas"][1], group["eps"])
+        self._fisher_geometry = "sgd" if precond is None else "adam"
+        pu = mul(u, precond)
         top = max(float(t.abs().max()) for t in pu.values())
         if top == 0.0:
             return 0.0
@@ -185,7 +196,7 @@ class RLTrainer:
         dlogp = (plus - minus) / (2 * eps)
         num, den = proxies.fisher_terms(mb.advantages, dlogp, mb.response_mask)
         t = self.dist.sum({"num": num, "den": den})
-        return proxies.from_terms(t["num"], t["den"], scale=1.0 / snap.lr)
+        return proxies.from_terms(t["num"], t["den"], scale=1.0 / group["lr"])
 
     def train_step(self, mb: RLBatch, first_after_rollout: bool) -> dict[str, Any]:
         rc, spec = self.rc, self.spec
@@ -205,18 +216,20 @@ class RLTrainer:
             u = dict(zip(self.shared, torch.autograd.grad(obj.mtp, list(self.shared.values()), retain_graph=True,
                                                           allow_unused=True, materialize_grads=True)))
             rec["lambda/fisher"] = self.fisher_coefficient(mb, dist.sum(u))
+            rec["lambda/fisher_geometry"] = self._fisher_geometry
         proxy_values = {k.split("/")[1]: v for k, v in rec.items() if k.startswith("lambda/")}
         lam = self.rule(proxy_values)
         mtp_term = obj.mtp
         if rc.regime == "occ" and rc.occ_convention == "advantages" and obj.mtp is not None:
             # the public code folds λ into the MTP surrogate's advantages (differs from λ·M when λ < 0)
             mtp_term = torch.stack([mtp_objective("policy", q, mb.old_logp, lam * mb.advantages, mtp_mask(mask, k),
-                                                  rc.eps_lo, rc.eps_hi)
+                                                  rc.eps_lo, rc.eps_hi, None if norms is None else norms.mtp[k - 1])
                                     for k, q in enumerate(obj.mtp_logp, start=1)]).mean()
             loss = -obj.rl - mtp_term
         else:
             loss = -obj.rl - lam * mtp_term if mtp_term is not None else -obj.rl
-        rec |= {"lambda/used": lam, "lambda/convention": rc.occ_convention if rc.regime == "occ" else "objective"}
+        rec |= {"lambda/used": lam, "lambda/convention": rc.occ_convention if rc.regime == "occ" else "objective",
+                "lambda/non_finite_total": self.rule.non_finite}
 
         diag_s = 0.0
         record = None
@@ -225,7 +238,8 @@ class RLTrainer:
             record = self.recorder.record(obj.rl, obj.mtp, dist.sum if dist.active else None)
             snap = OptimizerSnapshot.capture(self.optimizer, self.shared, rc.grad_clip)
             heldout = self.heldout_batch(step) if self.cfg.diag.curve_heldout else None
-            probe = run_probe(self.model, mb, spec, lam, rc.mtp_coef, snap, self.settings, heldout, dist)
+            settings = replace(self.settings, seed=self.cfg.seed * 1_000_003 + step)  # each probe its bootstrap
+            probe = run_probe(self.model, mb, spec, lam, rc.mtp_coef, snap, settings, heldout, dist)
             probe["first_after_rollout"] = first_after_rollout
             self.model.train()
             rec |= {k: v for k, v in probe.items() if not isinstance(v, list) and k not in rec}
@@ -235,7 +249,7 @@ class RLTrainer:
                 if dist.main:
                     save_bundle(self.ctx.run_dir / "probes" / f"step_{step:06d}", step=step, model=self.model,
                                 batch=whole, spec=spec, lam_used=lam, base_coef=rc.mtp_coef, optim=snap,
-                                settings=self.settings, heldout=held, online=probe,
+                                settings=settings, heldout=held, online=probe,
                                 extra={"first_after_rollout": first_after_rollout, "world": dist.world})
             diag_s = time.perf_counter() - td
 
@@ -283,7 +297,7 @@ class RLTrainer:
 
     def heldout_batch(self, step: int) -> RLBatch:
         """A fresh rollout batch from its own seeded stream (the main streams are untouched)."""
-        rng = np.random.default_rng([self.cfg.seed, step, 7])
+        rng = np.random.default_rng([self.cfg.seed, step, 7, self.dist.rank])
         gen = torch.Generator(device=self.device).manual_seed(int(rng.integers(2**62)))
         batch, _ = self.rollout(problem_stream(self.cfg, rng, list(self.tasks.values())), gen)
         return self.fill_old_logp(batch)[0]
@@ -303,10 +317,14 @@ class RLTrainer:
 
     def run(self) -> Path:
         rc = self.rc
-        if rc.regime == "occ" and rc.proxy == "reference" and rc.minibatches >= 1:
-            self.ctx.log(f"note: occ with the reference proxy applies λ = 0 on the first of every {rc.minibatches} "
-                         "minibatches (l = l_old there), as the public implementation does; "
-                         "metrics mark those steps with first_after_rollout = true")
+        if rc.regime == "occ" and rc.proxy in ("reference", "least_squares"):
+            if rc.minibatches == 1:
+                self.ctx.log(f"warning: occ with the {rc.proxy} proxy and one minibatch per rollout applies λ = 0 on "
+                             "every step (l = l_old on the first update after a rollout): OCC equals detach here")
+            else:
+                self.ctx.log(f"note: occ with the {rc.proxy} proxy applies λ = 0 on the first of every "
+                             f"{rc.minibatches} minibatches (l = l_old there), as the public implementation does; "
+                             "metrics mark those steps with first_after_rollout = true")
         progress = Progress(f"rl {rc.regime}", rc.steps)
         try:
             self._loop(progress)
@@ -371,7 +389,7 @@ class RLTrainer:
         if not self.dist.main:
             return path
         atomic_torch_save(state, path)
-        for old in sorted(p for p in d.iterdir() if CKPT_RE.match(p.name))[:-self.rc.keep_checkpoints]:
+        for old in _checkpoints(d)[:-self.rc.keep_checkpoints]:
             old.unlink()
         return path
 
@@ -400,18 +418,22 @@ class RLTrainer:
         self.bad_in_row, self.bad_total = st["bad_in_row"], st["bad_total"]
 
 
+def _checkpoints(d: Path) -> list[Path]:
+    """Checkpoint files of a run, oldest step first (by number, not by name)."""
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CKPT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     d = Path(run_dir) / "checkpoints"
     if not d.is_dir():
         return None
-    found = sorted(p for p in d.iterdir() if CKPT_RE.match(p.name))
+    found = _checkpoints(d)
     return found[-1] if found else None
 
 
 def truncate_metrics(run_dir: Path, step: int) -> int:
     """Keep records with ``step`` <= the checkpoint's; later ones move to ``metrics.orphaned.jsonl``."""
-    from analysis.load import read_jsonl
-
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return 0
@@ -458,6 +480,10 @@ def resume_rl(run_dir: Path) -> Path:
     else:
         trainer.load_checkpoint(ckpt)
         dropped = truncate_metrics(run_dir, trainer.step) if dist.main else 0
+        if dist.main:  # bundles of steps after the checkpoint belong to the abandoned continuation
+            for b in (run_dir / "probes").glob("step_*"):
+                if b.is_dir() and int(b.name.split("_")[1]) > trainer.step:
+                    shutil.rmtree(b)
         ctx.log(f"resumed from {ckpt.name} (step {trainer.step}); {dropped} later records moved to "
                 "metrics.orphaned.jsonl")
     return trainer.run()

@@ -228,7 +228,8 @@ def test_per_sequence_terms_add_up_to_J_with_and_without_kl(ckpt, tmp_path, kl_c
 
 def test_real_step_curve_replays_the_optimizer_step_the_run_takes(ckpt, tmp_path):
     """The 'real optimizer step' behind curve_real: from a copy of the AdamW state, with the run's clipping."""
-    from occ_theory.diagnostics.probe import OptimizerSnapshot, real_step_params, shared_params
+    from occ_theory.diagnostics.curve import real_step_params
+    from occ_theory.diagnostics.probe import OptimizerSnapshot, shared_params
     from occ_theory.rl.batch import compute_objectives
     from occ_theory.theory import grad
 

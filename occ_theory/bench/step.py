@@ -106,7 +106,7 @@ DIAG_PHASES = {
     "decompose (both geometries)": "occ_theory.diagnostics.probe:decompose_geometries",
     "of it grad_and_hvps (one graph, two HVPs)": "occ_theory.theory.decompose:grad_and_hvps",
     "of it the JVPs for Q_F": "occ_theory.theory.decompose:jvp",
-    "curve": "occ_theory.diagnostics.probe:_curve",
+    "curve": "occ_theory.diagnostics.probe:measure_curve",
     "recorder.check + breakdown": "occ_theory.diagnostics.recorder:GradientRecorder.breakdown",
 }
 

@@ -19,7 +19,7 @@ import yaml
 from ..atomic import atomic_write_bytes
 from ..models import load_model
 from ..train.logging import Progress
-from .probe import load_bundle, probe_from_bundle
+from .bundle import load_bundle, probe_from_bundle
 
 PROBES_FILE = "probes.parquet"
 

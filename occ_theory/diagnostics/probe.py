@@ -15,41 +15,41 @@ run applied and the optimizer's state, and measures (THEORY.md sections 2, 4, 5)
 * the Taylor residual at η, η/2, η/4, … (identity 2 on the live model).
 
 The online trainer and ``occ probe`` both call ``run_probe`` on the same inputs, so their
-numbers agree. A bundle (``save_bundle``/``load_bundle``) holds those inputs.
+numbers agree; a bundle (``diagnostics/bundle.py``) holds those inputs. The curve and the Taylor
+residual live in ``diagnostics/curve.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..models import exact_float64
-from ..rl.batch import Norms, ObjectiveSpec, RLBatch, compute_objectives, forward_logprobs, mtp_mask
+from ..rl.batch import (
+    Norms,
+    ObjectiveSpec,
+    RLBatch,
+    compute_objectives,
+    forward_logprobs,
+    mtp_mask,
+)
 from ..theory import (
     Decomposition,
-    bootstrap_quadratic,
     decompose_geometries,
     eager_attention,
-    effective_smoothness,
-    fit_quadratic,
     grad,
-    lambda_grid,
-    measure_delta,
     proxies,
 )
 from ..theory.params import sq_norm
+from .curve import measure_curve, taylor_residuals
 
 NAN = float("nan")
-BUNDLE_FILE = "bundle.pt"
 
 
 @dataclass(frozen=True)
@@ -299,195 +299,10 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, lam_used: float
             mtp_only_sq_norm = float(sq_norm(red(grad(M_own, own)[1])))
     with evaluation_numerics(work):
         if settings.curve_points > 0:
-            out |= _curve(J, M, seq_terms, params, g, u, dec, run_precond, lam_used, mask, settings, optim, hb,
+            out |= measure_curve(J, M, seq_terms, params, g, u, dec, run_precond, lam_used, mask, settings, optim, hb,
                           work, spec, sums, gather, mtp_only_sq_norm)
         if settings.taylor_halvings > 0 and not dec.u_zero:
-            out |= _taylor(J, M, params, g, u, dec, run_precond, lam_used, settings, sums)
+            out |= taylor_residuals(J, M, params, g, u, dec, run_precond, lam_used, settings, sums)
     return out
 
 
-def _taylor(J, M, params, g, u, dec: Decomposition, precond, lam_used: float, settings: ProbeSettings,
-            sums=None) -> dict[str, Any]:
-    """Identity 2 on the live model: residual max_λ |Δ_measured − Δ_model| as η halves (slope ≈ 3)."""
-    scale = max(abs(lam_used), settings.curve_default)  # not λ*: in SGD geometry it can be enormous
-    lams = np.array([-scale, scale, 2 * scale])
-    lrs, res = [], []
-    for k in range(settings.taylor_halvings + 1):
-        lr = dec.lr / 2**k
-        measured = measure_delta(J, M, params, lr, lams, precond=precond, grads=(g, u), reduce=sums)
-        model = replace(dec, lr=lr).predicted_delta(lams)
-        lrs.append(lr)
-        res.append(float(np.max(np.abs(measured - model))))
-    ok = [(a, b) for a, b in zip(lrs, res) if b > 0]
-    slope = float(np.polyfit(np.log([a for a, _ in ok]), np.log([b for _, b in ok]), 1)[0]) if len(ok) >= 2 else NAN
-    return {"taylor/lrs": lrs, "taylor/residuals": res, "diag/taylor/slope": slope}
-
-
-def grid_half_width(dec: Decomposition, span: float, cap: float) -> tuple[float | None, bool]:
-    """Half-width of the curve's λ grid: ``span``·|λ*| (THEORY.md section 5), but never past the λ at
-    which the MTP step is ``cap`` times the RL step (‖λ·Pu‖ = cap·‖Pg‖), where no second-order
-    expansion can hold and the clipped surrogate saturates. Without a finite λ* the default range is
-    that step-aware ±cap·‖Pg‖/‖Pu‖. Returns (None, False) when no step size is known (the caller
-    falls back to ``curve_default``), and whether the cap applied."""
-    lam, bal = dec.lambda_star, dec.lambda_balance
-    if not math.isfinite(bal) or bal <= 0 or cap <= 0:
-        return None, False
-    limit = cap * bal
-    if not math.isfinite(lam) or lam == 0:
-        return limit, True
-    return min(span * abs(lam), limit), span * abs(lam) > limit
-
-
-def _curve(J, M, seq_terms, params, g, u, dec: Decomposition, precond, lam_used: float, mask: Tensor,
-           settings: ProbeSettings, optim: OptimizerSnapshot, heldout: RLBatch | None, work: nn.Module,
-           spec: ObjectiveSpec, sums=None, gather=None, mtp_only_sq_norm: float = 0.0) -> dict[str, Any]:
-    lr = dec.lr
-    half, capped = grid_half_width(dec, settings.curve_span, settings.grid_cap)
-    lams = lambda_grid(dec.lambda_star, used=lam_used, n=settings.curve_points, span=settings.curve_span,
-                       default=settings.curve_default, half_width=half)
-    seq = measure_delta(J, M, params, lr, lams, precond=precond, eval_objective=seq_terms, grads=(g, u),
-                        reduce=gather)  # (L, B), B over every process
-    counts = {"value": mask.sum(1).double()}
-    weights = (gather(counts) if gather is not None else counts)["value"].cpu().numpy()
-    deltas = seq.sum(1) / max(weights.sum(), 1.0)
-    finite = np.isfinite(deltas)
-    out: dict[str, Any] = {"curve/lams": lams.tolist(), "curve/deltas": deltas.tolist(),
-                           "diag/curve/grid_half_width": float(np.max(np.abs(lams))), "diag/curve/grid_capped": capped,
-                           "diag/curve/non_finite_points": int((~finite).sum())}
-    none = {"diag/curve/alpha": NAN, "diag/curve/beta": NAN, "diag/curve/r2": NAN, "diag/curve/lambda_star": NAN,
-            "diag/curve/concave": False, "diag/curve/l_eff": NAN}
-    if np.all(deltas == 0):  # u = 0 (detach): a flat curve, nothing to fit
-        return out | none | {"diag/curve/flat": True, "diag/curve/alpha": 0.0, "diag/curve/beta": 0.0}
-    if np.unique(lams[finite & (lams != 0)]).size < 2:
-        return out | none | {"diag/curve/flat": False, "diag/curve/reason": "too few finite points to fit"}
-    lams, deltas, seq = lams[finite], deltas[finite], seq[finite]
-    fit = fit_quadratic(lams, deltas)
-    out |= {"diag/curve/flat": False, "diag/curve/alpha": fit.alpha, "diag/curve/beta": fit.beta,
-            "diag/curve/alpha_se": fit.alpha_se, "diag/curve/beta_se": fit.beta_se, "diag/curve/r2": fit.r2,
-            "diag/curve/lambda_star": fit.lambda_star, "diag/curve/concave": fit.concave,
-            "diag/curve/l_eff": effective_smoothness(fit.beta, lr, dec.u_norm_sq),
-            "diag/curve/pred_alpha": lr * dec.slope, "diag/curve/pred_beta": lr**2 * dec.curv,
-            "diag/curve/pred_beta_fisher": lr**2 * dec.curv_fisher}
-    if settings.bootstrap > 0:
-        ci = bootstrap_quadratic(lams, seq, weights, n_boot=settings.bootstrap, seed=settings.seed)
-        for k, (lo, hi) in ci.items():
-            if k != "concave_share":
-                out[f"diag/curve/{k}_lo"], out[f"diag/curve/{k}_hi"] = lo, hi
-        out["diag/curve/bootstrap_concave_share"] = ci["concave_share"][0]
-    if settings.curve_real_step and optim.kind in ("adam", "adamw") and optim.state:
-        real = real_step_delta(J, params, g, u, lams, optim, sums, mtp_only_sq_norm)
-        rfit = fit_quadratic(lams, real)
-        out |= {"curve/real_deltas": real.tolist(), "diag/curve_real/alpha": rfit.alpha,
-                "diag/curve_real/beta": rfit.beta, "diag/curve_real/r2": rfit.r2,
-                "diag/curve_real/lambda_star": rfit.lambda_star}
-    if heldout is not None:
-        held_norms = Norms.of(heldout, 0, sums) if sums is not None else None
-
-        def J_held(p):
-            return compute_objectives(work, heldout, spec, params=p, with_mtp=False, norms=held_norms).rl
-
-        held = measure_delta(J, M, params, lr, lams, precond=precond, eval_objective=J_held, grads=(g, u),
-                             reduce=sums)
-        hfit = fit_quadratic(lams, held)
-        out |= {"curve/heldout_deltas": held.tolist(), "diag/curve_heldout/alpha": hfit.alpha,
-                "diag/curve_heldout/beta": hfit.beta, "diag/curve_heldout/r2": hfit.r2,
-                "diag/curve_heldout/lambda_star": hfit.lambda_star}
-    return out
-
-
-def real_step_params(params: dict[str, Tensor], g: dict[str, Tensor], u: dict[str, Tensor], lam: float,
-                     optim: OptimizerSnapshot, mtp_only_sq_norm: float = 0.0) -> dict[str, Tensor]:
-    """θ_S after the real Adam(W) step with gradient −(g + λu), from a copy of the optimizer state.
-
-    The run clips the global norm over every trainable parameter, θ_M included, whose gradient is
-    λ·∇_{θ_M}M: ``mtp_only_sq_norm`` = ‖∇_{θ_M}M‖² enters the clip factor as λ²·‖∇_{θ_M}M‖²."""
-    cls = torch.optim.AdamW if optim.kind == "adamw" else torch.optim.Adam
-    clones = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
-    opt = cls(list(clones.values()), lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
-    for k, p in clones.items():
-        opt.state[p] = {n: v.clone().to(p.dtype) if n != "step" else v.clone() for n, v in optim.state[k].items()}
-        p.grad = -(g[k] + lam * u[k]).to(p.dtype)
-    if optim.grad_clip > 0:  # torch's clip_grad_norm_ factor, over θ_S and θ_M
-        total = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in clones.values())
-                          + lam * lam * mtp_only_sq_norm)
-        factor = min(1.0, optim.grad_clip / (total + 1e-6))
-        for p in clones.values():
-            p.grad.mul_(factor)
-    opt.step()
-    return {k: p.detach() for k, p in clones.items()}
-
-
-def real_step_delta(J, params: dict[str, Tensor], g: dict[str, Tensor], u: dict[str, Tensor], lams: np.ndarray,
-                    optim: OptimizerSnapshot, sums=None, mtp_only_sq_norm: float = 0.0) -> np.ndarray:
-    """Δ(λ) = J(real step with λ) − J(real step with 0), every step from the same optimizer state."""
-
-    def after_step(lam: float) -> float:
-        with torch.no_grad():
-            value = {"value": J(real_step_params(params, g, u, lam, optim, mtp_only_sq_norm))}
-            return float((sums(value) if sums is not None else value)["value"])
-
-    base = after_step(0.0)
-    return np.array([after_step(float(lam)) - base for lam in lams])
-
-
-# ---------------------------------------------------------------- bundles
-
-
-def save_bundle(path: Path, *, step: int, model: nn.Module, batch: RLBatch, spec: ObjectiveSpec, lam_used: float,
-                base_coef: float, optim: OptimizerSnapshot, settings: ProbeSettings,
-                heldout: RLBatch | None = None, online: dict[str, Any] | None = None,
-                extra: dict[str, Any] | None = None) -> None:
-    """Everything ``run_probe`` needs for this step, written atomically to ``path/``."""
-    from ..atomic import atomic_dir
-
-    payload = {
-        "format": "occ_theory.probe", "version": 1, "step": step,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "batch": {k: v.cpu() for k, v in batch.tensors().items()},
-        "heldout": None if heldout is None else {k: v.cpu() for k, v in heldout.tensors().items()},
-        "spec": asdict(spec), "lam_used": float(lam_used), "base_coef": float(base_coef),
-        "optim": optim.to_dict(), "settings": asdict(settings), "extra": dict(extra or {}),
-    }
-    with atomic_dir(Path(path)) as tmp:
-        torch.save(payload, tmp / BUNDLE_FILE)
-        if online is not None:
-            (tmp / "online.json").write_text(json.dumps(_jsonable(online), indent=1, allow_nan=True))
-
-
-def load_bundle(path: Path) -> dict[str, Any]:
-    """Read a probe bundle; a missing or corrupt one raises ``ValueError`` naming the file."""
-    f = Path(path) / BUNDLE_FILE
-    if not f.is_file():
-        raise ValueError(f"probe bundle {path} has no {BUNDLE_FILE}")
-    try:
-        payload = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError on damage
-        raise ValueError(f"probe bundle {f} is corrupt or unreadable: {type(e).__name__}: {e}") from e
-    if not isinstance(payload, dict) or payload.get("format") != "occ_theory.probe":
-        raise ValueError(f"{f} is not an occ_theory probe bundle")
-    missing = [k for k in ("step", "model", "batch", "spec", "optim", "settings", "lam_used") if k not in payload]
-    if missing:
-        raise ValueError(f"probe bundle {f} lacks {missing}")
-    return payload
-
-
-def probe_from_bundle(payload: dict[str, Any], model: nn.Module) -> dict[str, Any]:
-    """Load the bundle's weights into ``model`` (same architecture) and rerun the probe."""
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as e:
-        raise ValueError(f"probe bundle weights do not fit the run's model: {e}") from e
-    heldout = RLBatch.from_tensors(payload["heldout"]) if payload.get("heldout") else None
-    return run_probe(model, RLBatch.from_tensors(payload["batch"]), ObjectiveSpec(**payload["spec"]),
-                     payload["lam_used"], payload.get("base_coef", 0.0),
-                     OptimizerSnapshot.from_dict(payload["optim"]), ProbeSettings(**payload["settings"]), heldout)
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    def conv(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, np.generic):
-            return conv(v.item())
-        return v
-    return {k: ([conv(x) for x in v] if isinstance(v, list) else conv(v)) for k, v in d.items()}

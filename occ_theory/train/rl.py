@@ -35,13 +35,13 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_torch_save, atomic_write_text
+from ..diagnostics.bundle import save_bundle
 from ..diagnostics.probe import (
     OptimizerSnapshot,
     ProbeSettings,
     adam_preconditioner,
     logprob_proxies,
     run_probe,
-    save_bundle,
 )
 from ..diagnostics.recorder import GradientRecorder
 from ..diagnostics.schedule import Schedule

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation
 
 from .frames import require
 
@@ -53,7 +54,13 @@ def symlog_if_mixed(ax, values: Iterable[float], axis: str = "y") -> bool:
         return False
     a = np.abs(v[v != 0])
     linthresh = max(float(np.percentile(a, 25)), float(a.max()) * 1e-4)  # at most ~4 decades per sign
-    (ax.set_yscale if axis == "y" else ax.set_xscale)("symlog", linthresh=linthresh)
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("symlog", linthresh=linthresh, linscale=1.0)
+    # the ±linthresh ticks sit next to 0: label 0 and the decades beyond them only
+    which = ax.yaxis if axis == "y" else ax.xaxis
+    log_fmt = LogFormatterSciNotation(linthresh=linthresh)
+    log_fmt.set_axis(which)
+    which.set_major_formatter(FuncFormatter(
+        lambda x, pos: "" if 0 < abs(x) <= linthresh * 1.0001 else log_fmt(x, pos)))
     return True
 
 

@@ -88,7 +88,9 @@ def concave_quadratic(probes: pd.DataFrame) -> Verdict:
         return _inconclusive(CLAIM_CONCAVE, f"only {n} probe(s) with a non-flat fitted curve", **nums)
     good = (beta[ok] < 0) & (r2[ok] >= CONCAVE_R2)
     share = float(good.mean())
+    se = numeric(probes, "diag/curve/beta_se")
     nums |= {"concave_share": share, "share_beta_neg": float((beta[ok] < 0).mean()),
+             "share_beta_significant": float((beta[ok] + 2 * se[ok] < 0).mean()),  # β < 0 by 2 standard errors
              "median_r2": float(r2[ok].median())}
     verdict = SUPPORTED if share >= CONCAVE_SUPPORTED else NOT_SUPPORTED if share < CONCAVE_NOT_SUPPORTED \
         else INCONCLUSIVE
@@ -252,6 +254,7 @@ def occ_time_cost(metrics: pd.DataFrame) -> Verdict:
     if len(pol) >= MIN_PROBES:  # same graph as occ (MTP into the trunk): isolates the cost of calibrating λ
         nums["ratio_occ_policy"] = float(occ.median() / pol.median())
         detail += f"; occ/policy (same graph, fixed λ) = {nums['ratio_occ_policy']:.3g}"
+    detail += " (separate runs' step times; `occ bench step` times them interleaved on one batch)"
     verdict = SUPPORTED if ratio <= COST_SUPPORTED else NOT_SUPPORTED if ratio > COST_NOT_SUPPORTED else INCONCLUSIVE
     return Verdict(CLAIM_COST, verdict, nums, detail)
 

@@ -9,9 +9,8 @@ run applied and the optimizer's state, and measures (THEORY.md sections 2, 4, 5)
 * every proxy (``reference`` and ``least_squares`` from log-probs, ``fisher`` from the JVP δ);
 * the measured curve Δ(λ) on a grid bracketing the predicted λ*, in the run's geometry, with its
   quadratic fit, bootstrap intervals over sequences and L_eff; optionally with the real
-  optimizer step and on a held-out batch. The grid is capped where the predicted λ* would make
-  the MTP step more than ``grid_cap`` times the RL step (``grid_half_width``): there the expansion
-  cannot hold and the curve would only show the clip's saturation;
+  optimizer step and on a held-out batch. Optionally (``grid_cap`` > 0) the grid stops where the
+  MTP step reaches ``grid_cap`` times the RL step (``grid_half_width``);
 * the Taylor residual at η, η/2, η/4, … (identity 2 on the live model).
 
 The online trainer and ``occ probe`` both call ``run_probe`` on the same inputs, so their
@@ -62,7 +61,7 @@ class ProbeSettings:
     curve_real_step: bool = False
     bootstrap: int = 100
     taylor_halvings: int = 3
-    grid_cap: float = 10.0
+    grid_cap: float = 0.0
     seed: int = 0
 
     @classmethod

@@ -206,9 +206,9 @@ class DiagConfig:
     """The grid spans ±curve_span·|predicted λ*|."""
     curve_default: float = 1.0
     """Grid half-width when neither a finite λ* nor the step sizes are known."""
-    grid_cap: float = 10.0
-    """The grid stops where the MTP step reaches grid_cap × the RL step (‖λ·Pu‖ = cap·‖Pg‖); without a finite
-    λ* it spans exactly that (0: no cap, and curve_default without a finite λ*)."""
+    grid_cap: float = 0.0
+    """0 (default): the grid of THEORY.md section 5, out to curve_span × |λ*|. > 0: the grid stops where the MTP
+    step reaches grid_cap × the RL step (‖λ·Pu‖ = cap·‖Pg‖), and spans exactly that without a finite λ*."""
     curve_real_step: bool = False
     """Also measure the curve with the real optimizer step from a copy of the optimizer state."""
     curve_heldout: bool = False

@@ -93,3 +93,21 @@ def test_bootstrap_intervals_cover_the_truth_of_a_token_mean_curve():
     assert ci["beta"][0] < beta < ci["beta"][1]
     with pytest.raises(ValueError, match="shape"):
         bootstrap_quadratic(lams, seq_deltas[:, :5], weights)
+
+
+def test_grid_half_width_follows_theory_and_caps_only_when_asked():
+    from occ_theory.diagnostics.curve import grid_half_width
+    from occ_theory.theory import Decomposition
+
+    def dec(corr, curv, pg=2.0, u_sq=4.0):  # λ_balance = ‖Pg‖/‖Pu‖ = 1
+        return Decomposition(lr=0.1, corr=corr, cross=0.0, curv=curv, g_norm=1.0, u_norm=1.0, cosine=0.5,
+                             u_norm_sq=u_sq, pg_norm=pg)
+
+    d = dec(1.0, -1.0)  # λ* = −C/(ηQ) = 10
+    assert d.lambda_star == pytest.approx(10.0) and d.lambda_balance == pytest.approx(1.0)
+    assert grid_half_width(d, span=3.0, cap=0.0) == (None, False)  # the caller uses span·|λ*| = 30
+    assert grid_half_width(d, span=3.0, cap=100.0) == (pytest.approx(30.0), False)
+    assert grid_half_width(d, span=3.0, cap=5.0) == (pytest.approx(5.0), True)
+    assert grid_half_width(dec(1.0, 1.0), span=3.0, cap=5.0) == (pytest.approx(5.0), True)  # no finite λ*
+    grid = lambda_grid(10.0, used=0.1, n=5, half_width=5.0)
+    assert grid.max() == pytest.approx(5.0) and 10.0 not in grid and 0.1 in grid

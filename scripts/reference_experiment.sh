@@ -10,10 +10,12 @@ mkdir -p "$OUT"
 for seed in $SEEDS; do
   for regime in $REGIMES; do
     run="$OUT/${regime}__${seed}"
-    if [ -f "$run/eval.json" ]; then continue; fi
-    if [ -f "$run/config.yaml" ]; then occ rl --resume "$run"
-    else occ rl --config configs/reference.yaml --init "$OUT/sft/checkpoint" --regime "$regime" --seed "$seed" --out "$run"; fi
-    [ -d "$run/probes" ] && occ probe "$run"
+    if [ ! -f "$run/eval.json" ]; then
+      if [ -f "$run/config.yaml" ]; then occ rl --resume "$run"
+      else occ rl --config configs/reference.yaml --init "$OUT/sft/checkpoint" --regime "$regime" --seed "$seed" --out "$run"; fi
+    fi
+    # an interrupted probe pass leaves no probes.parquet (it is written atomically): redo it
+    if [ -d "$run/probes" ] && [ ! -f "$run/probes.parquet" ]; then occ probe "$run"; fi
   done
 done
 occ figures "$OUT" --out figures

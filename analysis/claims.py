@@ -212,12 +212,15 @@ def _tracking(pts: pd.DataFrame) -> dict[str, float]:
 
 def proxy_tracks_lambda_star(probes: pd.DataFrame) -> Verdict:
     """Claim 5: Spearman ρ (p-value), Pearson r, sign agreement and median |log ratio| of the ``reference``
-    proxy (and ``least_squares``, reported only) against λ*_fit over policy and occ probes."""
+    proxy (and ``least_squares`` and ``fisher``, reported only) against λ*_fit over policy and occ probes."""
     pts, dropped = proxy_points(probes, "reference")
     nums: dict[str, Any] = {"points": len(pts), "dropped_zero_by_construction": dropped["zero_by_construction"],
                             "dropped_no_finite_fit": dropped["no_finite_fit"]}
-    ls_pts, _ = proxy_points(probes, "least_squares")
-    ls = {f"least_squares/{k}": v for k, v in _tracking(ls_pts).items()} if len(ls_pts) >= MIN_CORRELATION_POINTS else {}
+    ls: dict[str, Any] = {}
+    for other in ("least_squares", "fisher"):  # reported beside it, never part of the verdict
+        o_pts, _ = proxy_points(probes, other)
+        if len(o_pts) >= MIN_CORRELATION_POINTS:
+            ls |= {f"{other}/{k}": v for k, v in _tracking(o_pts).items()}
     why_dropped = (f"{dropped['zero_by_construction']} probe(s) on the first minibatch after a rollout dropped "
                    f"(the proxy is 0 there by construction), {dropped['no_finite_fit']} probe(s) without a finite "
                    "λ*_fit")
@@ -226,6 +229,9 @@ def proxy_tracks_lambda_star(probes: pd.DataFrame) -> Verdict:
     t = _tracking(pts)
     nums |= t | ls
     detail = f"Spearman ρ = {t['spearman']:.3g} (p = {t['p']:.2g}) over {len(pts)} probes; {why_dropped}"
+    if "fisher/spearman" in ls:
+        detail += (f". For comparison, the curvature-aware fisher proxy: ρ = {ls['fisher/spearman']:.3g} "
+                   f"(p = {ls['fisher/p']:.2g})")
     if t["spearman"] >= PROXY_RHO_SUPPORTED and t["p"] < PROXY_P:
         return Verdict(CLAIM_PROXY, SUPPORTED, nums, detail)
     if t["spearman"] <= PROXY_RHO_NOT:

@@ -329,7 +329,7 @@ def f6_module_cosine(metrics: pd.DataFrame, out: Path, pdf: bool = False) -> Pat
     for ax, regime in zip(axes, shown):
         mat = d[d["regime"] == regime].groupby("step")[cols].mean()
         im = ax.imshow(mat.T.to_numpy(), aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
-        ticks = np.unique(np.linspace(0, len(mat) - 1, min(len(mat), 10)).round().astype(int))
+        ticks = np.arange(0, len(mat), -(-len(mat) // 10))  # a regular stride, at most 10 labels
         ax.set_xticks(ticks, [str(int(s)) for s in mat.index[ticks]])
         ax.set_yticks(np.arange(len(groups)), groups, fontsize=7)
         ax.set_title(f"{regime}: cos(g, u) per module", fontsize=9, color=regime_color(regime))

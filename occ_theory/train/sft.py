@@ -103,9 +103,9 @@ def run_sft(cfg: Config, run_name: str | None = None, out_dir: Path | None = Non
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), sc.grad_clip) if sc.grad_clip > 0 else None
             opt.step()
             sched.step()
-            rec: dict[str, Any] = {"step": step, "sft/loss": float(loss), "sft/lr": sched.get_last_lr()[0],
+            rec: dict[str, Any] = {"step": step, "sft/loss": float(loss.detach()), "sft/lr": sched.get_last_lr()[0],
                                    "perf/step_s": time.perf_counter() - t0}
-            rec |= {f"sft/{k}": float(v) for k, v in losses.items()}
+            rec |= {f"sft/{k}": float(v.detach()) for k, v in losses.items()}
             if gnorm is not None:
                 rec["sft/grad_norm"] = float(gnorm)
             if (sc.eval_every and step % sc.eval_every == 0) or step == sc.steps:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .frames import cosine, numeric, pick_geometry, proxy_points, suites_in
+from .frames import cosine, exact_lambda_star, numeric, pick_geometry, proxy_points, suites_in
 from .stats import pearson, spearman
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive at this scale"
@@ -92,10 +92,22 @@ def concave_quadratic(probes: pd.DataFrame) -> Verdict:
     nums |= {"concave_share": share, "share_beta_neg": float((beta[ok] < 0).mean()),
              "share_beta_significant": float((beta[ok] + 2 * se[ok] < 0).mean()),  # β < 0 by 2 standard errors
              "median_r2": float(r2[ok].median())}
+    detail = f"{int(good.sum())} of {n} non-flat curves have β < 0 and R² ≥ {CONCAVE_R2}"
+    # reported beside the verdict: does the model's λ* (from C, X, Q) match the measured curve's?
+    exact, fit = exact_lambda_star(probes)[ok].to_numpy(), numeric(probes, "diag/curve/lambda_star")[ok].to_numpy()
+    both = np.isfinite(exact) & np.isfinite(fit)
+    if both.sum() >= MIN_CORRELATION_POINTS:
+        x, y = exact[both], fit[both]
+        pos = (x > 0) & (y > 0)
+        nums |= {"exact_vs_fit_points": int(both.sum()), "exact_vs_fit_spearman": spearman(x, y)[0],
+                 "exact_vs_fit_sign_agreement": float(np.mean(np.sign(x) == np.sign(y))),
+                 "exact_vs_fit_median_abs_log_ratio": float(np.median(np.abs(np.log(y[pos] / x[pos]))))
+                 if pos.any() else math.nan}
+        detail += (f"; λ*_exact vs λ*_fit over {int(both.sum())} curves: Spearman ρ = "
+                   f"{nums['exact_vs_fit_spearman']:.3g}, same sign {nums['exact_vs_fit_sign_agreement']:.0%}")
     verdict = SUPPORTED if share >= CONCAVE_SUPPORTED else NOT_SUPPORTED if share < CONCAVE_NOT_SUPPORTED \
         else INCONCLUSIVE
-    return Verdict(CLAIM_CONCAVE, verdict, nums,
-                   f"{int(good.sum())} of {n} non-flat curves have β < 0 and R² ≥ {CONCAVE_R2}")
+    return Verdict(CLAIM_CONCAVE, verdict, nums, detail)
 
 
 CLAIM_CE = "2. under cross-entropy the correlation is weak and the penalty dominates"

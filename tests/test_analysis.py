@@ -185,6 +185,19 @@ def test_claim_concave_quadratic_verdicts(data, verdict):
     assert v.verdict == verdict and v.numbers.get("flat_excluded") == 1
 
 
+def test_claim_concave_quadratic_reports_how_the_models_lambda_star_matches_the_fit():
+    data = curves([-1.0] * 6)
+    exact = np.array([0, 0, 0.5, 2.0, -3.0, 4.0, 8.0])  # row 0 is the flat detach curve
+    data["diag/sgd/lambda_star"] = exact
+    data["diag/curve/lambda_star"] = 2 * exact  # monotone, same signs, a factor of 2 where positive
+    v = C.concave_quadratic(data)
+    assert v.numbers["exact_vs_fit_points"] == 6
+    assert v.numbers["exact_vs_fit_spearman"] == pytest.approx(1.0)
+    assert v.numbers["exact_vs_fit_sign_agreement"] == 1.0
+    assert v.numbers["exact_vs_fit_median_abs_log_ratio"] == pytest.approx(np.log(2))
+    assert "Spearman" in v.detail
+
+
 def ce(fit: list[float], cos_ce: float = 0.05, cos_policy: float = 0.5) -> pd.DataFrame:
     steps = list(range(1, len(fit) + 1))
     return pd.concat([

@@ -66,6 +66,10 @@ def _rl(args: argparse.Namespace) -> int:
 def _probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="RL run directories with probes/")
     p.add_argument("--steps", default=None, help="only these probe steps, comma-separated")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="diag.KEY=VALUE",
+                   help="recompute with other probe settings (e.g. diag.grid_cap=1); needs --out")
+    p.add_argument("--out", default="probes.parquet", metavar="NAME",
+                   help="file name written inside each run directory (default: probes.parquet)")
 
 
 def _probe(args: argparse.Namespace) -> int:
@@ -73,7 +77,7 @@ def _probe(args: argparse.Namespace) -> int:
 
     steps = [int(s) for s in args.steps.split(",")] if args.steps else None
     for run_dir in args.run_dirs:
-        print(recompute_run(run_dir, steps=steps))
+        print(recompute_run(run_dir, steps=steps, overrides=args.overrides, out_name=args.out))
     return 0
 
 

@@ -67,6 +67,7 @@ def test_cli_bad_input_exits_2_with_a_message_and_writes_nothing(tmp_path, capsy
     assert main(["rl", "--init", str(tmp_path / "no_ckpt"), "--out", str(out)]) == 2
     assert "no_ckpt" in capsys.readouterr().err
     assert main(["probe", str(tmp_path)]) == 2
+    assert main(["probe", str(tmp_path), "--set", "diag.grid_cap=1", "--out", "../escape.parquet"]) == 2
     assert main(["eval", str(tmp_path / "no_ckpt")]) == 2
     assert not out.exists() or not any(p.name == "metrics.jsonl" for p in out.rglob("*"))
 

@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -146,6 +147,26 @@ def test_offline_probe_recomputation_equals_online_values(ckpt, tmp_path, monkey
                 assert row[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
                 checked += 1
         assert checked > 20
+
+
+def test_offline_probe_with_other_settings_writes_its_own_file_and_keeps_the_online_one(ckpt, tmp_path, monkeypatch):
+    inject_random_advantages(monkeypatch)
+    run_dir = run_rl(rl_config(ckpt, "policy", "diag.every=2", "rl.steps=2"), out_dir=tmp_path / "p")
+    online = recompute_run(run_dir)
+    before = online.read_bytes()
+    with pytest.raises(ValueError, match="rl.lr"):
+        recompute_run(run_dir, overrides=["rl.lr=1"], out_name="x.parquet")
+    with pytest.raises(ValueError, match="file of their own"):
+        recompute_run(run_dir, overrides=["diag.grid_cap=0.001"])
+    with pytest.raises(ValueError, match="grid_cap"):
+        recompute_run(run_dir, overrides=["diag.grid_cap=-1"], out_name="x.parquet")
+    capped = pd.read_parquet(recompute_run(run_dir, overrides=["diag.grid_cap=0.001"], out_name="capped.parquet"))
+    base = pd.read_parquet(online)
+    assert online.read_bytes() == before and not (run_dir / "x.parquet").exists()
+    assert capped["diag/curve/grid_capped"].all() and not base["diag/curve/grid_capped"].any()
+    assert (capped["diag/curve/grid_half_width"] < base["diag/curve/grid_half_width"]).all()
+    for k in ("diag/sgd/corr", "diag/sgd/curv", "lambda/reference"):  # only the grid changed
+        np.testing.assert_allclose(capped[k], base[k], rtol=1e-12)
 
 
 def test_taylor_order_on_a_tiny_transformer_with_mtp_head(ckpt, tmp_path):

@@ -61,8 +61,10 @@ def load_bundle(path: Path) -> dict[str, Any]:
     return payload
 
 
-def probe_from_bundle(payload: dict[str, Any], model: nn.Module) -> dict[str, Any]:
-    """Load the bundle's weights into ``model`` (same architecture) and rerun the probe."""
+def probe_from_bundle(payload: dict[str, Any], model: nn.Module,
+                      settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load the bundle's weights into ``model`` (same architecture) and rerun the probe, with the
+    bundle's ``ProbeSettings`` except the fields given in ``settings`` (e.g. another λ grid)."""
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as e:
@@ -70,7 +72,8 @@ def probe_from_bundle(payload: dict[str, Any], model: nn.Module) -> dict[str, An
     heldout = RLBatch.from_tensors(payload["heldout"]) if payload.get("heldout") else None
     return run_probe(model, RLBatch.from_tensors(payload["batch"]), ObjectiveSpec(**payload["spec"]),
                      payload["lam_used"], payload.get("base_coef", 0.0),
-                     OptimizerSnapshot.from_dict(payload["optim"]), ProbeSettings(**payload["settings"]), heldout)
+                     OptimizerSnapshot.from_dict(payload["optim"]),
+                     ProbeSettings(**(payload["settings"] | (settings or {}))), heldout)
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

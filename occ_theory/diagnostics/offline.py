@@ -1,5 +1,9 @@
 """``occ probe RUN_DIR``: recompute every diagnostic from a run's probe bundles into ``probes.parquet``.
 
+``occ probe RUN_DIR --set diag.grid_cap=1 --out probes_cap1.parquet`` recomputes them with other
+probe settings (any ``ProbeSettings`` field: the λ grid, the dtype, the HVP method, ...) into a
+file of its own, leaving ``probes.parquet`` (the online values) as it is.
+
 One row per probe step: the run's regime and seed, every decomposition quantity in both geometries,
 every proxy, the measured curve (``curve/lams``, ``curve/deltas`` as lists) and its fit. The
 computation is ``run_probe`` on the bundle's saved state, the same function the trainer ran online,
@@ -8,6 +12,7 @@ so the values agree with ``probes/step_N/online.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -20,6 +25,7 @@ from ..atomic import atomic_write_bytes
 from ..models import load_model
 from ..train.logging import Progress
 from .bundle import load_bundle, probe_from_bundle
+from .probe import ProbeSettings
 
 PROBES_FILE = "probes.parquet"
 
@@ -34,13 +40,37 @@ def read_online(bundle_dir: Path) -> dict[str, Any] | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def recompute_run(run_dir: Path, steps: list[int] | None = None) -> Path:
+def settings_overrides(cfg_path: Path, overrides: list[str]) -> dict[str, Any]:
+    """``diag.<field>=value`` overrides of the probe settings, validated as the run's config would
+    validate them; any other key is refused, naming it."""
+    from ..train.config import load_config
+
+    fields = {f.name for f in dataclasses.fields(ProbeSettings)} - {"seed"}
+    keys = [item.split("=", 1)[0].strip() for item in overrides]
+    for k in keys:
+        if not (k.startswith("diag.") and k[len("diag."):] in fields):
+            raise ValueError(f"occ probe --set {k}: only the probe settings can change offline: "
+                             + ", ".join(f"diag.{f}" for f in sorted(fields)))
+    diag = load_config(cfg_path, overrides).diag
+    return {k[len("diag."):]: getattr(diag, k[len("diag."):]) for k in keys}
+
+
+def recompute_run(run_dir: Path, steps: list[int] | None = None, overrides: list[str] | None = None,
+                  out_name: str = PROBES_FILE) -> Path:
+    """Rerun every probe bundle of ``run_dir`` into ``run_dir/out_name``; ``overrides``
+    (``diag.<field>=value``) change the probe settings, and then need an ``out_name`` of their own."""
     import pandas as pd
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise ValueError(f"{run_dir} is not a run directory: config.yaml is missing")
+    if overrides and out_name == PROBES_FILE:
+        raise ValueError(f"changed probe settings go to a file of their own (--out NAME), not {PROBES_FILE}, "
+                         "which holds the values the run computed online")
+    if Path(out_name).name != out_name or not out_name.endswith(".parquet"):
+        raise ValueError(f"--out {out_name!r}: a file name ending in .parquet (written inside each run directory)")
+    changed = settings_overrides(cfg_path, overrides) if overrides else None
     cfg = yaml.safe_load(cfg_path.read_text()) or {}
     bundles = bundle_dirs(run_dir)
     if steps is not None:
@@ -53,7 +83,7 @@ def recompute_run(run_dir: Path, steps: list[int] | None = None) -> Path:
     progress = Progress(f"probe {run_dir.name}", len(bundles))
     for i, b in enumerate(bundles, 1):
         payload = load_bundle(b)
-        res = probe_from_bundle(payload, model)
+        res = probe_from_bundle(payload, model, changed)
         row = {"run": run_dir.name, "regime": rl.get("regime"), "seed": cfg.get("seed"), "step": payload["step"],
                "proxy": rl.get("proxy"), "mtp_coef": rl.get("mtp_coef"), **payload.get("extra", {})}
         row |= {k: _cell(v) for k, v in res.items()}
@@ -62,7 +92,7 @@ def recompute_run(run_dir: Path, steps: list[int] | None = None) -> Path:
     df = pd.DataFrame(rows).sort_values("step")
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
-    out = run_dir / PROBES_FILE
+    out = run_dir / out_name
     atomic_write_bytes(out, buf.getvalue())
     return out
 

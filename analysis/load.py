@@ -115,8 +115,9 @@ def read_eval(path: Path) -> dict[str, Any] | None:
     return data
 
 
-def load_run(path: Path) -> Run:
-    """Read one run directory (see the module docstring)."""
+def load_run(path: Path, probes_file: str = PROBES_FILE) -> Run:
+    """Read one run directory (see the module docstring); ``probes_file`` names another
+    ``occ probe --out`` file to read instead of ``probes.parquet``."""
     path = Path(path)
     cfg_path = path / CONFIG_FILE
     cfg = read_config(cfg_path)
@@ -127,7 +128,7 @@ def load_run(path: Path) -> Run:
     if not isinstance(seed, int):
         raise RunFileError(f"{cfg_path}: 'seed' must be an integer, got {seed!r}")
     return Run(name=path.name, path=path, config=cfg, regime=str(rl["regime"]), seed=seed,
-               metrics=read_metrics(path / METRICS_FILE), probes=read_probes(path / PROBES_FILE),
+               metrics=read_metrics(path / METRICS_FILE), probes=read_probes(path / probes_file),
                eval=read_eval(path / EVAL_FILE))
 
 
@@ -141,7 +142,7 @@ def find_run_dirs(path: Path) -> list[Path]:
     return sorted(p.parent for p in path.rglob(CONFIG_FILE) if p.parent != path)
 
 
-def load_runs(paths: Iterable[Path] | Path) -> list[Run]:
+def load_runs(paths: Iterable[Path] | Path, probes_file: str = PROBES_FILE) -> list[Run]:
     """Runs from run directories and folders of run directories; a folder with none raises."""
     if isinstance(paths, str | Path):
         paths = [paths]
@@ -153,5 +154,5 @@ def load_runs(paths: Iterable[Path] | Path) -> list[Run]:
         for d in dirs:
             if d.resolve() not in seen:
                 seen.add(d.resolve())
-                runs.append(load_run(d))
+                runs.append(load_run(d, probes_file))
     return runs

@@ -22,7 +22,7 @@ from occ_theory.atomic import atomic_write_text
 from . import figures as F
 from .claims import THRESHOLDS, Verdict, evaluate_claims
 from .frames import REGIME_ORDER, eval_frame, metrics_frame, pick_geometry, probes_frame, regimes_in
-from .load import Run, load_runs
+from .load import PROBES_FILE, Run, load_runs
 
 SUMMARY_FILE = "summary.md"
 
@@ -90,11 +90,13 @@ def runs_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dirs: Iterable[Path] | Path, out_dir: Path, pdf: bool = False) -> Path:
-    """Load the runs, draw every figure that has data, write ``summary.md``; return its path."""
+def write_report(run_dirs: Iterable[Path] | Path, out_dir: Path, pdf: bool = False,
+                 probes_file: str = PROBES_FILE) -> Path:
+    """Load the runs, draw every figure that has data, write ``summary.md``; return its path.
+    ``probes_file``: the ``occ probe --out`` file to read in each run (default ``probes.parquet``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loaded = load_runs(run_dirs)
+    loaded = load_runs(run_dirs, probes_file)
     runs = [r for r in loaded if r.is_rl]
     if not runs:
         raise ValueError(f"no RL run among {[str(r.path) for r in loaded]} (only SFT runs)")
@@ -109,17 +111,21 @@ def write_report(run_dirs: Iterable[Path] | Path, out_dir: Path, pdf: bool = Fal
         drawn.append((fn.TITLE, path.name, caption(frames[frame])))
     verdicts = evaluate_claims(frames["metrics"], frames["probes"], frames["evals"])
     text = render_summary(runs, [r for r in loaded if not r.is_rl], verdicts, F.eval_table(frames["evals"]),
-                          drawn, skipped)
+                          drawn, skipped, probes_file)
     out = out_dir / SUMMARY_FILE
     atomic_write_text(out, text)
     return out
 
 
 def render_summary(runs: list[Run], ignored: list[Run], verdicts: list[Verdict], eval_md: str,
-                   drawn: list[tuple[str, str, str]], skipped: list[tuple[str, str]]) -> str:
+                   drawn: list[tuple[str, str, str]], skipped: list[tuple[str, str]],
+                   probes_file: str = PROBES_FILE) -> str:
+    source = "" if probes_file == PROBES_FILE else (
+        f" Probe values from `{probes_file}` (`occ probe --set ... --out {probes_file}`); runs without it "
+        "fall back to the online values in their metrics.")
     parts = ["# occ_theory: does the MTP loss help or hurt RL?", "",
-             f"{len(runs)} RL run(s), regimes {', '.join(regimes_in(pd.DataFrame({'regime': [r.regime for r in runs]})))}.",
-             "", "## Claims", "", claims_table(verdicts), ""]
+             f"{len(runs)} RL run(s), regimes {', '.join(regimes_in(pd.DataFrame({'regime': [r.regime for r in runs]})))}."
+             + source, "", "## Claims", "", claims_table(verdicts), ""]
     parts += [f"* **{v.claim}**: {v.verdict}. {v.detail}" for v in verdicts]
     parts += ["", "## Thresholds", ""] + [f"* {'claim ' + k if k.isdigit() else k}: {t}" for k, t in THRESHOLDS.items()]
     parts += ["", "## Held-out evaluation (F5)", "", "Greedy accuracy, mean ± sd over runs (number of runs).", "",

@@ -121,12 +121,14 @@ def _figures_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories (or folders of runs)")
     p.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default: figures/)")
     p.add_argument("--pdf", action="store_true", help="also write PDF versions")
+    p.add_argument("--probes", default="probes.parquet", metavar="NAME",
+                   help="probe file to read in each run, e.g. one written by occ probe --set ... --out NAME")
 
 
 def _figures(args: argparse.Namespace) -> int:
     from analysis.report import write_report
 
-    print(write_report(args.run_dirs, args.out, pdf=args.pdf))
+    print(write_report(args.run_dirs, args.out, pdf=args.pdf, probes_file=args.probes))
     return 0
 
 

@@ -51,6 +51,21 @@ def test_load_run_reads_config_metrics_probes_and_eval_with_nulls_as_nan(study):
     assert set(run.eval["suites"]) == set(SUITES)
 
 
+def test_load_run_reads_another_probe_file_when_named(study, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(study / "synthetic__policy__0", run_dir)
+    alt = pd.read_parquet(run_dir / "probes.parquet")
+    alt["diag/curve/beta"] = -123.0
+    alt.to_parquet(run_dir / "probes_alt.parquet", index=False)
+    assert (load_run(run_dir, "probes_alt.parquet").probes["diag/curve/beta"] == -123.0).all()
+    assert not (load_run(run_dir).probes["diag/curve/beta"] == -123.0).any()
+    assert load_run(run_dir, "absent.parquet").probes is None
+    text = write_report([run_dir], tmp_path / "fig", probes_file="probes_alt.parquet").read_text()
+    assert "Probe values from `probes_alt.parquet`" in text
+
+
 def test_load_runs_finds_run_directories_inside_folders_once(study):
     runs = load_runs([study, study / "synthetic__ce__1"])
     assert len(runs) == 8 and len({r.name for r in runs}) == 8

@@ -154,7 +154,7 @@ def test_offline_probe_with_other_settings_writes_its_own_file_and_keeps_the_onl
     run_dir = run_rl(rl_config(ckpt, "policy", "diag.every=2", "rl.steps=2"), out_dir=tmp_path / "p")
     online = recompute_run(run_dir)
     before = online.read_bytes()
-    with pytest.raises(ValueError, match="rl.lr"):
+    with pytest.raises(ValueError, match=r"rl\.lr"):
         recompute_run(run_dir, overrides=["rl.lr=1"], out_name="x.parquet")
     with pytest.raises(ValueError, match="file of their own"):
         recompute_run(run_dir, overrides=["diag.grid_cap=0.001"])

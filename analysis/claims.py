@@ -93,6 +93,18 @@ def concave_quadratic(probes: pd.DataFrame) -> Verdict:
              "share_beta_significant": float((beta[ok] + 2 * se[ok] < 0).mean()),  # β < 0 by 2 standard errors
              "median_r2": float(r2[ok].median())}
     detail = f"{int(good.sum())} of {n} non-flat curves have β < 0 and R² ≥ {CONCAVE_R2}"
+    # reported beside the verdict: is the curve concave where the second-order model says so (η²Q < 0)?
+    pred = numeric(probes, "diag/curve/pred_beta")[ok]
+    has_pred = np.isfinite(pred)
+    if has_pred.sum() >= MIN_PROBES:
+        neg = has_pred & (pred < 0)
+        nums |= {"pred_concave_share": float(neg.sum() / has_pred.sum()),
+                 "beta_sign_agrees_with_pred": float((np.sign(beta[ok][has_pred]) == np.sign(pred[has_pred])).mean()),
+                 "concave_share_where_pred_concave": float(good[neg].mean()) if neg.any() else math.nan,
+                 "convex_share_where_pred_convex": float((beta[ok][has_pred & ~neg] > 0).mean())
+                 if (has_pred & ~neg).any() else math.nan}
+        detail += (f"; the model predicts η²Q < 0 for {int(neg.sum())} of {int(has_pred.sum())}, and "
+                   f"{nums['concave_share_where_pred_concave']:.0%} of those are concave quadratics")
     # reported beside the verdict: does the model's λ* (from C, X, Q) match the measured curve's?
     exact, fit = exact_lambda_star(probes)[ok].to_numpy(), numeric(probes, "diag/curve/lambda_star")[ok].to_numpy()
     both = np.isfinite(exact) & np.isfinite(fit)

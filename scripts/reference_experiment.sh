@@ -16,6 +16,10 @@ for seed in $SEEDS; do
     fi
     # an interrupted probe pass leaves no probes.parquet (it is written atomically): redo it
     if [ -d "$run/probes" ] && [ ! -f "$run/probes.parquet" ]; then occ probe "$run"; fi
+    # the same probes on a grid capped where the MTP step equals the RL step (the local, second-order regime)
+    if [ -d "$run/probes" ] && [ ! -f "$run/probes_cap1.parquet" ]; then
+      occ probe "$run" --set diag.grid_cap=1 --out probes_cap1.parquet; fi
   done
 done
 occ figures "$OUT" --out figures
+occ figures "$OUT" --probes probes_cap1.parquet --out figures/grid_cap1

@@ -213,6 +213,17 @@ def test_claim_concave_quadratic_reports_how_the_models_lambda_star_matches_the_
     assert "Spearman" in v.detail
 
 
+def test_claim_concave_quadratic_reports_concavity_where_the_model_predicts_it():
+    data = curves([-1.0, -1.0, -1.0, 1.0, 1.0, -1.0])
+    data["diag/curve/pred_beta"] = [0.0, -2.0, -2.0, -2.0, -2.0, 3.0, 3.0]  # row 0: the flat detach curve
+    v = C.concave_quadratic(data)
+    assert v.numbers["pred_concave_share"] == pytest.approx(4 / 6)
+    assert v.numbers["concave_share_where_pred_concave"] == pytest.approx(3 / 4)
+    assert v.numbers["beta_sign_agrees_with_pred"] == pytest.approx(4 / 6)
+    assert v.numbers["convex_share_where_pred_convex"] == pytest.approx(1 / 2)
+    assert "4 of 6" in v.detail
+
+
 def ce(fit: list[float], cos_ce: float = 0.05, cos_policy: float = 0.5) -> pd.DataFrame:
     steps = list(range(1, len(fit) + 1))
     return pd.concat([

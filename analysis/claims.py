@@ -94,29 +94,24 @@ def concave_quadratic(probes: pd.DataFrame) -> Verdict:
              "median_r2": float(r2[ok].median())}
     detail = f"{int(good.sum())} of {n} non-flat curves have β < 0 and R² ≥ {CONCAVE_R2}"
     # reported beside the verdict: is the curve concave where the second-order model says so (η²Q < 0)?
-    pred = numeric(probes, "diag/curve/pred_beta")[ok]
+    b, pred = beta[ok], numeric(probes, "diag/curve/pred_beta")[ok]
     has_pred = np.isfinite(pred)
     if has_pred.sum() >= MIN_PROBES:
-        neg = has_pred & (pred < 0)
+        neg, pos = has_pred & (pred < 0), has_pred & (pred >= 0)
         nums |= {"pred_concave_share": float(neg.sum() / has_pred.sum()),
-                 "beta_sign_agrees_with_pred": float((np.sign(beta[ok][has_pred]) == np.sign(pred[has_pred])).mean()),
+                 "beta_sign_agrees_with_pred": float((np.sign(b[has_pred]) == np.sign(pred[has_pred])).mean()),
                  "concave_share_where_pred_concave": float(good[neg].mean()) if neg.any() else math.nan,
-                 "convex_share_where_pred_convex": float((beta[ok][has_pred & ~neg] > 0).mean())
-                 if (has_pred & ~neg).any() else math.nan}
+                 "convex_share_where_pred_convex": float((b[pos] > 0).mean()) if pos.any() else math.nan}
         detail += (f"; the model predicts η²Q < 0 for {int(neg.sum())} of {int(has_pred.sum())}, and "
                    f"{nums['concave_share_where_pred_concave']:.0%} of those are concave quadratics")
     # reported beside the verdict: does the model's λ* (from C, X, Q) match the measured curve's?
     exact, fit = exact_lambda_star(probes)[ok].to_numpy(), numeric(probes, "diag/curve/lambda_star")[ok].to_numpy()
     both = np.isfinite(exact) & np.isfinite(fit)
     if both.sum() >= MIN_CORRELATION_POINTS:
-        x, y = exact[both], fit[both]
-        pos = (x > 0) & (y > 0)
-        nums |= {"exact_vs_fit_points": int(both.sum()), "exact_vs_fit_spearman": spearman(x, y)[0],
-                 "exact_vs_fit_sign_agreement": float(np.mean(np.sign(x) == np.sign(y))),
-                 "exact_vs_fit_median_abs_log_ratio": float(np.median(np.abs(np.log(y[pos] / x[pos]))))
-                 if pos.any() else math.nan}
-        detail += (f"; λ*_exact vs λ*_fit over {int(both.sum())} curves: Spearman ρ = "
-                   f"{nums['exact_vs_fit_spearman']:.3g}, same sign {nums['exact_vs_fit_sign_agreement']:.0%}")
+        agree = _agreement(exact[both], fit[both])
+        nums |= {"exact_vs_fit_points": int(both.sum())} | {f"exact_vs_fit_{k}": v for k, v in agree.items()}
+        detail += (f"; λ*_exact vs λ*_fit over {int(both.sum())} curves: Spearman ρ = {agree['spearman']:.3g}, "
+                   f"same sign {agree['sign_agreement']:.0%}")
     verdict = SUPPORTED if share >= CONCAVE_SUPPORTED else NOT_SUPPORTED if share < CONCAVE_NOT_SUPPORTED \
         else INCONCLUSIVE
     return Verdict(CLAIM_CONCAVE, verdict, nums, detail)
@@ -227,7 +222,12 @@ CLAIM_PROXY = "5. the log-probability proxy tracks λ*"
 
 
 def _tracking(pts: pd.DataFrame) -> dict[str, float]:
-    x, y = pts["fit"].to_numpy(), pts["proxy"].to_numpy()
+    return _agreement(pts["fit"].to_numpy(), pts["proxy"].to_numpy())
+
+
+def _agreement(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """How well y tracks x: Spearman ρ and its p-value, Pearson r, sign agreement, and the median
+    |log(y/x)| where both are positive."""
     rho, p = spearman(x, y)
     both = (x > 0) & (y > 0)
     return {"spearman": rho, "p": p, "pearson": pearson(x, y), "sign_agreement": float(np.mean(np.sign(x) == np.sign(y))),

@@ -48,11 +48,11 @@ def settings_overrides(cfg_path: Path, overrides: list[str]) -> dict[str, Any]:
     fields = {f.name for f in dataclasses.fields(ProbeSettings)} - {"seed"}
     keys = [item.split("=", 1)[0].strip() for item in overrides]
     for k in keys:
-        if not (k.startswith("diag.") and k[len("diag."):] in fields):
+        if not (k.startswith("diag.") and k.removeprefix("diag.") in fields):
             raise ValueError(f"occ probe --set {k}: only the probe settings can change offline: "
                              + ", ".join(f"diag.{f}" for f in sorted(fields)))
     diag = load_config(cfg_path, overrides).diag
-    return {k[len("diag."):]: getattr(diag, k[len("diag."):]) for k in keys}
+    return {name: getattr(diag, name) for name in (k.removeprefix("diag.") for k in keys)}
 
 
 def recompute_run(run_dir: Path, steps: list[int] | None = None, overrides: list[str] | None = None,

@@ -4,13 +4,15 @@ Two ways to get a trunk:
 
 * fresh, from the architecture fields: ``family`` and every size field are then required
   (``ModelConfig.tiny()`` / ``ModelConfig.small()`` are ready-made presets);
-* ``init_from=<local HF checkpoint directory>``: the trunk is loaded with
-  ``AutoModelForCausalLM.from_pretrained(path, local_files_only=True)``. Size fields left at
-  ``None`` are read from the checkpoint; size fields that are set must match it (``ValueError``
-  naming the field otherwise). ``tie_word_embeddings``, ``rms_norm_eps`` and ``rope_theta`` are
+* ``init_from=<local HF checkpoint directory or .gguf file>``: the trunk is loaded with
+  ``AutoModelForCausalLM.from_pretrained(path, local_files_only=True)`` (``gguf_file=`` for GGUF).
+  Size fields left at ``None`` are read from the checkpoint; size fields that are set must match
+  it (``ValueError`` naming the field otherwise). ``tie_word_embeddings``, ``rms_norm_eps`` and ``rope_theta`` are
   always the checkpoint's own. The built model's ``.config`` is the resolved config.
 
-Fresh MTP modules (``mtp_depths`` of them) are put on top in both cases.
+MTP modules (``mtp_depths`` of them, initialised as ``mtp_init`` says) are put on top in both cases.
+``occ_theory.models.load_pretrained`` is the one-call form of the second way, with the checkpoint's
+own tokenizer.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-FAMILIES = ("qwen2", "llama")
+FAMILIES = ("qwen2", "llama", "qwen3")
+MTP_INITS = ("fresh", "copy_last")
 
 # Architecture fields compared against an ``init_from`` checkpoint (and by ``load_model(expect=...)``).
 ARCH_FIELDS = (
@@ -47,7 +50,7 @@ class ModelConfig:
     """Architecture of the trunk and its MTP modules. Sizes are ``None`` only with ``init_from``."""
 
     family: str | None = None
-    """Trunk family: "qwen2" (Qwen2ForCausalLM) or "llama" (LlamaForCausalLM)."""
+    """Trunk family: "qwen2" (Qwen2ForCausalLM), "llama" (LlamaForCausalLM) or "qwen3" (Qwen3ForCausalLM)."""
     hidden_size: int | None = None
     """Width H of the residual stream (trunk and MTP blocks)."""
     intermediate_size: int | None = None
@@ -64,8 +67,11 @@ class ModelConfig:
     """Share the token-embedding matrix with the output head (with init_from: the checkpoint's)."""
     mtp_depths: int = 1
     """Number D >= 0 of chained MTP modules; depth k predicts k+1 tokens ahead."""
+    mtp_init: str = "fresh"
+    """How the MTP blocks start: "fresh" (the trunk's random initialisation) or "copy_last" (a copy of the
+    trunk's last decoder block and final norm; the projection W_k is still fresh)."""
     init_from: str | None = None
-    """Local HF checkpoint directory for the trunk (None: a freshly initialised trunk)."""
+    """Local HF checkpoint directory or ``.gguf`` file for the trunk (None: a freshly initialised trunk)."""
     vocab_size: int | None = None
     """Vocabulary size; None: taken from the tokenizer (or the init_from checkpoint) when building."""
     rms_norm_eps: float = 1e-6
@@ -76,7 +82,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.init_from is not None:
             if not isinstance(self.init_from, str | os.PathLike):
-                raise ValueError(f"init_from must be a directory path, got {self.init_from!r}")
+                raise ValueError(f"init_from must be a directory or .gguf file path, got {self.init_from!r}")
             object.__setattr__(self, "init_from", os.fspath(self.init_from))
         else:
             missing = [name for name in _REQUIRED_FRESH if getattr(self, name) is None]
@@ -103,6 +109,8 @@ class ModelConfig:
             raise ValueError(f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}")
         if isinstance(self.mtp_depths, bool) or not isinstance(self.mtp_depths, int) or self.mtp_depths < 0:
             raise ValueError(f"mtp_depths must be an integer >= 0, got {self.mtp_depths!r}")
+        if self.mtp_init not in MTP_INITS:
+            raise ValueError(f"mtp_init must be one of {MTP_INITS}, got {self.mtp_init!r}")
         if not isinstance(self.tie_word_embeddings, bool):
             raise ValueError(f"tie_word_embeddings must be a bool, got {self.tie_word_embeddings!r}")
         for name in ("rms_norm_eps", "rope_theta"):

@@ -36,13 +36,23 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 from transformers.masking_utils import create_causal_mask
 
 from .config import ARCH_FIELDS, FAMILIES, ModelConfig, mismatches
 
 MTP_GRAD_MODES = ("full", "detach", "detach_encoder")
-_HF_CLASSES = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
+_HF_CLASSES = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
+               "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
 
 
 def check_mtp_grad(mtp_grad: str) -> str:
@@ -89,6 +99,12 @@ class MTPModule(nn.Module):
             elif isinstance(module, type(self.norm)):
                 nn.init.ones_(module.weight)
 
+    def copy_last(self, base: nn.Module) -> None:
+        """``mtp_init="copy_last"``: the block and the final norm become copies of the trunk's last
+        decoder block and final norm (``base`` is ``trunk.base_model``); the projection stays as it is."""
+        self.block.load_state_dict(base.layers[-1].state_dict())
+        self.norm.load_state_dict(base.norm.state_dict())
+
 
 def _full_attention_layer(hf_config: Any) -> int:
     """A layer index whose type is full attention (the MTP block never uses a KV cache)."""
@@ -112,6 +128,8 @@ class OCCModel(nn.Module):
         std = float(getattr(hf, "initializer_range", 0.02))
         for module in self.mtp:
             module.reset_parameters(std)
+            if config.mtp_init == "copy_last":
+                module.copy_last(base)
         ref = trunk.get_input_embeddings().weight
         self.mtp.to(device=ref.device, dtype=ref.dtype)
         # nn.Embedding(padding_idx=...) zeroes the pad row's lookup gradient although the forward uses it
@@ -271,15 +289,15 @@ def _hf_config(cfg: ModelConfig, vocab_size: int, special_ids: Mapping[str, int 
         rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
         tie_word_embeddings=cfg.tie_word_embeddings,
         attn_implementation="sdpa",
+        **({"head_dim": cfg.head_dim} if cfg.family == "qwen3" else {}),  # Qwen3Config's default is 128
         **special_ids,
     )
 
 
-def config_from_hf(hf: Any, mtp_depths: int, init_from: str | None = None) -> ModelConfig:
+def config_from_hf(hf: Any, mtp_depths: int, init_from: str | None = None, mtp_init: str = "fresh") -> ModelConfig:
     """The ``ModelConfig`` describing an existing transformers trunk config."""
     family = getattr(hf, "model_type", None)
-    if family not in FAMILIES:
-        raise ValueError(f"trunk model_type {family!r} is not supported; supported families: {FAMILIES}")
+    check_family(family)
     rope = getattr(hf, "rope_parameters", None)
     theta = rope.get("rope_theta") if isinstance(rope, Mapping) else None
     theta = theta if theta is not None else getattr(hf, "rope_theta", 10000.0)
@@ -288,7 +306,7 @@ def config_from_hf(hf: Any, mtp_depths: int, init_from: str | None = None) -> Mo
         num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads,
         num_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
         max_position_embeddings=hf.max_position_embeddings, tie_word_embeddings=bool(hf.tie_word_embeddings),
-        mtp_depths=mtp_depths, init_from=init_from, vocab_size=hf.vocab_size,
+        mtp_depths=mtp_depths, mtp_init=mtp_init, init_from=init_from, vocab_size=hf.vocab_size,
         rms_norm_eps=float(hf.rms_norm_eps), rope_theta=float(theta),
     )
 
@@ -305,15 +323,46 @@ def _check_vocab(vocab_size: int, tokenizer: Any, where: str) -> None:
         raise ValueError(f"vocab_size={vocab_size} ({where}) is smaller than the tokenizer's {len(tokenizer)} tokens")
 
 
-def load_trunk(path: str, dtype: torch.dtype | None = None) -> nn.Module:
-    """A local HF causal-LM checkpoint directory as a trunk (SDPA attention, no network access)."""
+def check_family(model_type: Any, where: str = "trunk") -> None:
+    """``ValueError`` unless ``model_type`` is a decoder-only family whose layer class the MTP block reuses."""
+    if model_type not in FAMILIES:
+        raise ValueError(f"{where} has model_type {model_type!r}, which is not supported: the MTP module reuses the "
+                         f"trunk's decoder layer class, known for the decoder-only families {', '.join(FAMILIES)}")
+
+
+def _from_pretrained_args(path: str) -> tuple[str, dict[str, Any]]:
+    """``(directory, extra kwargs)`` for ``from_pretrained``: a ``.gguf`` file is read with ``gguf_file=``."""
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
+    if not os.path.exists(path):
+        raise ValueError(f"trunk checkpoint {path!r} does not exist")
     if not os.path.isdir(path):
-        raise ValueError(f"trunk checkpoint directory {path!r} does not exist")
+        raise ValueError(f"trunk checkpoint {path!r} is neither a directory nor a .gguf file")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"{path!r} is not a transformers checkpoint: config.json is missing")
+    return path, {}
+
+
+def load_trunk(path: str, dtype: torch.dtype | None = None) -> nn.Module:
+    """A local HF causal-LM checkpoint directory or ``.gguf`` file as a trunk (SDPA attention, offline).
+
+    The config is checked before any weight is read: its ``model_type`` must be one of ``FAMILIES``
+    and its recorded ``architectures`` (when any) a ``...ForCausalLM``, so an encoder or a
+    sequence-classification checkpoint is refused rather than given a random output head.
+    """
+    where, extra = _from_pretrained_args(path)
+    try:
+        hf = AutoConfig.from_pretrained(where, local_files_only=True, **extra)
+    except Exception as err:  # transformers raises OSError, ValueError, ImportError (gguf missing), ...
+        hint = " (GGUF files need the optional extra: pip install 'occ-theory[gguf]')" if extra else ""
+        raise ValueError(f"cannot read the model config of {path!r}: {type(err).__name__}: {err}{hint}") from err
+    check_family(getattr(hf, "model_type", None), f"checkpoint {path!r}")
+    archs = getattr(hf, "architectures", None) or []
+    if archs and not any(a.endswith("ForCausalLM") for a in archs):
+        raise ValueError(f"checkpoint {path!r} is not a causal LM: its architectures are {archs} (need ...ForCausalLM)")
     try:
         trunk = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, attn_implementation="sdpa", dtype=dtype or torch.float32
+            where, local_files_only=True, attn_implementation="sdpa", dtype=dtype or torch.float32, **extra
         )
     except Exception as err:  # transformers raises OSError, SafetensorError, RuntimeError, ...
         raise ValueError(f"cannot load the trunk weights in {path!r}: {type(err).__name__}: {err}") from err
@@ -334,7 +383,7 @@ def build_model(config: ModelConfig | Mapping[str, Any], tokenizer: Any = None, 
             torch.manual_seed(seed)
         if cfg.init_from is not None:
             trunk = load_trunk(cfg.init_from)
-            resolved = config_from_hf(trunk.config, cfg.mtp_depths, cfg.init_from)
+            resolved = config_from_hf(trunk.config, cfg.mtp_depths, cfg.init_from, cfg.mtp_init)
             wrong = mismatches(resolved, {k: getattr(cfg, k) for k in ARCH_FIELDS if getattr(cfg, k) is not None})
             if wrong:
                 raise ValueError(f"init_from checkpoint {cfg.init_from!r} does not match the config: " + "; ".join(wrong))

@@ -1,9 +1,12 @@
-"""Reading ``metrics.jsonl`` files, torch-free (shared by the trainer's resume and ``analysis``)."""
+"""JSON run files, torch-free: reading ``metrics.jsonl`` (shared by the trainer's resume and ``analysis``)
+and the one sanitiser of values written to JSON (``json_safe``)."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 
 class RunFileError(ValueError):
@@ -32,3 +35,19 @@ def read_jsonl(path: Path) -> list[dict]:
             raise RunFileError(f"{path}: line {i} is not a JSON object")
         records.append(rec)
     return records
+
+
+def json_safe(v: Any) -> Any:
+    """``v`` as strict JSON can hold it: non-finite floats become ``None`` (``null``), numpy/torch scalars
+    plain numbers, lists and dicts element-wise, anything else its ``str``."""
+    if isinstance(v, bool) or v is None or isinstance(v, str | int):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {str(k): json_safe(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [json_safe(x) for x in v]
+    if hasattr(v, "item"):  # numpy / torch scalars
+        return json_safe(v.item())
+    return str(v)

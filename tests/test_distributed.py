@@ -16,6 +16,7 @@ from analysis.load import read_jsonl
 from occ_theory.diagnostics.probe import OptimizerSnapshot, ProbeSettings, run_probe, shared_params
 from occ_theory.models import load_model
 from occ_theory.rl.batch import Norms, ObjectiveSpec, RLBatch, compute_objectives
+from occ_theory.rl.coef import Coefficient
 from occ_theory.theory import grad
 from occ_theory.train.dist import Dist
 from occ_theory.train.rl import RLTrainer
@@ -23,7 +24,7 @@ from occ_theory.train.run import RunContext
 
 SETTINGS = ProbeSettings(dtype="float64", curve_points=5, bootstrap=0, taylor_halvings=2)
 SPEC = ObjectiveSpec.for_regime("policy")
-LAM, BASE = 0.1, 0.1
+COEF = Coefficient(0.1, "fixed", 0.1)
 
 
 def _snapshot(model) -> OptimizerSnapshot:
@@ -45,7 +46,7 @@ def _measure(model, batch: RLBatch, dist: Dist) -> dict:
         return compute_objectives(model, batch, SPEC, params=p, norms=norms).mtp
 
     g, u = dist.sum(grad(J, params)[1]), dist.sum(grad(M, params)[1])
-    probe = run_probe(model, batch, SPEC, LAM, BASE, _snapshot(model), SETTINGS, dist=dist)
+    probe = run_probe(model, batch, SPEC, COEF, _snapshot(model), SETTINGS, dist=dist).record
     return {"g": g, "u": u, "probe": probe}
 
 

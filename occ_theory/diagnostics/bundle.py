@@ -1,47 +1,48 @@
 """Probe bundles: what ``run_probe`` needs to recompute one step offline, written atomically.
 
 ``probes/step_N/bundle.pt`` holds the model weights before the step, the (global) minibatch, the
-objective spec, the λ applied, the optimizer snapshot and the probe settings; ``online.json`` the
+objective spec, the coefficient applied (``rl/coef.py: Coefficient``: λ and the values it used), the
+optimizer snapshot and the probe settings; ``online.json`` the
 values the trainer computed. ``occ probe`` reruns ``run_probe`` on the bundle (``probe_from_bundle``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from ..jsonl import json_safe
 from ..rl.batch import ObjectiveSpec, RLBatch
-from .probe import OptimizerSnapshot, ProbeSettings, run_probe
+from ..rl.coef import Coefficient
+from .probe import OptimizerSnapshot, Probe, ProbeSettings, run_probe
 
 BUNDLE_FILE = "bundle.pt"
 
 
-def save_bundle(path: Path, *, step: int, model: nn.Module, batch: RLBatch, spec: ObjectiveSpec, lam_used: float,
-                base_coef: float, optim: OptimizerSnapshot, settings: ProbeSettings,
+def save_bundle(path: Path, *, step: int, model: nn.Module, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficient,
+                optim: OptimizerSnapshot, settings: ProbeSettings,
                 heldout: RLBatch | None = None, online: dict[str, Any] | None = None,
                 extra: dict[str, Any] | None = None) -> None:
     """Everything ``run_probe`` needs for this step, written atomically to ``path/``."""
     from ..atomic import atomic_dir
 
     payload = {
-        "format": "occ_theory.probe", "version": 1, "step": step,
+        "format": "occ_theory.probe", "version": 2, "step": step,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "batch": {k: v.cpu() for k, v in batch.tensors().items()},
         "heldout": None if heldout is None else {k: v.cpu() for k, v in heldout.tensors().items()},
-        "spec": asdict(spec), "lam_used": float(lam_used), "base_coef": float(base_coef),
-        "optim": optim.to_dict(), "settings": asdict(settings), "extra": dict(extra or {}),
+        "spec": asdict(spec), "coef": coef.as_dict(),
+        "optim": optim.to_dict(), "settings": settings.model_dump(), "extra": dict(extra or {}),
     }
     with atomic_dir(Path(path)) as tmp:
         torch.save(payload, tmp / BUNDLE_FILE)
         if online is not None:
-            (tmp / "online.json").write_text(json.dumps(_jsonable(online), indent=1, allow_nan=True))
+            (tmp / "online.json").write_text(json.dumps(json_safe(online), indent=1, allow_nan=False))
 
 
 def load_bundle(path: Path) -> dict[str, Any]:
@@ -55,14 +56,15 @@ def load_bundle(path: Path) -> dict[str, Any]:
         raise ValueError(f"probe bundle {f} is corrupt or unreadable: {type(e).__name__}: {e}") from e
     if not isinstance(payload, dict) or payload.get("format") != "occ_theory.probe":
         raise ValueError(f"{f} is not an occ_theory probe bundle")
-    missing = [k for k in ("step", "model", "batch", "spec", "optim", "settings", "lam_used") if k not in payload]
+    if "coef" not in payload and {"lam_used", "base_coef"} <= payload.keys():  # version 1 stored the two numbers
+        payload["coef"] = Coefficient(float(payload["lam_used"]), "unknown", float(payload["base_coef"])).as_dict()
+    missing = [k for k in ("step", "model", "batch", "spec", "optim", "settings", "coef") if k not in payload]
     if missing:
         raise ValueError(f"probe bundle {f} lacks {missing}")
     return payload
 
 
-def probe_from_bundle(payload: dict[str, Any], model: nn.Module,
-                      settings: dict[str, Any] | None = None) -> dict[str, Any]:
+def probe_from_bundle(payload: dict[str, Any], model: nn.Module, settings: dict[str, Any] | None = None) -> Probe:
     """Load the bundle's weights into ``model`` (same architecture) and rerun the probe, with the
     bundle's ``ProbeSettings`` except the fields given in ``settings`` (e.g. another λ grid)."""
     try:
@@ -71,16 +73,5 @@ def probe_from_bundle(payload: dict[str, Any], model: nn.Module,
         raise ValueError(f"probe bundle weights do not fit the run's model: {e}") from e
     heldout = RLBatch.from_tensors(payload["heldout"]) if payload.get("heldout") else None
     return run_probe(model, RLBatch.from_tensors(payload["batch"]), ObjectiveSpec(**payload["spec"]),
-                     payload["lam_used"], payload.get("base_coef", 0.0),
-                     OptimizerSnapshot.from_dict(payload["optim"]),
+                     Coefficient.from_dict(payload["coef"]), OptimizerSnapshot.from_dict(payload["optim"]),
                      ProbeSettings(**(payload["settings"] | (settings or {}))), heldout)
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    def conv(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, np.generic):
-            return conv(v.item())
-        return v
-    return {k: ([conv(x) for x in v] if isinstance(v, list) else conv(v)) for k, v in d.items()}

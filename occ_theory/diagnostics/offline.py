@@ -12,7 +12,6 @@ so the values agree with ``probes/step_N/online.json``.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import math
@@ -23,11 +22,10 @@ import yaml
 
 from ..atomic import atomic_write_bytes
 from ..models import load_model
-from ..train.logging import Progress
+from ..names import ONLINE_FILE, PROBES_FILE
+from ..progress import Progress
 from .bundle import load_bundle, probe_from_bundle
 from .probe import ProbeSettings
-
-PROBES_FILE = "probes.parquet"
 
 
 def bundle_dirs(run_dir: Path) -> list[Path]:
@@ -36,23 +34,8 @@ def bundle_dirs(run_dir: Path) -> list[Path]:
 
 
 def read_online(bundle_dir: Path) -> dict[str, Any] | None:
-    f = Path(bundle_dir) / "online.json"
+    f = Path(bundle_dir) / ONLINE_FILE
     return json.loads(f.read_text()) if f.is_file() else None
-
-
-def settings_overrides(cfg_path: Path, overrides: list[str]) -> dict[str, Any]:
-    """``diag.<field>=value`` overrides of the probe settings, validated as the run's config would
-    validate them; any other key is refused, naming it."""
-    from ..train.config import load_config
-
-    fields = {f.name for f in dataclasses.fields(ProbeSettings)} - {"seed"}
-    keys = [item.split("=", 1)[0].strip() for item in overrides]
-    for k in keys:
-        if not (k.startswith("diag.") and k.removeprefix("diag.") in fields):
-            raise ValueError(f"occ probe --set {k}: only the probe settings can change offline: "
-                             + ", ".join(f"diag.{f}" for f in sorted(fields)))
-    diag = load_config(cfg_path, overrides).diag
-    return {name: getattr(diag, name) for name in (k.removeprefix("diag.") for k in keys)}
 
 
 def recompute_run(run_dir: Path, steps: list[int] | None = None, overrides: list[str] | None = None,
@@ -70,7 +53,7 @@ def recompute_run(run_dir: Path, steps: list[int] | None = None, overrides: list
                          "which holds the values the run computed online")
     if Path(out_name).name != out_name or not out_name.endswith(".parquet"):
         raise ValueError(f"--out {out_name!r}: a file name ending in .parquet (written inside each run directory)")
-    changed = settings_overrides(cfg_path, overrides) if overrides else None
+    changed = ProbeSettings.parse_overrides(overrides) if overrides else None
     cfg = yaml.safe_load(cfg_path.read_text()) or {}
     bundles = bundle_dirs(run_dir)
     if steps is not None:
@@ -83,9 +66,11 @@ def recompute_run(run_dir: Path, steps: list[int] | None = None, overrides: list
     progress = Progress(f"probe {run_dir.name}", len(bundles))
     for i, b in enumerate(bundles, 1):
         payload = load_bundle(b)
-        res = probe_from_bundle(payload, model, changed)
+        res = probe_from_bundle(payload, model, changed).record
+        coef = payload["coef"]  # the coefficient the run applied: the bundle is its one source
         row = {"run": run_dir.name, "regime": rl.get("regime"), "seed": cfg.get("seed"), "step": payload["step"],
-               "proxy": rl.get("proxy"), "mtp_coef": rl.get("mtp_coef"), **payload.get("extra", {})}
+               "proxy": rl.get("proxy"), "mtp_coef": coef["mtp_coef"], "lambda/used": coef["value"],
+               "lambda/rule": coef["rule"], **payload.get("extra", {})}
         row |= {k: _cell(v) for k, v in res.items()}
         rows.append(row)
         progress.update(i)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -36,45 +35,27 @@ from ..rl.batch import (
     RLBatch,
     compute_objectives,
     forward_logprobs,
-    mtp_mask,
 )
+from ..rl.coef import Coefficient, CoefficientRule, fisher_proxy, logprob_proxies, proxy_record
 from ..theory import (
     Decomposition,
     decompose_geometries,
     eager_attention,
     grad,
-    proxies,
 )
 from ..theory.params import sq_norm
+from ..theory.precond import adam_preconditioner
 from .curve import measure_curve, taylor_residuals
+from .recorder import module_breakdown
+from .settings import ProbeSettings
 
 NAN = float("nan")
 
 
-@dataclass(frozen=True)
-class ProbeSettings:
-    dtype: str = "float32"
-    hvp_method: str = "rev-rev"
-    curve_points: int = 9
-    curve_span: float = 3.0
-    curve_default: float = 1.0
-    curve_real_step: bool = False
-    bootstrap: int = 100
-    taylor_halvings: int = 3
-    grid_cap: float = 0.0
-    seed: int = 0
-
-    @classmethod
-    def from_diag(cls, diag: Any, seed: int = 0) -> ProbeSettings:
-        return cls(dtype=diag.dtype, hvp_method=diag.hvp_method, curve_points=diag.curve_points,
-                   curve_span=diag.curve_span, curve_default=diag.curve_default,
-                   curve_real_step=diag.curve_real_step, bootstrap=diag.bootstrap,
-                   taylor_halvings=diag.taylor_halvings, grid_cap=diag.grid_cap, seed=seed)
-
-
 @dataclass
 class OptimizerSnapshot:
-    """What the diagnostics need of an Adam/AdamW optimizer, keyed by shared-parameter name."""
+    """What the diagnostics need of an Adam/AdamW optimizer, keyed by shared-parameter name, and the
+    recorder's bias-corrected momentum buffers of g and u (``adam_stationary``; None when not tracked)."""
 
     kind: str  # "adamw" | "adam" | "sgd"
     lr: float
@@ -83,10 +64,11 @@ class OptimizerSnapshot:
     weight_decay: float
     state: dict[str, dict[str, Tensor]]  # name -> {"step", "exp_avg", "exp_avg_sq"}
     grad_clip: float = 0.0
+    momentum: dict[str, dict[str, Tensor]] | None = None  # {"m_g": {name: m̂_g}, "m_u": {name: m̂_u}}
 
     @classmethod
-    def capture(cls, optimizer: torch.optim.Optimizer, named: dict[str, nn.Parameter], grad_clip: float = 0.0
-                ) -> OptimizerSnapshot:
+    def capture(cls, optimizer: torch.optim.Optimizer, named: dict[str, nn.Parameter], grad_clip: float = 0.0,
+                momentum: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None) -> OptimizerSnapshot:
         group = optimizer.param_groups[0]
         kind = {"AdamW": "adamw", "Adam": "adam"}.get(type(optimizer).__name__, "sgd")
         state = {}
@@ -95,8 +77,10 @@ class OptimizerSnapshot:
             if "exp_avg_sq" in st:
                 state[name] = {k: (v.detach().clone() if isinstance(v, Tensor) else torch.tensor(v))
                                for k, v in st.items()}
+        mom = None if momentum is None else {"m_g": {k: v.clone() for k, v in momentum[0].items()},
+                                             "m_u": {k: v.clone() for k, v in momentum[1].items()}}
         return cls(kind, float(group["lr"]), tuple(group.get("betas", (0.9, 0.999))), float(group.get("eps", 1e-8)),
-                   float(group.get("weight_decay", 0.0)), state, grad_clip)
+                   float(group.get("weight_decay", 0.0)), state, grad_clip, mom)
 
     def preconditioner(self, params: dict[str, Tensor]) -> dict[str, Tensor] | None:
         """Adam's diagonal ``1/(sqrt(v̂)+ε)`` per shared parameter; None when any state is missing."""
@@ -114,20 +98,6 @@ class OptimizerSnapshot:
         return cls(**d)
 
 
-def adam_preconditioner(state: dict[str, dict[str, Any]], params: dict[str, Tensor], beta2: float, eps: float
-                        ) -> dict[str, Tensor] | None:
-    """``P = 1/(sqrt(v̂)+ε)`` with ``v̂ = v/(1 − β2^t)`` from Adam state keyed like ``params``; None when a
-    parameter has no state yet (before the first step)."""
-    if any(name not in state or "exp_avg_sq" not in state[name] for name in params):
-        return None
-    out = {}
-    for name, p in params.items():
-        st = state[name]
-        v_hat = st["exp_avg_sq"].to(p.dtype) / (1 - beta2 ** float(st["step"]))
-        out[name] = 1.0 / (v_hat.sqrt() + eps)
-    return out
-
-
 def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float64": torch.float64}[name]
 
@@ -135,8 +105,6 @@ def _dtype(name: str) -> torch.dtype:
 def _decomp_record(prefix: str, dec: Decomposition | None) -> dict[str, Any]:
     keys = ("corr", "cross", "curv", "curv_fisher", "lambda_star", "lambda_star_first_order", "lambda_star_fisher",
             "gain_at_optimum", "proj", "u_norm_sq", "pg_norm", "lambda_balance")
-    if prefix.endswith("sgd"):  # norms and cosine of g and u themselves (parameter space, P-independent)
-        keys += ("g_norm", "u_norm", "cosine")
     if dec is None:
         return {f"{prefix}/{k}": NAN for k in keys} | {f"{prefix}/concave": None, f"{prefix}/reason":
                                                         "no optimizer state yet (first step)"}
@@ -144,100 +112,55 @@ def _decomp_record(prefix: str, dec: Decomposition | None) -> dict[str, Any]:
     return {f"{prefix}/{k}": d[k] for k in keys} | {f"{prefix}/concave": d["concave"], f"{prefix}/reason": d["reason"]}
 
 
-def _stat_terms(prefix: str, x: Tensor, mask: Tensor) -> dict[str, Tensor]:
-    """Sums from which the mean, std and max |x| over valid positions follow (summable over processes)."""
-    v = torch.where((mask > 0) & torch.isfinite(x), x, torch.zeros_like(x)).double()
-    n = ((mask > 0) & torch.isfinite(x)).double().sum()
-    return {f"{prefix}/n": n, f"{prefix}/s1": v.sum(), f"{prefix}/s2": (v * v).sum(),
-            f"{prefix}/max_abs": v.abs().max() if v.numel() else v.new_zeros(())}
-
-
-def _stats(prefix: str, t: dict[str, Tensor]) -> dict[str, float]:
-    n, s1, s2 = (float(t[f"{prefix}/{k}"]) for k in ("n", "s1", "s2"))
-    if n == 0:
-        return {f"{prefix}/mean": NAN, f"{prefix}/std": NAN, f"{prefix}/max_abs": NAN}
-    mean = s1 / n
-    var = max(s2 - n * mean * mean, 0.0) / (n - 1) if n > 1 else 0.0
-    return {f"{prefix}/mean": mean, f"{prefix}/std": math.sqrt(var), f"{prefix}/max_abs": float(t[f"{prefix}/max_abs"])}
-
-
-def logprob_proxy_terms(logp: Tensor, old_logp: Tensor, mtp_logp: list[Tensor], mask: Tensor, prompt_len: int
-                        ) -> dict[str, Tensor]:
-    """The sums behind ``reference``, ``least_squares`` (per MTP depth) and the log-ratio statistics."""
-
-    def block(t: Tensor) -> Tensor:  # the response block, padding filled with zeros as the trainer does
-        return torch.where(mask > 0, t, torch.zeros_like(t))[:, prompt_len:]
-
-    terms = _stat_terms("stats/l_minus_old", logp - old_logp, mask)
-    for k, q in enumerate(mtp_logp, start=1):
-        blocks = (block(logp), block(old_logp), block(q))
-        if all(bool(torch.isfinite(t).all()) for t in blocks):
-            num, den = proxies.reference_terms(*blocks)
-        else:  # a non-finite forward: NaN, which the coefficient rule applies as 0 and counts
-            num, den = torch.tensor(NAN, dtype=torch.float64), torch.tensor(float(blocks[0].numel()))
-        terms |= {f"ref{k}/num": num, f"ref{k}/den": den}
-        num, den = proxies.least_squares_terms(logp, old_logp, q, mtp_mask(mask, k))
-        terms |= {f"ls{k}/num": num, f"ls{k}/den": den}
-    if mtp_logp:
-        terms |= _stat_terms("stats/q_minus_old", mtp_logp[0] - old_logp, mask)
-    return terms
-
-
-def logprob_proxies(logp: Tensor, old_logp: Tensor, mtp_logp: list[Tensor], mask: Tensor, base_coef: float,
-                    prompt_len: int, reduce: Any = None) -> dict[str, Any]:
-    """``reference`` (public code: unmasked mean over the response block) and ``least_squares``,
-    summed over MTP depths, plus the statistics of l − l_old and q − l_old. Cheap: every step.
-    ``reduce`` sums the terms over processes (the max entries are summed too, so pass a reduce
-    that takes the max of keys ending in ``max_abs``)."""
-    depths = len(mtp_logp)
-    terms = logprob_proxy_terms(logp, old_logp, mtp_logp, mask, prompt_len)
-    if reduce is not None:
-        terms = reduce(terms)
-    out: dict[str, Any] = _stats("stats/l_minus_old", terms)
-    if depths == 0:
-        return out | {"lambda/reference": NAN, "lambda/least_squares": NAN}
-    c = base_coef / depths
-    ref = sum(proxies.from_terms(terms[f"ref{k}/num"], terms[f"ref{k}/den"], scale=c) for k in range(1, depths + 1))
-    ls = sum(proxies.from_terms(terms[f"ls{k}/num"], terms[f"ls{k}/den"], scale=c, eps=proxies.REFERENCE_EPS)
-             for k in range(1, depths + 1))
-    return out | _stats("stats/q_minus_old", terms) | {"lambda/reference": ref, "lambda/least_squares": ls}
-
-
 def shared_params(model: nn.Module) -> dict[str, Tensor]:
     names = set(model.shared_param_names())
     return {k: p.detach() for k, p in model.named_parameters() if k in names}
 
 
-def run_probe(model: nn.Module, batch: RLBatch, spec: ObjectiveSpec, lam_used: float, base_coef: float,
-              optim: OptimizerSnapshot, settings: ProbeSettings, heldout: RLBatch | None = None,
-              dist: Any = None) -> dict[str, Any]:
+@dataclass
+class Probe:
+    """One probe's flat ``record`` (scalars, and lists for curves) and the directions it measured
+    on θ_S: ``g = ∇J`` and ``u = ∇M`` (None when the regime has no MTP loss)."""
+
+    record: dict[str, Any]
+    g: dict[str, Tensor] | None = None
+    u: dict[str, Tensor] | None = None
+
+
+def run_probe(model: nn.Module, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficient, optim: OptimizerSnapshot,
+              settings: ProbeSettings, heldout: RLBatch | None = None, dist: Any = None) -> Probe:
     """Every diagnostic of one step (see the module docstring). Leaves ``model`` unchanged.
 
-    ``dist`` (an ``occ_theory.train.dist.Dist``) makes every quantity the one of the global batch
-    when ``batch`` is this process's shard: every process must call it at the same step."""
+    ``coef`` is the coefficient the run applied (``rl/coef.py``): its value is the λ used, its
+    ``mtp_coef`` scales the log-prob proxies. ``dist`` (an ``occ_theory.train.dist.Dist``) makes
+    every quantity the one of the global batch when ``batch`` is this process's shard: every
+    process must call it at the same step."""
     dtype = _dtype(settings.dtype)
     work = model if next(model.parameters()).dtype == dtype else copy.deepcopy(model).to(dtype)
     was_training = work.training
     work.eval()
     try:
-        return _probe(work, batch, spec, lam_used, base_coef, optim, settings, heldout, dtype, dist)
+        return _probe(work, batch, spec, coef, optim, settings, heldout, dtype, dist)
     finally:
         work.train(was_training)
 
 
-def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, lam_used: float, base_coef: float,
-           optim: OptimizerSnapshot, settings: ProbeSettings, heldout: RLBatch | None, dtype: torch.dtype,
-           dist: Any = None) -> dict[str, Any]:
+def _cast(batch: RLBatch | None, dtype: torch.dtype) -> RLBatch | None:
+    if batch is None:
+        return None
+    return RLBatch(**{k: (v.to(dtype) if v.is_floating_point() else v) for k, v in batch.tensors().items()})
+
+
+def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficient, optim: OptimizerSnapshot,
+           settings: ProbeSettings, heldout: RLBatch | None, dtype: torch.dtype, dist: Any = None) -> Probe:
     sums = dist.sum if dist is not None and dist.active else None  # sums over processes
     gather = dist.gather_cat if sums is not None else None  # per-sequence terms, concatenated
-    b = RLBatch(**{k: (v.to(dtype) if v.is_floating_point() else v) for k, v in batch.tensors().items()})
-    hb = None if heldout is None else RLBatch(**{k: (v.to(dtype) if v.is_floating_point() else v)
-                                                   for k, v in heldout.tensors().items()})
+    b, hb = _cast(batch, dtype), _cast(heldout, dtype)
     params = shared_params(work)
     mask = b.response_mask
-    lr = optim.lr
-    out: dict[str, Any] = {"diag/lr": lr, "diag/lambda_used": lam_used, "diag/dtype": settings.dtype,
-                           "diag/hvp_method": settings.hvp_method}
+    lr, lam_used = optim.lr, coef.value
+    rule = CoefficientRule("occ", coef.mtp_coef)  # scales each proxy as the run's rule would
+    out: dict[str, Any] = {"diag/lr": lr, "diag/dtype": settings.dtype, "diag/hvp_method": settings.hvp_method}
 
     norms = Norms.of(b, work.num_mtp, sums) if sums is not None else None  # global token counts
 
@@ -258,10 +181,11 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, lam_used: float
     with curvature_numerics(work):
         with torch.no_grad():
             obj = compute_objectives(work, b, spec)
-        out |= logprob_proxies(obj.logp, b.old_logp, obj.mtp_logp, mask, base_coef, b.prompt_len,
-                               dist.sum_terms if sums is not None else None)
+        raw, stats = logprob_proxies(obj.logp, b.old_logp, obj.mtp_logp, mask, b.prompt_len,
+                                     dist.sum_terms if sums is not None else None)
+        out |= stats | proxy_record(rule, raw)
         if spec.mtp_kind is None:
-            return out | {"diag/skipped": "regime has no MTP loss"}
+            return Probe(out | {"diag/skipped": "regime has no MTP loss"})
         red = sums or (lambda d: d)
         u = red(grad(M, params)[1])
         precond = optim.preconditioner(params)
@@ -270,6 +194,7 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, lam_used: float
                                     reduce=sums)
         decs.setdefault("adam", None)
         g = decs["sgd"].grad_rl
+        out |= module_breakdown(g, u)
         for name, dec in decs.items():
             out |= _decomp_record(f"diag/{name}", dec)
         if precond is not None:  # the model step is η·P·g; Adam's next step weighs the new gradient by this
@@ -278,12 +203,8 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, lam_used: float
         geometry = "adam" if decs["adam"] is not None else "sgd"
         dec = decs[geometry]
         out["diag/curve/geometry"] = geometry
-        fisher = NAN
-        if dec.dlogp is not None:
-            num, den = proxies.fisher_terms(b.advantages, dec.dlogp, mask)
-            t = red({"num": num, "den": den})
-            fisher = proxies.from_terms(t["num"], t["den"], scale=1.0 / lr)
-        out["lambda/fisher"] = fisher
+        out |= proxy_record(rule, {"fisher": fisher_proxy(b.advantages, dec.dlogp, mask, lr, sums)
+                                   if dec.dlogp is not None else NAN})
     # the curve and the Taylor residual only evaluate J: the fused attention kernels serve (float32)
     evaluation_numerics = exact_float64 if dtype == torch.float64 else contextlib.nullcontext
     run_precond = precond if geometry == "adam" else None
@@ -299,9 +220,7 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, lam_used: float
     with evaluation_numerics(work):
         if settings.curve_points > 0:
             out |= measure_curve(J, M, seq_terms, params, g, u, dec, run_precond, lam_used, mask, settings, optim, hb,
-                          work, spec, sums, gather, mtp_only_sq_norm)
+                                 work, spec, sums, gather, mtp_only_sq_norm)
         if settings.taylor_halvings > 0 and not dec.u_zero:
             out |= taylor_residuals(J, M, params, g, u, dec, run_precond, lam_used, settings, sums)
-    return out
-
-
+    return Probe(out, g, u)

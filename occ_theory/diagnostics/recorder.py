@@ -1,15 +1,21 @@
-"""The gradient recorder: ``g = ∇J`` and ``u = ∇M`` separately on the shared parameters θ_S.
+"""The gradient recorder: ``g = ∇J`` and ``u = ∇M`` on θ_S at every step, identity 3, and the split by module.
 
-On a scheduled step the trainer calls ``record`` on the live graph (before ``loss.backward``),
-then ``check`` after it: identity 3 of THEORY.md says the gradient the optimizer receives on θ_S is
-``−(g + λ·u)`` (the loss is ``−J − λ·M``). ``breakdown`` splits norms, cosine and C = gᵀu by module
-(embeddings, each block, final norm, output head), which shows which layers conflict.
+* ``mtp_grad`` takes u from the live graph before the backward pass (one extra backward of M);
+  ``observe`` then reads g off the gradient the optimizer received, ``g = −∇L − λ·u`` (the loss is
+  ``L = −J − λ·M``), and keeps bias-corrected momentum buffers ``m_g``, ``m_u`` with Adam's β₁: the
+  directions of the ``adam_stationary`` geometry (THEORY.md section 2). Memory: two θ_S-sized
+  buffers, only in runs that track them.
+* ``check`` compares the gradient the optimizer received with ``−(g + λ·u)`` for the g and u a probe
+  measured functionally (identity 3): a mismatch means the probe measures other objectives than the
+  ones trained (another batch, a missing gradient cut, another normaliser).
+* ``module_breakdown`` splits norms, cosine and C = gᵀu by module (embeddings, each block, final
+  norm, output head), which shows which layers conflict.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,61 +23,85 @@ from torch import Tensor, nn
 from ..models import module_group
 
 
-@dataclass
-class GradRecord:
-    g: list[Tensor]
-    u: list[Tensor]
-
-
 class GradientRecorder:
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, beta1: float = 0.9, track_momentum: bool = False):
         shared = set(model.shared_param_names())
         named = [(k, p) for k, p in model.named_parameters() if k in shared and p.requires_grad]
         self.names = [k for k, _ in named]
         self.params = [p for _, p in named]
-        self.groups = [module_group(k) for k in self.names]
+        self.beta1 = beta1
+        self.track_momentum = track_momentum
+        self.count = 0  # steps averaged into the momentum buffers
+        self.m_g: dict[str, Tensor] = {}
+        self.m_u: dict[str, Tensor] = {}
 
-    def _grads(self, value: Tensor | None) -> list[Tensor]:
-        if value is None or not value.requires_grad:
-            return [torch.zeros_like(p) for p in self.params]
-        gs = torch.autograd.grad(value, self.params, retain_graph=True, allow_unused=True, materialize_grads=True)
-        return [g.detach().float() for g in gs]
+    def mtp_grad(self, mtp_objective: Tensor | None, reduce: Any = None) -> dict[str, Tensor]:
+        """u = ∇M on θ_S from the live graph (kept for the backward that follows); zeros without an MTP
+        path. ``reduce`` sums over processes."""
+        if mtp_objective is None or not mtp_objective.requires_grad:
+            u = [torch.zeros_like(p) for p in self.params]
+        else:
+            u = torch.autograd.grad(mtp_objective, self.params, retain_graph=True, allow_unused=True,
+                                    materialize_grads=True)
+        out = {k: t.detach().float() for k, t in zip(self.names, u)}
+        return reduce(out) if reduce is not None else out
 
-    def record(self, rl_objective: Tensor, mtp_objective: Tensor | None, reduce=None) -> GradRecord:
-        """g and u from the live graph (kept for the real backward that follows); ``reduce`` sums a
-        dict of tensors over processes in data parallelism."""
-        g, u = self._grads(rl_objective), self._grads(mtp_objective)
-        if reduce is not None:
-            both = reduce({f"g{i}": t for i, t in enumerate(g)} | {f"u{i}": t for i, t in enumerate(u)})
-            g = [both[f"g{i}"] for i in range(len(g))]
-            u = [both[f"u{i}"] for i in range(len(u))]
-        return GradRecord(g, u)
+    def observe(self, u: dict[str, Tensor], lam: float) -> None:
+        """After the backward pass (gradients summed over processes, before clipping): g follows from the
+        optimizer's gradient; both enter the momentum buffers."""
+        if not self.track_momentum:
+            return
+        gs = {name: -(p.grad.detach().float() if p.grad is not None else torch.zeros_like(u[name])) - lam * u[name]
+              for name, p in zip(self.names, self.params)}
+        if not all(bool(torch.isfinite(t).all()) for t in (*gs.values(), *u.values())):
+            return  # a skipped step: it does not enter the optimizer's momentum either
+        self.count += 1
+        b = self.beta1
+        for name, g in gs.items():
+            for buf, x in ((self.m_g, g), (self.m_u, u[name])):
+                buf[name] = (1 - b) * x if name not in buf else b * buf[name] + (1 - b) * x
 
-    def check(self, rec: GradRecord, lam: float) -> dict[str, float]:
+    def momentum(self) -> tuple[dict[str, Tensor], dict[str, Tensor]] | None:
+        """Bias-corrected ``(m̂_g, m̂_u)``, or None before the first observed step."""
+        if not self.count:
+            return None
+        c = 1 - self.beta1 ** self.count
+        return {k: v / c for k, v in self.m_g.items()}, {k: v / c for k, v in self.m_u.items()}
+
+    def check(self, g: dict[str, Tensor], u: dict[str, Tensor], lam: float) -> dict[str, float]:
         """Identity 3: relative max deviation of the received ``.grad`` from ``−(g + λ·u)``."""
         worst, scale = 0.0, 0.0
-        for p, g, u in zip(self.params, rec.g, rec.u):
-            expected = -(g + lam * u)
-            got = p.grad.detach().float() if p.grad is not None else torch.zeros_like(expected)
+        for name, p in zip(self.names, self.params):
+            expected = -(g[name] + lam * u[name]).double()
+            got = p.grad.detach().double() if p.grad is not None else torch.zeros_like(expected)
             worst = max(worst, float((got - expected).abs().max()))
             scale = max(scale, float(expected.abs().max()))
         return {"diag/identity3/max_abs_err": worst,
                 "diag/identity3/rel_err": worst / scale if scale > 0 else (0.0 if worst == 0 else math.inf)}
 
-    def breakdown(self, rec: GradRecord) -> dict[str, float]:
-        """Norms of g and u, their cosine and C = gᵀu, overall and per module group (SGD geometry)."""
-        acc: dict[str, list[float]] = {}
-        for grp, g, u in zip(self.groups, rec.g, rec.u):
-            for key in ("all", grp):
-                a = acc.setdefault(key, [0.0, 0.0, 0.0])
-                a[0] += float((g * g).sum())
-                a[1] += float((u * u).sum())
-                a[2] += float((g * u).sum())
-        out = {}
-        for key, (gg, uu, gu) in acc.items():
-            prefix = "diag/grad" if key == "all" else f"diag/module/{key}"
-            out[f"{prefix}/g_norm"] = math.sqrt(gg)
-            out[f"{prefix}/u_norm"] = math.sqrt(uu)
-            out[f"{prefix}/corr"] = gu
-            out[f"{prefix}/cos"] = gu / math.sqrt(gg * uu) if gg > 0 and uu > 0 else math.nan
-        return out
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "m_g": self.m_g, "m_u": self.m_u}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.count, self.m_g, self.m_u = sd["count"], dict(sd["m_g"]), dict(sd["m_u"])
+
+
+def module_breakdown(g: dict[str, Tensor], u: dict[str, Tensor]) -> dict[str, float]:
+    """Norms of g and u, their cosine and C = gᵀu, over θ_S (``diag/grad/…``) and per module group
+    (``diag/module/<group>/…``), in parameter space (P = I)."""
+    acc: dict[str, list[float]] = {}
+    for name in g:
+        gn, un = g[name].double(), u[name].double()
+        for key in ("all", module_group(name)):
+            a = acc.setdefault(key, [0.0, 0.0, 0.0])
+            a[0] += float((gn * gn).sum())
+            a[1] += float((un * un).sum())
+            a[2] += float((gn * un).sum())
+    out = {}
+    for key, (gg, uu, gu) in acc.items():
+        prefix = "diag/grad" if key == "all" else f"diag/module/{key}"
+        out[f"{prefix}/g_norm"] = math.sqrt(gg)
+        out[f"{prefix}/u_norm"] = math.sqrt(uu)
+        out[f"{prefix}/corr"] = gu
+        out[f"{prefix}/cos"] = gu / math.sqrt(gg * uu) if gg > 0 and uu > 0 else math.nan
+    return out

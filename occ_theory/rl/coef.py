@@ -1,11 +1,18 @@
-"""The MTP coefficient λ applied at each optimizer step, by regime (THEORY.md sections 3, 4).
+"""The MTP coefficient λ: every rule in one place (THEORY.md sections 3 and 4).
 
-* ``off``: 0, and no MTP loss at all.
-* ``detach`` / ``detach_encoder`` / ``ce`` / ``policy``: the fixed ``mtp_coef``.
-* ``occ``: the chosen proxy (which already carries the base coefficient ``c = mtp_coef /
-  num_depths``), then an optional EMA and clip. A non-finite proxy is applied as 0 and counted.
+A rule reads what it needs from a ``CoefInputs`` and returns a ``Coefficient``: the λ applied and
+the values it used. ``mtp_coef`` is applied here, once:
 
-The trainer computes the proxies from globally summed ``(num, den)`` terms
+* ``off``: 0 (no MTP loss at all);
+* ``detach`` / ``detach_encoder`` / ``ce`` / ``policy``: the fixed ``mtp_coef``;
+* ``occ`` with ``reference`` or ``least_squares``: ``mtp_coef`` × the proxy's ratio averaged over
+  the MTP depths (so each depth carries ``c = mtp_coef / D``, as the public implementation does);
+* ``occ`` with ``fisher``: the proxy itself, ``Σ m·A·δ / (η·Σ m·δ²)``, *unscaled*: it is λ*_F of
+  the Fisher curvature model, a coefficient in its own right, and ``mtp_coef`` does not enter;
+
+then, for ``occ``, an optional EMA and clip. A non-finite proxy is applied as 0 and counted.
+
+The log-prob proxies come from globally summed ``(num, den)`` terms
 (``occ_theory.theory.proxies``), so a multi-process run applies the same λ as one process with the
 whole batch.
 """
@@ -13,7 +20,55 @@ whole batch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..theory import proxies
+from ..theory.params import Params, axpy, mul
+from ..theory.precond import adam_preconditioner
+from .batch import forward_logprobs, mtp_mask
+
+NAN = float("nan")
+SCALED_PROXIES = ("reference", "least_squares")
+"""Proxies whose value is a ratio that ``mtp_coef`` scales (THEORY.md 4a, 4b); ``fisher`` is not."""
+FISHER_FD_STEP = 1e-4
+"""Largest parameter change of the central difference behind the fisher proxy's δ."""
+
+
+@dataclass(frozen=True)
+class Coefficient:
+    """The λ applied at one step, with the values it came from."""
+
+    value: float
+    """λ, the coefficient multiplying M in the loss ``−J − λ·M``."""
+    rule: str
+    """off | fixed | reference | least_squares | fisher."""
+    mtp_coef: float
+    """The configured ``rl.mtp_coef`` (the base coefficient c for the scaled proxies)."""
+    raw: float = NAN
+    """The proxy before scaling, EMA and clip (NaN for off and fixed)."""
+    scale: float = NAN
+    """What multiplied ``raw`` (``mtp_coef`` for the scaled proxies, 1 for fisher)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Coefficient:
+        return cls(**d)
+
+
+@dataclass
+class CoefInputs:
+    """What a rule may read at one step. ``proxies`` holds each log-prob proxy's unscaled value;
+    ``fisher`` computes the fisher proxy on demand (it costs a backward and two forwards)."""
+
+    proxies: dict[str, float] = field(default_factory=dict)
+    fisher: Callable[[], float] | None = None
 
 
 @dataclass
@@ -27,28 +82,154 @@ class CoefficientRule:
     non_finite: int = 0
 
     @property
-    def adaptive(self) -> bool:
-        return self.regime == "occ"
+    def name(self) -> str:
+        return {"off": "off", "occ": self.proxy}.get(self.regime, "fixed")
 
-    def __call__(self, proxy_coefs: dict[str, float] | None = None) -> float:
-        if self.regime == "off":
-            return 0.0
-        if not self.adaptive:
-            return float(self.mtp_coef)
-        if proxy_coefs is None or self.proxy not in proxy_coefs:
-            raise ValueError(f"occ needs the {self.proxy!r} proxy value")
-        raw = float(proxy_coefs[self.proxy])
+    @property
+    def needs_mtp_grad(self) -> bool:
+        """Whether the rule needs u = ∇M on θ_S before λ is known."""
+        return self.name == "fisher"
+
+    def scaled(self, name: str, raw: float) -> float:
+        """The λ the proxy ``name`` gives before EMA and clip."""
+        return self.mtp_coef * raw if name in SCALED_PROXIES else raw
+
+    def __call__(self, inputs: CoefInputs | None = None) -> Coefficient:
+        rule = self.name
+        if rule == "off":
+            return Coefficient(0.0, rule, self.mtp_coef)
+        if rule == "fixed":
+            return Coefficient(float(self.mtp_coef), rule, self.mtp_coef)
+        inputs = inputs or CoefInputs()
+        if rule == "fisher":
+            if inputs.fisher is None:
+                raise ValueError("the fisher rule needs CoefInputs.fisher")
+            raw = float(inputs.fisher())
+        elif rule in inputs.proxies:
+            raw = float(inputs.proxies[rule])
+        else:
+            raise ValueError(f"occ needs the {rule!r} proxy value")
         if not math.isfinite(raw):
             self.non_finite += 1
             raw = 0.0
-        value = raw if self._state is None or self.ema == 0 else self.ema * self._state + (1 - self.ema) * raw
+        value = self.scaled(rule, raw)
+        if self._state is not None and self.ema > 0:
+            value = self.ema * self._state + (1 - self.ema) * value
         self._state = value
         if self.clip is not None:
             value = min(max(value, self.clip[0]), self.clip[1])
-        return value
+        return Coefficient(value, rule, self.mtp_coef, raw, self.mtp_coef if rule in SCALED_PROXIES else 1.0)
 
     def state_dict(self) -> dict:
         return {"state": self._state, "non_finite": self.non_finite}
 
     def load_state_dict(self, sd: dict) -> None:
         self._state, self.non_finite = sd["state"], sd["non_finite"]
+
+
+# ---------------------------------------------------------------- the log-prob proxies
+
+
+def _stat_terms(prefix: str, x: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """Sums from which the mean, std and max |x| over valid positions follow (summable over processes)."""
+    ok = (mask > 0) & torch.isfinite(x)
+    v = torch.where(ok, x, torch.zeros_like(x)).double()
+    return {f"{prefix}/n": ok.double().sum(), f"{prefix}/s1": v.sum(), f"{prefix}/s2": (v * v).sum(),
+            f"{prefix}/max_abs": v.abs().max() if v.numel() else v.new_zeros(())}
+
+
+def _stats(prefix: str, t: dict[str, Tensor]) -> dict[str, float]:
+    n, s1, s2 = (float(t[f"{prefix}/{k}"]) for k in ("n", "s1", "s2"))
+    if n == 0:
+        return {f"{prefix}/mean": NAN, f"{prefix}/std": NAN, f"{prefix}/max_abs": NAN}
+    mean = s1 / n
+    var = max(s2 - n * mean * mean, 0.0) / (n - 1) if n > 1 else 0.0
+    return {f"{prefix}/mean": mean, f"{prefix}/std": math.sqrt(var), f"{prefix}/max_abs": float(t[f"{prefix}/max_abs"])}
+
+
+def logprob_proxy_terms(logp: Tensor, old_logp: Tensor, mtp_logp: list[Tensor], mask: Tensor, prompt_len: int
+                        ) -> dict[str, Tensor]:
+    """The sums behind ``reference``, ``least_squares`` (per MTP depth) and the log-ratio statistics."""
+
+    def block(t: Tensor) -> Tensor:  # the response block, padding filled with zeros as the trainer does
+        return torch.where(mask > 0, t, torch.zeros_like(t))[:, prompt_len:]
+
+    terms = _stat_terms("stats/l_minus_old", logp - old_logp, mask)
+    for k, q in enumerate(mtp_logp, start=1):
+        blocks = (block(logp), block(old_logp), block(q))
+        if all(bool(torch.isfinite(t).all()) for t in blocks):
+            num, den = proxies.reference_terms(*blocks)
+        else:  # a non-finite forward: NaN, which the rule applies as 0 and counts
+            num, den = torch.tensor(NAN, dtype=torch.float64), torch.tensor(float(blocks[0].numel()))
+        terms |= {f"ref{k}/num": num, f"ref{k}/den": den}
+        num, den = proxies.least_squares_terms(logp, old_logp, q, mtp_mask(mask, k))
+        terms |= {f"ls{k}/num": num, f"ls{k}/den": den}
+    if mtp_logp:
+        terms |= _stat_terms("stats/q_minus_old", mtp_logp[0] - old_logp, mask)
+    return terms
+
+
+def logprob_proxies(logp: Tensor, old_logp: Tensor, mtp_logp: list[Tensor], mask: Tensor, prompt_len: int,
+                    reduce: Any = None) -> tuple[dict[str, float], dict[str, float]]:
+    """``(raw, stats)``: the unscaled ``reference`` (public code: unmasked mean over the response
+    block) and ``least_squares`` ratios, averaged over MTP depths, and the statistics of l − l_old
+    and q − l_old. Cheap: every step. ``reduce`` sums the terms over processes (pass one that takes
+    the max of keys ending in ``max_abs``)."""
+    depths = len(mtp_logp)
+    terms = logprob_proxy_terms(logp, old_logp, mtp_logp, mask, prompt_len)
+    if reduce is not None:
+        terms = reduce(terms)
+    stats = _stats("stats/l_minus_old", terms)
+    if depths == 0:
+        return {"reference": NAN, "least_squares": NAN}, stats
+    ref = sum(proxies.from_terms(terms[f"ref{k}/num"], terms[f"ref{k}/den"]) for k in range(1, depths + 1))
+    ls = sum(proxies.from_terms(terms[f"ls{k}/num"], terms[f"ls{k}/den"], eps=proxies.REFERENCE_EPS)
+             for k in range(1, depths + 1))
+    return {"reference": ref / depths, "least_squares": ls / depths}, stats | _stats("stats/q_minus_old", terms)
+
+
+def proxy_record(rule: CoefficientRule, raw: dict[str, float]) -> dict[str, float]:
+    """``lambda/<proxy>``: the λ each proxy rule would apply (before EMA and clip)."""
+    return {f"lambda/{name}": rule.scaled(name, v) for name, v in raw.items()}
+
+
+# ---------------------------------------------------------------- the fisher proxy
+
+
+def fisher_delta_fd(logp_at: Callable[[Params], Tensor], params: Params, direction: Params,
+                    fd_step: float = FISHER_FD_STEP) -> Tensor | None:
+    """δ = ∇l·v, the change of the main log-probs along ``direction`` v, by a central difference of
+    two forward passes whose largest coordinate moves by ``fd_step`` (full precision); None when
+    v = 0. (Probes compute δ exactly, by a JVP.)"""
+    top = max(float(t.abs().max()) for t in direction.values())
+    if top == 0.0:
+        return None
+    eps = fd_step / top
+    with torch.no_grad():
+        plus, minus = (logp_at(axpy(sign * eps, direction, params)).double() for sign in (1.0, -1.0))
+    return (plus - minus) / (2 * eps)
+
+
+def fisher_proxy(advantages: Tensor, dlogp: Tensor | None, mask: Tensor, lr: float, reduce: Any = None) -> float:
+    """The fisher proxy, unscaled: ``Σ m·A·δ / (η·Σ m·δ²)`` (THEORY.md 4c); 0 when δ = 0 (or None).
+    ``reduce`` sums the two terms over processes."""
+    if dlogp is None:
+        dlogp = torch.zeros_like(mask, dtype=torch.float64)
+    num, den = proxies.fisher_terms(advantages, dlogp, mask)
+    t = {"num": num, "den": den}
+    if reduce is not None:
+        t = reduce(t)
+    return proxies.from_terms(t["num"], t["den"], scale=1.0 / lr)
+
+
+def fisher_from_optimizer(model: Any, batch: Any, temperature: float, shared: dict[str, Tensor],
+                          optimizer: torch.optim.Optimizer, u: dict[str, Tensor], reduce: Any = None) -> float:
+    """The fisher proxy of a live step: δ = ∇l·Pu in the optimizer's own geometry (Adam's P from its
+    state; SGD's, P = I, before the first step), by ``fisher_delta_fd``; ``u`` is the global MTP
+    gradient on θ_S and ``reduce`` sums the terms over processes."""
+    params = {k: p.detach() for k, p in shared.items()}
+    group = optimizer.param_groups[0]
+    state = {k: optimizer.state.get(p, {}) for k, p in shared.items()}
+    pu = mul(u, adam_preconditioner(state, params, group["betas"][1], group["eps"]))
+    dlogp = fisher_delta_fd(lambda p: forward_logprobs(model, batch, temperature, "full", False, p)[0], params, pu)
+    return fisher_proxy(batch.advantages, dlogp, batch.response_mask, group["lr"], reduce)

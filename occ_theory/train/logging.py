@@ -2,28 +2,20 @@
 
 Keys are flat and namespaced by ``/`` (``rl/…``, ``mtp/…``, ``reward/…``, ``lambda/…``,
 ``diag/…``, ``perf/…``) and every record has ``step``. Non-finite floats are written as ``null``
-so that every line stays valid JSON. ``Progress`` draws the one-line display.
+so that every line stays valid JSON (``occ_theory.jsonl.json_safe``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import sys
-import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
+from ..jsonl import json_safe
+from ..progress import Progress
 
-def _clean(v: Any) -> Any:
-    if isinstance(v, bool) or v is None or isinstance(v, str | int):
-        return v
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if hasattr(v, "item"):  # numpy / torch scalars
-        return _clean(v.item())
-    return str(v)
+__all__ = ["MetricsWriter", "Progress"]
 
 
 class MetricsWriter:
@@ -45,7 +37,7 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         if "step" not in record:
             raise ValueError("every metrics record needs a 'step'")
-        clean = {k: _clean(v) for k, v in record.items()}
+        clean = json_safe(record)
         self._file.write(json.dumps(clean, allow_nan=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -65,31 +57,3 @@ class MetricsWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class Progress:
-    """A single status line, rewritten in place on a terminal (a plain line every few seconds otherwise)."""
-
-    def __init__(self, label: str, total: int, stream: TextIO | None = None, every_s: float = 5.0):
-        self.label, self.total = label, total
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.start = self._last = time.perf_counter()
-        self.every_s = every_s
-
-    def update(self, done: int, **fields: Any) -> None:
-        now = time.perf_counter()
-        if not self.tty and now - self._last < self.every_s and done < self.total:
-            return
-        self._last = now
-        rate = done / max(now - self.start, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("nan")
-        parts = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
-        line = f"[{self.label}] {done}/{self.total} {parts} ({rate:.2f}/s, eta {eta:.0f}s)"
-        if self.tty:
-            self.stream.write("\r\x1b[2K" + line)
-            if done >= self.total:
-                self.stream.write("\n")
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()

@@ -35,27 +35,31 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_torch_save, atomic_write_text
-from ..diagnostics.bundle import save_bundle
-from ..diagnostics.probe import (
-    OptimizerSnapshot,
-    ProbeSettings,
-    adam_preconditioner,
-    logprob_proxies,
-    run_probe,
-)
-from ..diagnostics.recorder import GradientRecorder
-from ..diagnostics.schedule import Schedule
+from ..diagnostics.step import StepDiagnostics
 from ..errors import RunStopped
 from ..jsonl import read_jsonl
 from ..models import load_model, load_tokenizer, save_model
 from ..rl.advantages import group_advantages
-from ..rl.batch import Norms, ObjectiveSpec, RLBatch, compute_objectives, forward_logprobs, mtp_mask
-from ..rl.coef import CoefficientRule
+from ..rl.batch import (
+    Norms,
+    Objectives,
+    ObjectiveSpec,
+    RLBatch,
+    compute_objectives,
+    forward_logprobs,
+    mtp_mask,
+)
+from ..rl.coef import (
+    Coefficient,
+    CoefficientRule,
+    CoefInputs,
+    fisher_from_optimizer,
+    logprob_proxies,
+    proxy_record,
+)
 from ..rl.objectives import entropy_from_logits, mtp_objective
 from ..rl.sampler import generate
 from ..tasks import SUITES
-from ..theory import proxies
-from ..theory.params import axpy, mul
 from .config import Config, load_config
 from .dist import Dist, init_from_env
 from .evaluate import decode_response, evaluate_suites, prompt_ids
@@ -63,7 +67,6 @@ from .logging import MetricsWriter, Progress
 from .run import RunContext, problem_stream, training_tasks
 
 CKPT_RE = re.compile(r"^step_(\d{6,})\.pt$")
-FISHER_FD_STEP = 1e-4  # largest parameter change of the central difference behind the trainer's fisher proxy
 
 
 class BadStepsError(RunStopped):
@@ -106,10 +109,9 @@ class RLTrainer:
         if rc.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.rule = CoefficientRule(rc.regime, rc.mtp_coef, rc.proxy, rc.coef_ema, rc.coef_clip)
-        self.recorder = GradientRecorder(self.model)
-        dc = cfg.diag
-        self.schedule = Schedule(rc.steps, dc.every, dc.at, dc.log_spaced, dc.first)
-        self.settings = ProbeSettings.from_diag(dc, cfg.seed)
+        self.diagnostics = StepDiagnostics(self.model, self.optimizer, cfg.diag, total_steps=rc.steps, seed=cfg.seed,
+                                           grad_clip=rc.grad_clip, bundle_dir=ctx.run_dir / "probes",
+                                           enabled=rc.regime != "off", dist=self.dist, heldout=self.heldout_batch)
         self.tasks = {t.name: t for t in training_tasks(cfg)}
         # randomness: every source is a seeded generator whose state is checkpointed (one set per process)
         rank = self.dist.rank
@@ -176,108 +178,91 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ one optimizer step
 
-    def fisher_coefficient(self, mb: RLBatch, u: dict[str, torch.Tensor]) -> float:
-        """The fisher proxy with δ = ∇l·Pu in the optimizer's geometry (SGD before Adam has state), by a
-        central finite difference of two forward passes (THEORY.md 4c), in full precision; ``u`` is the
-        global MTP gradient and the sums are global. (Probes compute δ exactly, by a JVP.)"""
-        params = {k: p.detach() for k, p in self.shared.items()}
-        group = self.optimizer.param_groups[0]
-        state = {k: self.optimizer.state.get(p, {}) for k, p in self.shared.items()}
-        precond = adam_preconditioner(state, params, group["betas"][1], group["eps"])
-        self._fisher_geometry = "sgd" if precond is None else "adam"
-        pu = mul(u, precond)
-        top = max(float(t.abs().max()) for t in pu.values())
-        if top == 0.0:
-            return 0.0
-        eps = FISHER_FD_STEP / top  # the largest coordinate moves by FISHER_FD_STEP
-        with torch.no_grad():
-            plus, minus = (forward_logprobs(self.model, mb, self.rc.temperature, "full", False,
-                                            axpy(sign * eps, pu, params))[0].float() for sign in (1.0, -1.0))
-        dlogp = (plus - minus) / (2 * eps)
-        num, den = proxies.fisher_terms(mb.advantages, dlogp, mb.response_mask)
-        t = self.dist.sum({"num": num, "den": den})
-        return proxies.from_terms(t["num"], t["den"], scale=1.0 / group["lr"])
+    def coefficient(self, mb: RLBatch, obj: Objectives, u: dict[str, torch.Tensor] | None) -> tuple[Coefficient,
+                                                                                                   dict[str, Any]]:
+        """λ from the run's rule (``rl/coef.py``) and the log-prob proxies' record (every step)."""
+        dist = self.dist
+        raw, stats = logprob_proxies(obj.logp.detach().float(), mb.old_logp, [q.detach().float() for q in obj.mtp_logp],
+                                     mb.response_mask, mb.prompt_len, dist.sum_terms if dist.active else None)
+        inputs = CoefInputs(raw, fisher=lambda: fisher_from_optimizer(self.model, mb, self.rc.temperature, self.shared,
+                                                                      self.optimizer, u, dist.sum))
+        coef = self.rule(inputs)
+        if coef.rule == "fisher":
+            raw["fisher"] = coef.raw
+        return coef, stats | proxy_record(self.rule, raw)
+
+    def loss(self, mb: RLBatch, obj: Objectives, lam: float, norms: Norms | None) -> torch.Tensor:
+        """L = −J − λ·M; with ``occ_convention: advantages`` λ is folded into the MTP surrogate's advantages
+        instead, as the public code does (which differs from λ·M when λ < 0)."""
+        if obj.mtp is None:
+            return -obj.rl
+        if self.rc.regime != "occ" or self.rc.occ_convention != "advantages":
+            return -obj.rl - lam * obj.mtp
+        rc = self.rc
+        folded = torch.stack([mtp_objective("policy", q, mb.old_logp, lam * mb.advantages, mtp_mask(mb.response_mask, k),
+                                            rc.eps_lo, rc.eps_hi, None if norms is None else norms.mtp[k - 1])
+                              for k, q in enumerate(obj.mtp_logp, start=1)]).mean()
+        return -obj.rl - folded
 
     def train_step(self, mb: RLBatch, first_after_rollout: bool) -> dict[str, Any]:
-        rc, spec = self.rc, self.spec
+        """One optimizer step: objectives → coefficient → loss → backward → (diagnostics) → clip → step → log."""
         self.step += 1
-        step = self.step
         t0 = time.perf_counter()
-        dist = self.dist
+        dist, diag = self.dist, self.diagnostics
         self.model.train()
         norms = Norms.of(mb, self.model.num_mtp, dist.sum) if dist.active else None  # global token counts
         with self.ctx.autocast():
-            obj = compute_objectives(self.model, mb, spec, norms=norms)
-        mask = mb.response_mask
-        rec: dict[str, Any] = {"step": step, "rollout": self.rollouts, "first_after_rollout": first_after_rollout}
-        rec |= logprob_proxies(obj.logp.detach().float(), mb.old_logp, [q.detach().float() for q in obj.mtp_logp],
-                               mask, rc.mtp_coef, mb.prompt_len, dist.sum_terms if dist.active else None)
-        if rc.regime == "occ" and rc.proxy == "fisher":
-            u = dict(zip(self.shared, torch.autograd.grad(obj.mtp, list(self.shared.values()), retain_graph=True,
-                                                          allow_unused=True, materialize_grads=True)))
-            rec["lambda/fisher"] = self.fisher_coefficient(mb, dist.sum(u))
-            rec["lambda/fisher_geometry"] = self._fisher_geometry
-        proxy_values = {k.split("/")[1]: v for k, v in rec.items() if k.startswith("lambda/")}
-        lam = self.rule(proxy_values)
-        mtp_term = obj.mtp
-        if rc.regime == "occ" and rc.occ_convention == "advantages" and obj.mtp is not None:
-            # the public code folds λ into the MTP surrogate's advantages (differs from λ·M when λ < 0)
-            mtp_term = torch.stack([mtp_objective("policy", q, mb.old_logp, lam * mb.advantages, mtp_mask(mask, k),
-                                                  rc.eps_lo, rc.eps_hi, None if norms is None else norms.mtp[k - 1])
-                                    for k, q in enumerate(obj.mtp_logp, start=1)]).mean()
-            loss = -obj.rl - mtp_term
-        else:
-            loss = -obj.rl - lam * mtp_term if mtp_term is not None else -obj.rl
-        rec |= {"lambda/used": lam, "lambda/convention": rc.occ_convention if rc.regime == "occ" else "objective",
-                "lambda/non_finite_total": self.rule.non_finite}
-
-        diag_s = 0.0
-        record = None
-        if step in self.schedule and rc.regime != "off":
-            td = time.perf_counter()
-            record = self.recorder.record(obj.rl, obj.mtp, dist.sum if dist.active else None)
-            snap = OptimizerSnapshot.capture(self.optimizer, self.shared, rc.grad_clip)
-            heldout = self.heldout_batch(step) if self.cfg.diag.curve_heldout else None
-            settings = replace(self.settings, seed=self.cfg.seed * 1_000_003 + step)  # each probe its bootstrap
-            probe = run_probe(self.model, mb, spec, lam, rc.mtp_coef, snap, settings, heldout, dist)
-            probe["first_after_rollout"] = first_after_rollout
-            self.model.train()
-            rec |= {k: v for k, v in probe.items() if not isinstance(v, list) and k not in rec}
-            if self.cfg.diag.probes:  # the global minibatch: `occ probe` recomputes it in one process
-                whole = RLBatch.from_tensors(dist.gather_cat(mb.tensors()))
-                held = None if heldout is None else RLBatch.from_tensors(dist.gather_cat(heldout.tensors()))
-                if dist.main:
-                    save_bundle(self.ctx.run_dir / "probes" / f"step_{step:06d}", step=step, model=self.model,
-                                batch=whole, spec=spec, lam_used=lam, base_coef=rc.mtp_coef, optim=snap,
-                                settings=settings, heldout=held, online=probe,
-                                extra={"first_after_rollout": first_after_rollout, "world": dist.world})
-            diag_s = time.perf_counter() - td
+            obj = compute_objectives(self.model, mb, self.spec, norms=norms)
+        u = diag.mtp_grad(obj.mtp) if diag.needs_mtp_grad or self.rule.needs_mtp_grad else None
+        coef, rec = self.coefficient(mb, obj, u)
+        loss = self.loss(mb, obj, coef.value, norms)
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         dist.sum_grads(self.trainable)  # every process now holds the gradient of the global batch
-        if record is not None:
-            td = time.perf_counter()
-            rec |= self.recorder.check(record, lam) | self.recorder.breakdown(record)
-            diag_s += time.perf_counter() - td
-        norm = torch.nn.utils.clip_grad_norm_(self.trainable, rc.grad_clip if rc.grad_clip > 0 else float("inf"))
-        totals = dist.sum({"loss": loss.detach().double(), "rl": obj.rl.detach().double()}
-                          | ({"kl": obj.kl.detach().double()} if obj.kl is not None else {})
-                          | ({"mtp": obj.mtp.detach().double()} if obj.mtp is not None else {})
-                          | {f"mtp{k}": m.detach().double() for k, m in enumerate(obj.mtp_depths, start=1)})
+        td = time.perf_counter()
+        rec = diag.measure(self.step, mb, self.spec, coef, u, first_after_rollout) | rec  # the applied values win
+        diag_s = time.perf_counter() - td
+
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.rc.grad_clip or float("inf"))
+        totals = self.totals(loss, obj)
         finite = bool(torch.isfinite(totals["loss"])) and bool(torch.isfinite(norm))
+        self.take_step(finite)
+        step_s = time.perf_counter() - t0
+        return rec | self.step_record(mb, obj, coef, totals, norm, finite, norms, first_after_rollout, step_s, diag_s)
+
+    def take_step(self, finite: bool) -> None:
+        """The optimizer step, or a skipped one (counted; too many in a row stop the run)."""
         if finite:
             self.optimizer.step()
             self.bad_in_row = 0
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.bad_in_row += 1
-            self.bad_total += 1
-        step_s = time.perf_counter() - t0
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_in_row += 1
+        self.bad_total += 1
+        if self.bad_in_row >= self.rc.max_bad_steps:
+            raise BadStepsError(f"{self.bad_in_row} consecutive steps had a non-finite loss or gradient "
+                                f"(rl.max_bad_steps = {self.rc.max_bad_steps}); stopped at step {self.step}")
+
+    def totals(self, loss: torch.Tensor, obj: Objectives) -> dict[str, torch.Tensor]:
+        """Loss and objectives of the global batch (summed over processes)."""
+        return self.dist.sum({"loss": loss.detach().double(), "rl": obj.rl.detach().double()}
+                             | ({"kl": obj.kl.detach().double()} if obj.kl is not None else {})
+                             | ({"mtp": obj.mtp.detach().double()} if obj.mtp is not None else {})
+                             | {f"mtp{k}": m.detach().double() for k, m in enumerate(obj.mtp_depths, start=1)})
+
+    def step_record(self, mb: RLBatch, obj: Objectives, coef: Coefficient, totals: dict[str, torch.Tensor],
+                    norm: torch.Tensor, finite: bool, norms: Norms | None, first_after_rollout: bool,
+                    step_s: float, diag_s: float) -> dict[str, Any]:
+        dist, mask = self.dist, mb.response_mask
         n_tok = float(norms.rl) if norms is not None else float(mask.sum())
         local = torch.tensor([obj.surrogate.clip_frac, obj.surrogate.ratio_mean, entropy_from_logits(obj.logits, mask)])
         clip_frac, ratio_mean, entropy = (float(x) for x in dist.sum({"v": local})["v"] / dist.world)
-        rec |= {
+        rec = {
+            "step": self.step, "rollout": self.rollouts, "first_after_rollout": first_after_rollout,
+            "lambda/used": coef.value, "lambda/rule": coef.rule,
+            "lambda/convention": self.rc.occ_convention if self.rc.regime == "occ" else "objective",
+            "lambda/non_finite_total": self.rule.non_finite,
             "rl/loss": float(totals["loss"]), "rl/objective": float(totals["rl"]), "rl/clip_frac": clip_frac,
             "rl/ratio_mean": ratio_mean, "rl/entropy": entropy,
             "rl/grad_norm": float(norm), "rl/skipped": not finite, "rl/bad_steps_total": self.bad_total,
@@ -290,9 +275,6 @@ class RLTrainer:
             rec["mtp/objective"] = float(totals["mtp"])
             for k in range(1, len(obj.mtp_depths) + 1):
                 rec[f"mtp/objective_d{k}"] = float(totals[f"mtp{k}"])
-        if self.bad_in_row >= rc.max_bad_steps:
-            raise BadStepsError(f"{self.bad_in_row} consecutive steps had a non-finite loss or gradient "
-                                f"(rl.max_bad_steps = {rc.max_bad_steps}); stopped at step {step}")
         return rec
 
     def heldout_batch(self, step: int) -> RLBatch:
@@ -379,7 +361,7 @@ class RLTrainer:
                                  "sample_gen": self.sample_gen.get_state().cpu()})
         return {"format": "occ_theory.rl_checkpoint", "step": self.step, "rollouts": self.rollouts,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "rule": self.rule.state_dict(), "rngs": rngs, "shuffle_gen": self.shuffle_gen.get_state(),
+                "rule": self.rule.state_dict(), "diagnostics": self.diagnostics.state_dict(), "rngs": rngs, "shuffle_gen": self.shuffle_gen.get_state(),
                 "bad_in_row": self.bad_in_row, "bad_total": self.bad_total}
 
     def save_checkpoint(self) -> Path:
@@ -406,6 +388,8 @@ class RLTrainer:
         except (RuntimeError, ValueError, KeyError) as e:
             raise ValueError(f"checkpoint {path} does not match this run's model or optimizer: {e}") from e
         self.rule.load_state_dict(st["rule"])
+        if "diagnostics" in st:  # checkpoints before the momentum buffers have none
+            self.diagnostics.load_state_dict(st["diagnostics"])
         if len(st["rngs"]) != self.dist.world:
             raise ValueError(f"checkpoint {path} was written by {len(st['rngs'])} processes, this run has "
                              f"{self.dist.world}")
@@ -466,7 +450,7 @@ def resume_rl(run_dir: Path) -> Path:
     if not cfg_path.is_file():
         raise ValueError(f"{run_dir} is not a run directory: config.yaml is missing")
     cfg = load_config(cfg_path)
-    cfg = replace(cfg, rl=replace(cfg.rl, init=str(run_dir / "init")))
+    cfg = cfg.replace(rl=cfg.rl.replace(init=str(run_dir / "init")))
     ckpt = latest_checkpoint(run_dir)
     ctx = RunContext.create(cfg, kind=cfg.rl.regime, out_dir=run_dir, resume=True)
     dist = init_from_env(ctx.device)

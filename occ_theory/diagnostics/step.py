@@ -1,0 +1,87 @@
+"""``StepDiagnostics``: everything the trainer measures beyond the step itself, in one object.
+
+It owns the schedule, the probe settings, the gradient recorder, the optimizer snapshot, the
+held-out batch and the probe bundles (Cockpit's pattern: a measurement that spans an update caches
+what it needs and runs at one point of the step). The trainer calls it twice per step:
+
+* ``mtp_grad`` before the backward pass, when something needs u = ∇M on θ_S from the live graph
+  (the momentum buffers of ``adam_stationary``, or a coefficient rule such as ``fisher``);
+* ``measure`` after the backward pass (gradients summed over processes) and before the clip and
+  the optimizer step: the model and the optimizer state are still those before the step. On a
+  scheduled step it runs the probe, checks identity 3 against the received gradient and saves the
+  probe bundle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..rl.batch import ObjectiveSpec, RLBatch
+from ..rl.coef import Coefficient
+from .bundle import save_bundle
+from .probe import OptimizerSnapshot, ProbeSettings, run_probe
+from .recorder import GradientRecorder
+from .schedule import Schedule
+
+
+class StepDiagnostics:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, diag: Any, *, total_steps: int,
+                 seed: int, grad_clip: float, bundle_dir: Path | None, enabled: bool, dist: Any,
+                 heldout: Callable[[int], RLBatch] | None = None):
+        self.model, self.optimizer, self.dist = model, optimizer, dist
+        self.schedule = Schedule(total_steps, diag.every, diag.at, diag.log_spaced, diag.first) if enabled else None
+        self.settings = ProbeSettings.from_diag(diag, seed)
+        self.seed, self.grad_clip = seed, grad_clip
+        self.bundle_dir = bundle_dir if diag.probes else None
+        self.heldout = heldout if diag.curve_heldout else None
+        beta1 = optimizer.param_groups[0].get("betas", (0.9, 0.999))[0]
+        self.recorder = GradientRecorder(model, beta1, track_momentum=enabled and bool(self.schedule.steps))
+        self.shared = {k: p for k, p in model.named_parameters() if k in set(model.shared_param_names())}
+
+    def due(self, step: int) -> bool:
+        return self.schedule is not None and step in self.schedule
+
+    @property
+    def needs_mtp_grad(self) -> bool:
+        return self.recorder.track_momentum
+
+    def mtp_grad(self, mtp_objective: Tensor | None) -> dict[str, Tensor]:
+        """u = ∇M on θ_S from the live graph, summed over processes."""
+        return self.recorder.mtp_grad(mtp_objective, self.dist.sum if self.dist.active else None)
+
+    def measure(self, step: int, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficient,
+                u: dict[str, Tensor] | None, first_after_rollout: bool) -> dict[str, Any]:
+        """The step's diagnostics record (empty on unscheduled steps)."""
+        if u is not None:
+            self.recorder.observe(u, coef.value)
+        if not self.due(step):
+            return {}
+        dist = self.dist
+        snap = OptimizerSnapshot.capture(self.optimizer, self.shared, self.grad_clip, self.recorder.momentum())
+        heldout = self.heldout(step) if self.heldout is not None else None
+        settings = self.settings.replace(seed=self.seed * 1_000_003 + step)  # each probe its own bootstrap
+        probe = run_probe(self.model, batch, spec, coef, snap, settings, heldout, dist)
+        rec = {k: v for k, v in probe.record.items() if not isinstance(v, list)}
+        if probe.g is not None:
+            rec |= self.recorder.check(probe.g, probe.u, coef.value)
+        rec["first_after_rollout"] = first_after_rollout
+        if self.bundle_dir is not None:  # the global minibatch: `occ probe` recomputes it in one process
+            whole = RLBatch.from_tensors(dist.gather_cat(batch.tensors()))
+            held = None if heldout is None else RLBatch.from_tensors(dist.gather_cat(heldout.tensors()))
+            if dist.main:
+                save_bundle(self.bundle_dir / f"step_{step:06d}", step=step, model=self.model, batch=whole,
+                            spec=spec, coef=coef, optim=snap, settings=settings, heldout=held,
+                            online=probe.record | {"first_after_rollout": first_after_rollout},
+                            extra={"first_after_rollout": first_after_rollout, "world": dist.world})
+        return rec
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"recorder": self.recorder.state_dict()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.recorder.load_state_dict(sd["recorder"])

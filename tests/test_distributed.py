@@ -40,7 +40,7 @@ def _measure(model, batch: RLBatch, dist: Dist) -> dict:
     params = shared_params(model)
 
     def J(p):
-        return compute_objectives(model, batch, SPEC, params=p, with_mtp=False, norms=norms).rl
+        return compute_objectives(model, batch, SPEC, params=p, with_mtp=False, norms=norms).rl_objective
 
     def M(p):
         return compute_objectives(model, batch, SPEC, params=p, norms=norms).mtp

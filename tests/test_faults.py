@@ -37,7 +37,7 @@ def _poison(monkeypatch, bad_steps, logprobs=False):
         if params is None and torch.is_grad_enabled():
             calls["n"] += 1
             if calls["n"] in bad_steps:
-                obj.rl = obj.rl * float("nan")
+                obj.rl_objective = obj.rl_objective * float("nan")
                 if logprobs:  # a forward that went non-finite: every quantity built on it is NaN
                     obj.logp = obj.logp * float("nan")
         return obj
@@ -161,7 +161,8 @@ def test_proxies_with_q_equal_to_old_logp_are_zero(ckpt, tmp_path):
     mb = with_signal(tr, batch.split(2)[0])
     from occ_theory.rl.coef import logprob_proxies
 
-    raw, _ = logprob_proxies(mb.old_logp + 0.1, mb.old_logp, [mb.old_logp.clone()], mb.response_mask, 0)
+    raw, _ = logprob_proxies(mb.old_logp + 0.1, mb.old_logp, [mb.old_logp.clone()], mb.response_mask, 0,
+                             mb.attention_mask)
     assert raw == {"reference": 0.0, "least_squares": 0.0}
 
 

@@ -55,7 +55,7 @@ def test_identity3_check_detects_directions_of_another_batch(ckpt, tmp_path):
     from occ_theory.rl.batch import compute_objectives
 
     obj = compute_objectives(tr.model, mb, tr.spec)
-    (-obj.rl - coef.value * obj.mtp).backward()
+    (-obj.rl_objective - coef.value * obj.mtp).backward()
     snap = OptimizerSnapshot.capture(tr.optimizer, tr.shared)
     same = run_probe(tr.model, mb, tr.spec, coef, snap, settings)
     wrong = run_probe(tr.model, other, tr.spec, coef, snap, settings)
@@ -236,7 +236,7 @@ def test_objective_gradient_is_the_derivative_even_with_pad_tokens_in_responses(
     params = shared_params(model)
 
     def J(p):
-        return compute_objectives(model, mb, tr.spec, params=p, with_mtp=False).rl
+        return compute_objectives(model, mb, tr.spec, params=p, with_mtp=False).rl_objective
 
     with exact_float64(model):
         _, g = grad(J, params)
@@ -272,7 +272,7 @@ def test_per_sequence_terms_add_up_to_J_with_and_without_kl(ckpt, tmp_path, kl_c
         mb = replace(mb, ref_logp=mb.old_logp - 0.05 * mb.response_mask)
     with torch.no_grad():
         obj = compute_objectives(tr.model, mb, tr.spec)
-    assert float(obj.seq_rl.sum() / mb.response_mask.sum()) == pytest.approx(float(obj.rl), rel=1e-5)
+    assert float(obj.seq_rl.sum() / mb.response_mask.sum()) == pytest.approx(float(obj.rl_objective), rel=1e-5)
     assert (obj.kl is not None) == (kl_coef > 0)
 
 
@@ -289,7 +289,7 @@ def test_real_step_curve_replays_the_optimizer_step_the_run_takes(ckpt, tmp_path
     tr.train_step(first, first_after_rollout=False)  # Adam now has state
     snap = OptimizerSnapshot.capture(tr.optimizer, tr.shared, tr.rc.grad_clip)
     params = {k: t.clone() for k, t in shared_params(tr.model).items()}
-    g = grad(lambda p: compute_objectives(tr.model, second, tr.spec, params=p, with_mtp=False).rl, params)[1]
+    g = grad(lambda p: compute_objectives(tr.model, second, tr.spec, params=p, with_mtp=False).rl_objective, params)[1]
     u = grad(lambda p: compute_objectives(tr.model, second, tr.spec, params=p).mtp, params)[1]
     own = {k: p.detach() for k, p in tr.model.named_parameters() if k in set(tr.model.mtp_param_names())}
     um = grad(lambda p: compute_objectives(tr.model, second, tr.spec, params=p).mtp, own)[1]
@@ -299,3 +299,28 @@ def test_real_step_curve_replays_the_optimizer_step_the_run_takes(ckpt, tmp_path
     for k in params:
         err = float((predicted[k] - actual[k]).abs().max())
         assert err <= 1e-6 + 1e-4 * float((actual[k] - params[k]).abs().max()), k
+
+
+def test_mtp_mask_counts_from_each_rows_first_real_token_under_left_padding():
+    """Depth k at position t needs t ≥ first + k + 1: a 1-token prompt left-padded by 3 gives the same M_k
+    (D = 2, ce) as the same row unpadded; the positions whose MTP inputs are padding stay out of M and its count."""
+    from occ_theory.models import ModelConfig, build_model, build_tokenizer
+    from occ_theory.rl.batch import ObjectiveSpec, RLBatch, compute_objectives, mtp_mask
+
+    tok = build_tokenizer()
+    model = build_model(ModelConfig.tiny(mtp_depths=2), tok, seed=0).eval()
+    ids = torch.tensor([[5, 17, 23, 9, 31, 12]])  # 1 prompt token, 5 response tokens
+
+    def batch(pad: int) -> RLBatch:
+        full = torch.cat([torch.full((1, pad), tok.pad_token_id), ids], 1)
+        attn = (torch.arange(full.shape[1]) >= pad).long()[None]
+        resp = (torch.arange(full.shape[1]) >= pad + 1).float()[None]
+        return RLBatch(full, attn, resp, torch.ones(1), torch.zeros_like(resp))
+
+    spec = ObjectiveSpec.for_regime("ce")
+    with torch.no_grad():
+        plain, padded = (compute_objectives(model, batch(p), spec) for p in (0, 3))
+    for k in (1, 2):
+        assert float(padded.mtp_depths[k - 1]) == pytest.approx(float(plain.mtp_depths[k - 1]), rel=1e-5), k
+        b = batch(3)
+        assert int(mtp_mask(b.response_mask, k, b.attention_mask).sum()) == 5 - k

@@ -90,7 +90,7 @@ def measure_curve(J, M, seq_terms, params, g, u, dec: Decomposition, precond, la
         held_norms = Norms.of(heldout, 0, sums) if sums is not None else None
 
         def J_held(p):
-            return compute_objectives(work, heldout, spec, params=p, with_mtp=False, norms=held_norms).rl
+            return compute_objectives(work, heldout, spec, params=p, with_mtp=False, norms=held_norms).rl_objective
 
         held = measure_delta(J, M, params, lr, lams, precond=precond, eval_objective=J_held, grads=(g, u),
                              reduce=sums)

@@ -165,7 +165,7 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficie
     norms = Norms.of(b, work.num_mtp, sums) if sums is not None else None  # global token counts
 
     def J(p):
-        return compute_objectives(work, b, spec, params=p, with_mtp=False, norms=norms).rl
+        return compute_objectives(work, b, spec, params=p, with_mtp=False, norms=norms).rl_objective
 
     def M(p):
         return compute_objectives(work, b, spec, params=p, norms=norms).mtp
@@ -181,7 +181,7 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficie
     with curvature_numerics(work):
         with torch.no_grad():
             obj = compute_objectives(work, b, spec)
-        raw, stats = logprob_proxies(obj.logp, b.old_logp, obj.mtp_logp, mask, b.prompt_len,
+        raw, stats = logprob_proxies(obj.logp, b.old_logp, obj.mtp_logp, mask, b.prompt_len, b.attention_mask,
                                      dist.sum_terms if sums is not None else None)
         out |= stats | proxy_record(rule, raw)
         if spec.mtp_kind is None:

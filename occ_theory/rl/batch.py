@@ -98,7 +98,7 @@ class ObjectiveSpec:
 
 @dataclass
 class Objectives:
-    rl: Tensor  # J: surrogate − kl_coef·KL, 0-d
+    rl_objective: Tensor  # J [rl_objective]: the clipped surrogate − kl_coef·KL (the penalty is part of J), 0-d
     mtp: Tensor | None  # M averaged over depths, 0-d (None without MTP)
     mtp_depths: list[Tensor]  # M_k per depth
     logp: Tensor  # (B, L) main log-probs (NaN at t = 0)
@@ -124,11 +124,13 @@ def forward_logprobs(model: nn.Module, batch: RLBatch, temperature: float, mtp_g
     return logp, mtp, logits
 
 
-def mtp_mask(mask: Tensor, depth: int) -> Tensor:
-    """Response positions that have a depth-``depth`` MTP prediction (column t >= depth + 1)."""
-    valid = mask.clone()
-    valid[:, : depth + 1] = 0
-    return valid
+def mtp_mask(mask: Tensor, depth: int, attention_mask: Tensor) -> Tensor:
+    """Response positions that have a depth-``depth`` MTP prediction from real tokens: position t uses the
+    trunk state at t − depth − 1, so it needs t ≥ first + depth + 1 with ``first`` the row's first real
+    (non-padding) column. Rows are left-padded, so the bound is per row, not an absolute column."""
+    cols = torch.arange(mask.shape[1], device=mask.device)
+    first = attention_mask.long().argmax(1)  # (B,) the first column with attention_mask = 1
+    return mask * (cols[None, :] >= first[:, None] + depth + 1).to(mask.dtype)
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ class Norms:
     @classmethod
     def of(cls, batch: RLBatch, depths: int, reduce=None) -> Norms:
         counts = {"rl": batch.response_mask.sum().double()}
-        counts |= {f"mtp{k}": mtp_mask(batch.response_mask, k).sum().double() for k in range(1, depths + 1)}
+        counts |= {f"mtp{k}": mtp_mask(batch.response_mask, k, batch.attention_mask).sum().double() for k in range(1, depths + 1)}
         if reduce is not None:
             counts = reduce(counts)
         return cls(float(counts["rl"]), tuple(float(counts[f"mtp{k}"]) for k in range(1, depths + 1)))
@@ -171,7 +173,7 @@ def compute_objectives(model: nn.Module, batch: RLBatch, spec: ObjectiveSpec,
         rl = rl - spec.kl_coef * kl
         per_token = per_token - spec.kl_coef * kl_tok.detach()
     seq_rl = (per_token * mask).sum(1)  # each sequence's share of J's numerator (J = Σ seq_rl / Σ m)
-    depths = [mtp_objective(spec.mtp_kind, q, batch.old_logp, batch.advantages, mtp_mask(mask, k), spec.eps_lo,
+    depths = [mtp_objective(spec.mtp_kind, q, batch.old_logp, batch.advantages, mtp_mask(mask, k, batch.attention_mask), spec.eps_lo,
                             spec.eps_hi, None if norms is None else norms.mtp[k - 1])
               for k, q in enumerate(mtp_logp, start=1)] if use_mtp else []
     mtp = torch.stack(depths).mean() if depths else None

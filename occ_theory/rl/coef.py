@@ -147,8 +147,8 @@ def _stats(prefix: str, t: dict[str, Tensor]) -> dict[str, float]:
     return {f"{prefix}/mean": mean, f"{prefix}/std": math.sqrt(var), f"{prefix}/max_abs": float(t[f"{prefix}/max_abs"])}
 
 
-def logprob_proxy_terms(logp: Tensor, old_logp: Tensor, mtp_logp: list[Tensor], mask: Tensor, prompt_len: int
-                        ) -> dict[str, Tensor]:
+def logprob_proxy_terms(logp: Tensor, old_logp: Tensor, mtp_logp: list[Tensor], mask: Tensor, prompt_len: int,
+                        attention_mask: Tensor) -> dict[str, Tensor]:
     """The sums behind ``reference``, ``least_squares`` (per MTP depth) and the log-ratio statistics."""
 
     def block(t: Tensor) -> Tensor:  # the response block, padding filled with zeros as the trainer does
@@ -162,7 +162,7 @@ def logprob_proxy_terms(logp: Tensor, old_logp: Tensor, mtp_logp: list[Tensor], 
         else:  # a non-finite forward: NaN, which the rule applies as 0 and counts
             num, den = torch.tensor(NAN, dtype=torch.float64), torch.tensor(float(blocks[0].numel()))
         terms |= {f"ref{k}/num": num, f"ref{k}/den": den}
-        num, den = proxies.least_squares_terms(logp, old_logp, q, mtp_mask(mask, k))
+        num, den = proxies.least_squares_terms(logp, old_logp, q, mtp_mask(mask, k, attention_mask))
         terms |= {f"ls{k}/num": num, f"ls{k}/den": den}
     if mtp_logp:
         terms |= _stat_terms("stats/q_minus_old", mtp_logp[0] - old_logp, mask)
@@ -170,13 +170,13 @@ def logprob_proxy_terms(logp: Tensor, old_logp: Tensor, mtp_logp: list[Tensor], 
 
 
 def logprob_proxies(logp: Tensor, old_logp: Tensor, mtp_logp: list[Tensor], mask: Tensor, prompt_len: int,
-                    reduce: Any = None) -> tuple[dict[str, float], dict[str, float]]:
+                    attention_mask: Tensor, reduce: Any = None) -> tuple[dict[str, float], dict[str, float]]:
     """``(raw, stats)``: the unscaled ``reference`` (public code: unmasked mean over the response
     block) and ``least_squares`` ratios, averaged over MTP depths, and the statistics of l − l_old
     and q − l_old. Cheap: every step. ``reduce`` sums the terms over processes (pass one that takes
     the max of keys ending in ``max_abs``)."""
     depths = len(mtp_logp)
-    terms = logprob_proxy_terms(logp, old_logp, mtp_logp, mask, prompt_len)
+    terms = logprob_proxy_terms(logp, old_logp, mtp_logp, mask, prompt_len, attention_mask)
     if reduce is not None:
         terms = reduce(terms)
     stats = _stats("stats/l_minus_old", terms)

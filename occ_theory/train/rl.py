@@ -36,7 +36,7 @@ import torch
 
 from ..atomic import atomic_torch_save, atomic_write_text
 from ..diagnostics.step import StepDiagnostics
-from ..errors import RunStopped
+from ..errors import Diverged, Interrupted, RunStopped
 from ..jsonl import read_jsonl
 from ..models import load_model, load_tokenizer, save_model
 from ..rl.advantages import group_advantages
@@ -58,13 +58,13 @@ from ..rl.coef import (
     proxy_record,
 )
 from ..rl.objectives import entropy_from_logits, mtp_objective
-from ..rl.sampler import generate
-from ..tasks import SUITES
+from ..rl.sampler import NonFiniteLogitsError, generate
 from .config import Config, load_config
 from .dist import Dist, init_from_env
-from .evaluate import decode_response, evaluate_suites, prompt_ids
+from .evaluate import decode_response, prompt_ids
+from .guard import StopSignals, params_finite
 from .logging import MetricsWriter, Progress
-from .run import RunContext, problem_stream, training_tasks
+from .run import RunContext, check_user_data, evaluate_run, problem_stream, training_tasks
 
 CKPT_RE = re.compile(r"^step_(\d{6,})\.pt$")
 
@@ -183,7 +183,8 @@ class RLTrainer:
         """λ from the run's rule (``rl/coef.py``) and the log-prob proxies' record (every step)."""
         dist = self.dist
         raw, stats = logprob_proxies(obj.logp.detach().float(), mb.old_logp, [q.detach().float() for q in obj.mtp_logp],
-                                     mb.response_mask, mb.prompt_len, dist.sum_terms if dist.active else None)
+                                     mb.response_mask, mb.prompt_len, mb.attention_mask,
+                                     dist.sum_terms if dist.active else None)
         inputs = CoefInputs(raw, fisher=lambda: fisher_from_optimizer(self.model, mb, self.rc.temperature, self.shared,
                                                                       self.optimizer, u, dist.sum))
         coef = self.rule(inputs)
@@ -195,14 +196,14 @@ class RLTrainer:
         """L = −J − λ·M; with ``occ_convention: advantages`` λ is folded into the MTP surrogate's advantages
         instead, as the public code does (which differs from λ·M when λ < 0)."""
         if obj.mtp is None:
-            return -obj.rl
+            return -obj.rl_objective
         if self.rc.regime != "occ" or self.rc.occ_convention != "advantages":
-            return -obj.rl - lam * obj.mtp
+            return -obj.rl_objective - lam * obj.mtp
         rc = self.rc
-        folded = torch.stack([mtp_objective("policy", q, mb.old_logp, lam * mb.advantages, mtp_mask(mb.response_mask, k),
+        folded = torch.stack([mtp_objective("policy", q, mb.old_logp, lam * mb.advantages, mtp_mask(mb.response_mask, k, mb.attention_mask),
                                             rc.eps_lo, rc.eps_hi, None if norms is None else norms.mtp[k - 1])
                               for k, q in enumerate(obj.mtp_logp, start=1)]).mean()
-        return -obj.rl - folded
+        return -obj.rl_objective - folded
 
     def train_step(self, mb: RLBatch, first_after_rollout: bool) -> dict[str, Any]:
         """One optimizer step: objectives → coefficient → loss → backward → (diagnostics) → clip → step → log."""
@@ -246,7 +247,7 @@ class RLTrainer:
 
     def totals(self, loss: torch.Tensor, obj: Objectives) -> dict[str, torch.Tensor]:
         """Loss and objectives of the global batch (summed over processes)."""
-        return self.dist.sum({"loss": loss.detach().double(), "rl": obj.rl.detach().double()}
+        return self.dist.sum({"loss": loss.detach().double(), "rl": obj.rl_objective.detach().double()}
                              | ({"kl": obj.kl.detach().double()} if obj.kl is not None else {})
                              | ({"mtp": obj.mtp.detach().double()} if obj.mtp is not None else {})
                              | {f"mtp{k}": m.detach().double() for k, m in enumerate(obj.mtp_depths, start=1)})
@@ -286,14 +287,16 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ loop, checkpoints
 
-    def evaluate(self, size: int, samples: int) -> dict[str, Any]:
-        """Held-out evaluation on all six suites (whatever the training mixture), on rank 0."""
-        ec = self.cfg.eval
-        if self.cfg.task.user_data is not None or not self.dist.main:
-            self.dist.barrier()
-            return {}
-        result = evaluate_suites(self.model, self.tokenizer, SUITES, size, samples, ec.temperature, ec.max_new_tokens,
-                                 ec.seed, self.cfg.task.difficulty, autocast_dtype=self.ctx.autocast_dtype)
+    pending: dict[str, Any] | None = None
+    """The rest of the current rollout: its minibatches, its record, the next one's index (checkpointed)."""
+
+    def evaluate(self, size: int, samples: int, progress: str | None = None) -> dict[str, Any]:
+        """Held-out evaluation on rank 0: all six suites whatever the training mixture, or the user data's
+        held-out split (``run.evaluate_run``)."""
+        result = {}
+        if self.dist.main:
+            result = evaluate_run(self.model, self.tokenizer, self.cfg, size, samples, list(self.tasks.values()),
+                                  self.ctx.autocast_dtype, progress)
         self.dist.barrier()
         return result
 
@@ -308,29 +311,48 @@ class RLTrainer:
                              f"{rc.minibatches} minibatches (l = l_old there), as the public implementation does; "
                              "metrics mark those steps with first_after_rollout = true")
         progress = Progress(f"rl {rc.regime}", rc.steps)
-        try:
-            self._loop(progress)
-        except BadStepsError as e:
-            path = self.save_checkpoint()
-            self.ctx.log(f"stopped: {e}; checkpoint {path}")
-            raise BadStepsError(f"{e}; checkpoint saved to {path}") from e
+        resume = f"continue with: occ rl --resume {self.ctx.run_dir}"
+        with StopSignals() as stop:  # a second SIGINT / SIGTERM (e.g. during the save) stops at once
+            try:
+                self._loop(progress, stop)
+            except (BadStepsError, Interrupted) as e:
+                path = self.save_checkpoint()
+                self.ctx.log(f"stopped: {e}; checkpoint {path}; {resume}")
+                raise type(e)(f"{e}; checkpoint saved to {path}; {resume}") from e
+            except Diverged as e:
+                path = self.save_checkpoint() if params_finite(self.trainable) else latest_checkpoint(self.ctx.run_dir)
+                saved = (f"the last checkpoint is {path}" if path is not None else
+                         "no checkpoint was saved (rl.checkpoint_every keeps earlier ones)")
+                self.ctx.log(f"stopped: {e}; {saved}")
+                raise Diverged(f"{e}; {saved}") from e
         self.save_checkpoint()
         return self._finish()
 
-    def _loop(self, progress: Progress) -> None:
+    def _next_rollout(self) -> dict[str, Any]:
+        try:
+            batch, ro_rec = self.rollout()
+        except NonFiniteLogitsError as e:
+            raise Diverged(f"before step {self.step + 1}: {e}") from e
+        self.rollouts += 1
+        filled = [self.fill_old_logp(mb) for mb in batch.split(self.rc.minibatches, self.shuffle_gen)]
+        ro_rec["rollout/logp_gap"] = max(self.dist.gather(max(gap for _, gap in filled)))
+        return {"batches": [mb for mb, _ in filled], "record": ro_rec, "next": 0}
+
+    def _loop(self, progress: Progress, stop: StopSignals) -> None:
+        """Rollouts and their minibatch steps; after each step, stop on non-finite weights or on a signal
+        (all processes agree on it), with the rest of the rollout kept in ``pending`` for the checkpoint."""
         rc = self.rc
         main = self.dist.main
-        with MetricsWriter(self.ctx.run_dir) if main else contextlib.nullcontext() as writer:
+        purge = self.step + 1 if self.step else None  # a resumed run: TensorBoard drops the abandoned steps
+        with MetricsWriter(self.ctx.run_dir, purge_step=purge) if main else contextlib.nullcontext() as writer:
             while self.step < rc.steps:
-                batch, ro_rec = self.rollout()
-                self.rollouts += 1
-                filled = [self.fill_old_logp(mb) for mb in batch.split(rc.minibatches, self.shuffle_gen)]
-                minibatches = [mb for mb, _ in filled]
-                ro_rec["rollout/logp_gap"] = max(self.dist.gather(max(gap for _, gap in filled)))
-                for i, mb in enumerate(minibatches):
-                    if self.step >= rc.steps:
-                        break
-                    rec = self.train_step(mb, first_after_rollout=i == 0) | ro_rec
+                if self.pending is None:
+                    self.pending = self._next_rollout()
+                batches, ro_rec = self.pending["batches"], self.pending["record"]
+                while self.pending["next"] < len(batches) and self.step < rc.steps:
+                    i = self.pending["next"]
+                    rec = self.train_step(batches[i], first_after_rollout=i == 0) | ro_rec
+                    self.pending["next"] = i + 1
                     if rc.eval_every and self.step % rc.eval_every == 0:
                         res = self.evaluate(rc.eval_size, 0)
                         rec |= {f"eval/{s}/greedy_acc": e["greedy_acc"] for s, e in res.get("suites", {}).items()}
@@ -340,6 +362,12 @@ class RLTrainer:
                         writer.write(rec)
                         progress.update(self.step, reward=rec["reward/mean"], lam=rec["lambda/used"],
                                         J=rec["rl/objective"])
+                    if not params_finite(self.trainable):
+                        raise Diverged(f"the weights became non-finite at step {self.step} (lower rl.lr or set "
+                                       "rl.grad_clip)")
+                    if self.dist.max(int(stop.received is not None)) and self.step < rc.steps:
+                        raise Interrupted(f"interrupted by {stop.received or 'a signal'} after step {self.step}")
+                self.pending = None
                 if rc.checkpoint_every and self.rollouts % rc.checkpoint_every == 0:
                     self.save_checkpoint()
 
@@ -348,7 +376,7 @@ class RLTrainer:
         if self.dist.main:
             save_model(self.model, self.ctx.run_dir / "final", self.tokenizer)
         ec = self.cfg.eval
-        result = self.evaluate(ec.size, ec.samples)
+        result = self.evaluate(ec.size, ec.samples, progress="eval")
         if result:
             atomic_write_text(self.ctx.run_dir / "eval.json", json.dumps(result, indent=2))
         self.ctx.log(f"RL {rc.regime} done: {self.step} steps in {time.perf_counter() - self.ctx.start:.0f}s "
@@ -357,8 +385,13 @@ class RLTrainer:
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Model, optimizer, coefficient state, and every process's random generators (rank order)."""
+        pending = None
+        if self.pending is not None:  # the rollout's minibatches not yet stepped on (an interrupted run)
+            nxt = self.pending["next"]
+            pending = {"batches": [mb.tensors() for mb in self.pending["batches"][nxt:]],
+                       "record": self.pending["record"], "next": nxt}
         rngs = self.dist.gather({"task_rng": self.task_rng.bit_generator.state,
-                                 "sample_gen": self.sample_gen.get_state().cpu()})
+                                 "sample_gen": self.sample_gen.get_state().cpu(), "pending": pending})
         return {"format": "occ_theory.rl_checkpoint", "step": self.step, "rollouts": self.rollouts,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "rule": self.rule.state_dict(), "diagnostics": self.diagnostics.state_dict(), "rngs": rngs, "shuffle_gen": self.shuffle_gen.get_state(),
@@ -397,6 +430,10 @@ class RLTrainer:
         self.task_rng.bit_generator.state = mine["task_rng"]
         self.stream = problem_stream(self.cfg, self.task_rng, list(self.tasks.values()))
         self.sample_gen.set_state(mine["sample_gen"])
+        if mine.get("pending") is not None:
+            p = mine["pending"]
+            self.pending = {"batches": [None] * p["next"] + [RLBatch.from_tensors(t) for t in p["batches"]],
+                            "record": p["record"], "next": p["next"]}
         self.shuffle_gen.set_state(st["shuffle_gen"])
         self.step, self.rollouts = st["step"], st["rollouts"]
         self.bad_in_row, self.bad_total = st["bad_in_row"], st["bad_total"]
@@ -431,12 +468,25 @@ def truncate_metrics(run_dir: Path, step: int) -> int:
     return len(orphans)
 
 
+def _check_data(trainer: RLTrainer) -> list[str]:
+    """``run.check_user_data`` against the model's context: prompt + the longest generation."""
+    cfg = trainer.cfg
+    return check_user_data(list(trainer.tasks.values()), trainer.tokenizer,
+                           trainer.model.trunk.config.max_position_embeddings,
+                           max(cfg.rl.max_new_tokens, cfg.eval.max_new_tokens))
+
+
 def run_rl(cfg: Config, out_dir: Path | None = None) -> Path:
+    if cfg.rl.init is not None and not Path(cfg.rl.init).is_dir():
+        raise ValueError(f"config key 'rl.init' (--init): no checkpoint directory {cfg.rl.init}")
     ctx = RunContext.create(cfg, kind=cfg.rl.regime, out_dir=out_dir)
     dist = init_from_env(ctx.device)
     ctx = replace(ctx, main=dist.main)
     trainer = RLTrainer(cfg, ctx, dist)  # validates the checkpoint and settings before anything is written
+    warnings = _check_data(trainer)
     ctx.begin()
+    for w in warnings:
+        ctx.log(w)
     if dist.main:
         save_model(trainer.model, ctx.run_dir / "init", trainer.tokenizer)
     dist.barrier()

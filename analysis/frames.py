@@ -14,13 +14,13 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from occ_theory import names
+
 from .load import Run
 
 ID_COLUMNS = ("run", "regime", "seed")
-SUITES = ("addition", "signed", "multiplication", "linear", "countdown", "length_gen")
-"""The six evaluation suites, in display order (the same as ``occ_theory.tasks.SUITES``)."""
-REGIME_ORDER = ("off", "detach", "detach_encoder", "ce", "policy", "occ")
-PROXIES = ("reference", "least_squares", "fisher")
+SUITES, REGIME_ORDER, PROXIES = names.SUITES, names.REGIMES, names.PROXY_NAMES
+"""The six evaluation suites, the regimes and the proxies, in display order (``occ_theory.names``)."""
 
 
 def require(df: pd.DataFrame, cols: Iterable[str], figure: str) -> None:
@@ -63,9 +63,9 @@ def probes_frame(runs: Sequence[Run]) -> pd.DataFrame:
     frames = []
     for r in runs:
         if r.probes is not None:
-            frames.append(_with_ids(r.probes, r).assign(source="probes.parquet"))
+            frames.append(_with_ids(r.probes, r).assign(source=names.PROBES_FILE))
         else:
-            frames.append(_with_ids(diag_rows(r.metrics), r).assign(source="metrics.jsonl"))
+            frames.append(_with_ids(diag_rows(r.metrics), r).assign(source=names.METRICS_FILE))
     return _concat(frames)
 
 

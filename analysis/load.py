@@ -22,13 +22,7 @@ import pandas as pd
 import yaml
 
 from occ_theory.jsonl import RunFileError, read_jsonl
-
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-PROBES_FILE = "probes.parquet"
-EVAL_FILE = "eval.json"
-
-
+from occ_theory.names import CONFIG_FILE, EVAL_FILE, METRICS_FILE, PROBES_FILE
 
 
 @dataclass

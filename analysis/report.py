@@ -18,13 +18,13 @@ import numpy as np
 import pandas as pd
 
 from occ_theory.atomic import atomic_write_text
+from occ_theory.names import SUMMARY_FILE
 
 from . import figures as F
 from .claims import THRESHOLDS, Verdict, evaluate_claims
 from .frames import REGIME_ORDER, eval_frame, metrics_frame, pick_geometry, probes_frame, regimes_in
 from .load import PROBES_FILE, Run, load_runs
 
-SUMMARY_FILE = "summary.md"
 
 
 def _regimes(df: pd.DataFrame) -> str:

@@ -15,14 +15,15 @@ from .errors import RunStopped
 
 
 def _config_args(p: argparse.ArgumentParser, default: str | None) -> None:
-    p.add_argument("--config", default=default, help=f"YAML config (default: {default or 'built-in defaults'})")
+    p.add_argument("--config", default=default, help="YAML config: a path, or the name of a config shipped with "
+                   f"the package, e.g. tiny, tiny_rl, reference (default: {default or 'built-in defaults'})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set rl.mtp_coef=0.1 (repeatable)")
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/{name}__{kind}__{seed}__{time})")
 
 
 def _sft_args(p: argparse.ArgumentParser) -> None:
-    _config_args(p, "configs/tiny.yaml")
+    _config_args(p, "tiny")
     p.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
 
 
@@ -36,7 +37,7 @@ def _sft(args: argparse.Namespace) -> int:
 
 
 def _rl_args(p: argparse.ArgumentParser) -> None:
-    _config_args(p, "configs/tiny_rl.yaml")
+    _config_args(p, "tiny_rl")
     p.add_argument("--init", default=None, help="SFT checkpoint directory to start from (sets rl.init)")
     p.add_argument("--regime", default=None, help="off | detach | detach_encoder | ce | policy | occ (sets rl.regime)")
     p.add_argument("--seed", type=int, default=None, help="overrides the config's seed")

@@ -12,9 +12,9 @@ print("torch", torch.__version__, "transformers", transformers.__version__, "dev
 PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 t0=$(date +%s)
-occ sft --config configs/small.yaml --set sft.steps=150 --set sft.eval_every=0 --set sft.eval_size=32 \
+occ sft --config small --set sft.steps=150 --set sft.eval_every=0 --set sft.eval_size=32 \
   --out "$OUT/sft" 2>&1 | tail -n 3
-occ rl --config configs/small.yaml --init "$OUT/sft/checkpoint" --regime occ --set rl.steps=8 \
+occ rl --config small --init "$OUT/sft/checkpoint" --regime occ --set rl.steps=8 \
   --set diag.every=0 --set "diag.at=[6]" --set eval.size=32 --set eval.samples=1 --out "$OUT/rl" 2>&1 | tail -n 3
 occ probe "$OUT/rl" 2>&1 | tail -n 1
 python - "$OUT/rl" <<'PY'

@@ -6,13 +6,13 @@ OUT=${1:-runs/reference}
 REGIMES=${REGIMES:-"off detach ce policy occ"}
 SEEDS=${SEEDS:-"0 1 2"}
 mkdir -p "$OUT"
-[ -f "$OUT/sft/checkpoint/occ_model.json" ] || occ sft --config configs/tiny.yaml --out "$OUT/sft"
+[ -f "$OUT/sft/checkpoint/occ_model.json" ] || occ sft --config tiny --out "$OUT/sft"
 for seed in $SEEDS; do
   for regime in $REGIMES; do
     run="$OUT/${regime}__${seed}"
     if [ ! -f "$run/eval.json" ]; then
       if [ -f "$run/config.yaml" ]; then occ rl --resume "$run"
-      else occ rl --config configs/reference.yaml --init "$OUT/sft/checkpoint" --regime "$regime" --seed "$seed" --out "$run"; fi
+      else occ rl --config reference --init "$OUT/sft/checkpoint" --regime "$regime" --seed "$seed" --out "$run"; fi
     fi
     # an interrupted probe pass leaves no probes.parquet (it is written atomically): redo it
     if [ -d "$run/probes" ] && [ ! -f "$run/probes.parquet" ]; then occ probe "$run"; fi

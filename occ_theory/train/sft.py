@@ -1,4 +1,4 @@
-"""Supervised warm-up with MTP: ``occ sft --config configs/tiny.yaml``.
+"""Supervised warm-up with MTP: ``occ sft --config tiny``.
 
 Variant: each sequence is ``<bos> prompt target <eos>`` (right-padded); the loss is the next-token
 cross-entropy of the target and EOS tokens plus ``sft.mtp_coef`` times the mean over MTP depths of

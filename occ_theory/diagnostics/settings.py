@@ -1,0 +1,79 @@
+"""The probe settings, defined once: ``ProbeFields`` (what a config's ``diag`` section and ``occ
+probe --set diag.KEY=VALUE`` set) and ``ProbeSettings`` (those plus the per-probe bootstrap seed),
+which ``run_probe`` takes and a probe bundle stores (``model_dump()``; ``ProbeSettings(**d)`` reads
+it back, also from bundles written when it was a dataclass: the keys are the same).
+
+Torch-free; nothing here imports ``train/``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import model_validator
+
+from ..validated import (
+    FieldError,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    Settings,
+    apply_override,
+    validate,
+)
+
+
+class ProbeFields(Settings):
+    """The probe settings a config sets (every ``ProbeSettings`` field but the per-probe ``seed``)."""
+
+    dtype: Literal["float32", "float64"] = "float32"
+    """Precision of the curvature computations: float32 | float64."""
+    hvp_method: Literal["rev-rev", "fwd-rev"] = "rev-rev"
+    """rev-rev | fwd-rev (rev-rev is the faster of the two on CPU: see `occ bench hvp`)."""
+    curve_points: NonNegativeInt = 9
+    """λ-grid points of the measured curve Δ(λ) (0: no curve; else at least 3)."""
+    curve_span: PositiveFloat = 3.0
+    """The grid spans ±curve_span·|predicted λ*|."""
+    curve_default: PositiveFloat = 1.0
+    """Grid half-width when neither a finite λ* nor the step sizes are known."""
+    curve_real_step: bool = False
+    """Also measure the curve with the real optimizer step from a copy of the optimizer state."""
+    bootstrap: NonNegativeInt = 100
+    """Bootstrap resamples (over sequences) for the fit's intervals (0: none)."""
+    taylor_halvings: NonNegativeInt = 3
+    """Identity 2 on the live model: measure the Taylor residual at η, η/2, ... (this many halvings; 0: off)."""
+    grid_cap: NonNegativeFloat = 0.0
+    """0 (default): the grid of THEORY.md section 5, out to curve_span × |λ*|. > 0: the grid stops where the MTP
+    step reaches grid_cap × the RL step (‖λ·Pu‖ = cap·‖Pg‖), and spans exactly that without a finite λ*."""
+
+    @model_validator(mode="after")
+    def _curve_needs_points(self) -> ProbeFields:
+        if 0 < self.curve_points < 3:
+            raise FieldError("curve_points", "needs at least 3 points (or 0 for no curve)")
+        return self
+
+
+class ProbeSettings(ProbeFields):
+    """What ``run_probe`` needs besides its tensors: the probe fields and the bootstrap seed."""
+
+    seed: int = 0
+    """Seed of the bootstrap resamples (each probe its own: the trainer derives it from the run seed and step)."""
+
+    @classmethod
+    def from_diag(cls, diag: ProbeFields, seed: int = 0) -> ProbeSettings:
+        """The probe settings of a config's ``diag`` section, with the bootstrap ``seed``."""
+        return cls(**{name: getattr(diag, name) for name in ProbeFields.model_fields}, seed=seed)
+
+    @staticmethod
+    def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+        """``diag.<field>=value`` strings (``occ probe --set``) as validated ``{field: value}``, read as
+        ``--set`` reads them; a bad value or a key that is not a probe field is a ``ValueError`` naming it."""
+        tree: dict[str, Any] = {}
+        for item in overrides:
+            key = item.split("=", 1)[0].strip()
+            if key.removeprefix("diag.") not in ProbeFields.model_fields or not key.startswith("diag."):
+                raise ValueError(f"--set {key}: only the probe settings can change offline: "
+                                 + ", ".join(f"diag.{f}" for f in sorted(ProbeFields.model_fields)))
+            apply_override(tree, item, ProbeFields, prefix="diag")
+        valid = validate(ProbeFields, tree, prefix="diag")
+        return {name: getattr(valid, name) for name in tree}

@@ -324,3 +324,51 @@ def test_mtp_mask_counts_from_each_rows_first_real_token_under_left_padding():
         assert float(padded.mtp_depths[k - 1]) == pytest.approx(float(plain.mtp_depths[k - 1]), rel=1e-5), k
         b = batch(3)
         assert int(mtp_mask(b.response_mask, k, b.attention_mask).sum()) == 5 - k
+
+
+def test_adam_stationary_buffers_are_the_bias_corrected_ema_of_g_and_u(ckpt, tmp_path):
+    """The recorder's m̂_g, m̂_u after three steps equal Adam's β₁-EMA (bias-corrected) of ∇J and ∇M measured
+    functionally before each step."""
+    from occ_theory.diagnostics.probe import shared_params
+    from occ_theory.rl.batch import compute_objectives
+    from occ_theory.theory import grad
+
+    tr = _trainer(ckpt, tmp_path, "policy", "diag.every=100", "rl.steps=100")  # tracked, never probed here
+    batch, _ = tr.rollout()
+    b1 = tr.rc.betas[0]
+    m_g = m_u = None
+    for t, mb in enumerate((with_signal(tr, m) for m in batch.split(4)[:3]), start=1):
+        params = shared_params(tr.model)
+        g = grad(lambda p, mb=mb: compute_objectives(tr.model, mb, tr.spec, params=p, with_mtp=False).rl_objective,
+                 params)[1]
+        u = grad(lambda p, mb=mb: compute_objectives(tr.model, mb, tr.spec, params=p).mtp, params)[1]
+        m_g = {k: (1 - b1) * v if m_g is None else b1 * m_g[k] + (1 - b1) * v for k, v in g.items()}
+        m_u = {k: (1 - b1) * v if m_u is None else b1 * m_u[k] + (1 - b1) * v for k, v in u.items()}
+        tr.train_step(mb, first_after_rollout=t == 1)
+    got_g, got_u = tr.diagnostics.recorder.momentum()
+    c = 1 - b1**3
+    for k in m_g:
+        scale_g, scale_u = float(m_g[k].abs().max()) + 1e-12, float(m_u[k].abs().max()) + 1e-12
+        assert float((got_g[k] - m_g[k] / c).abs().max()) <= 1e-4 * scale_g / c + 1e-9, k
+        assert float((got_u[k] - m_u[k] / c).abs().max()) <= 1e-4 * scale_u / c + 1e-9, k
+
+
+def test_probe_measures_every_geometry_against_the_real_step(ckpt, tmp_path):
+    """Second step (Adam has state, momentum tracked): sgd, adam, adam_step, adam_stationary all logged with
+    their geometry in the key; C in SGD geometry is gᵀu; the real-step curves and each geometry's errors exist."""
+    tr = _trainer(ckpt, tmp_path, "policy", "diag.at=[2]", "diag.every=0", "diag.curve_real_step=true",
+                  "diag.curve_points=5", "diag.bootstrap=0", "diag.taylor_halvings=0")
+    batch, _ = tr.rollout()
+    first, second = (with_signal(tr, mb) for mb in batch.split(2))
+    tr.train_step(first, first_after_rollout=True)
+    rec = tr.train_step(second, first_after_rollout=False)
+    for geo in ("sgd", "adam", "adam_step", "adam_stationary"):
+        for k in ("alpha_model", "beta_model", "lambda_bal", "alpha_rel_err", "beta_rel_err"):
+            assert math.isfinite(rec[f"diag/{geo}/{k}"]), (geo, k)
+    assert rec["diag/sgd/corr"] == pytest.approx(rec["diag/grad/corr"], rel=1e-5)  # P = I: C = gᵀu
+    assert rec["diag/adam/beta_model"] == pytest.approx(rec["diag/adam/curv"] * tr.rc.lr**2, rel=1e-6)
+    assert rec["diag/adam_step/a_norm"] < rec["diag/adam/a_norm"]  # the current gradient carries c₁ < 1 of it
+    assert rec["diag/lambda_clip_lo"] < 0 < rec["diag/lambda_clip_hi"]
+    for k in ("alpha", "beta", "r2", "beta_noclip", "beta_vhat_frozen"):
+        assert math.isfinite(rec[f"diag/curve_real_local/{k}"]), k
+    assert isinstance(rec["diag/curve_real_wide/interior_max"], bool)

@@ -1,14 +1,16 @@
 """The measured curve Δ(λ) of a probe (THEORY.md section 5) and the Taylor residual (identity 2).
 
-``measure_curve`` evaluates J along the model update on a λ grid (``grid_half_width``), fits the
-quadratic, bootstraps it over sequences, and optionally replays the real AdamW step
-(``real_step_params``) and scores a held-out batch; ``taylor_residuals`` halves η and watches the
-residual of the second-order model fall (slope 3 on log-log axes where the expansion holds).
+``measure_curve`` evaluates J along the model update η·P·(g + λu) on a λ grid (``grid_half_width``),
+fits the quadratic, bootstraps it over sequences, and optionally scores a held-out batch;
+``real_step_curves`` replays the optimizer's real step (``real_step_params``) on a local and a wide
+grid, the ground truth every geometry's prediction is set against; ``taylor_residuals`` halves η and
+watches the residual of the second-order model fall (slope 3 on log-log axes where the expansion holds).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -25,6 +27,8 @@ from ..theory import (
     lambda_grid,
     measure_delta,
 )
+from ..theory.params import sq_norm
+from ..theory.step import StepDecomposition, clip_active, clip_interval
 
 NAN = float("nan")
 
@@ -35,7 +39,7 @@ def grid_half_width(dec: Decomposition, span: float, cap: float) -> tuple[float 
     expansion can hold and the clipped surrogate saturates. Without a finite λ* the default range is
     that step-aware ±cap·‖Pg‖/‖Pu‖. Returns (None, False) when no step size is known (the caller
     falls back to ``curve_default``), and whether the cap applied."""
-    lam, bal = dec.lambda_star, dec.lambda_balance
+    lam, bal = dec.lambda_star, dec.lambda_bal
     if not math.isfinite(bal) or bal <= 0 or cap <= 0:
         return None, False
     limit = cap * bal
@@ -45,8 +49,8 @@ def grid_half_width(dec: Decomposition, span: float, cap: float) -> tuple[float 
 
 
 def measure_curve(J, M, seq_terms, params, g, u, dec: Decomposition, precond, lam_used: float, mask: Tensor,
-           settings: Any, optim: Any, heldout: RLBatch | None, work: nn.Module,
-           spec: ObjectiveSpec, sums=None, gather=None, mtp_only_sq_norm: float = 0.0) -> dict[str, Any]:
+                  settings: Any, heldout: RLBatch | None, work: nn.Module,
+                  spec: ObjectiveSpec, sums=None, gather=None) -> dict[str, Any]:
     lr = dec.lr
     half, capped = grid_half_width(dec, settings.curve_span, settings.grid_cap)
     lams = lambda_grid(dec.lambda_star, used=lam_used, n=settings.curve_points, span=settings.curve_span,
@@ -71,7 +75,7 @@ def measure_curve(J, M, seq_terms, params, g, u, dec: Decomposition, precond, la
     out |= {"diag/curve/flat": False, "diag/curve/alpha": fit.alpha, "diag/curve/beta": fit.beta,
             "diag/curve/alpha_se": fit.alpha_se, "diag/curve/beta_se": fit.beta_se, "diag/curve/r2": fit.r2,
             "diag/curve/lambda_star": fit.lambda_star, "diag/curve/concave": fit.concave,
-            "diag/curve/l_eff": effective_smoothness(fit.beta, lr, dec.u_norm_sq),
+            "diag/curve/l_eff": effective_smoothness(fit.beta, lr, dec.pu_norm_sq),
             "diag/curve/pred_alpha": lr * dec.slope, "diag/curve/pred_beta": lr**2 * dec.curv,
             "diag/curve/pred_beta_fisher": lr**2 * dec.curv_fisher}
     if settings.bootstrap > 0:
@@ -80,12 +84,6 @@ def measure_curve(J, M, seq_terms, params, g, u, dec: Decomposition, precond, la
             if k != "concave_share":
                 out[f"diag/curve/{k}_lo"], out[f"diag/curve/{k}_hi"] = lo, hi
         out["diag/curve/bootstrap_concave_share"] = ci["concave_share"][0]
-    if settings.curve_real_step and optim.kind in ("adam", "adamw") and optim.state:
-        real = real_step_delta(J, params, g, u, lams, optim, sums, mtp_only_sq_norm)
-        rfit = fit_quadratic(lams, real)
-        out |= {"curve/real_deltas": real.tolist(), "diag/curve_real/alpha": rfit.alpha,
-                "diag/curve_real/beta": rfit.beta, "diag/curve_real/r2": rfit.r2,
-                "diag/curve_real/lambda_star": rfit.lambda_star}
     if heldout is not None:
         held_norms = Norms.of(heldout, 0, sums) if sums is not None else None
 
@@ -102,18 +100,21 @@ def measure_curve(J, M, seq_terms, params, g, u, dec: Decomposition, precond, la
 
 
 def real_step_params(params: dict[str, Tensor], g: dict[str, Tensor], u: dict[str, Tensor], lam: float,
-                     optim: Any, mtp_only_sq_norm: float = 0.0) -> dict[str, Tensor]:
-    """θ_S after the real Adam(W) step with gradient −(g + λu), from a copy of the optimizer state.
+                     optim: Any, mtp_only_sq_norm: float = 0.0, clip: bool = True) -> dict[str, Tensor]:
+    """θ_S after the real Adam(W) step with gradient −(g + λu), from a copy of the optimizer state (a
+    fresh state before the first step).
 
     The run clips the global norm over every trainable parameter, θ_M included, whose gradient is
-    λ·∇_{θ_M}M: ``mtp_only_sq_norm`` = ‖∇_{θ_M}M‖² enters the clip factor as λ²·‖∇_{θ_M}M‖²."""
+    λ·∇_{θ_M}M: ``mtp_only_sq_norm`` = ‖∇_{θ_M}M‖² enters the clip factor as λ²·‖∇_{θ_M}M‖².
+    ``clip=False`` takes the step without the clip."""
     cls = torch.optim.AdamW if optim.kind == "adamw" else torch.optim.Adam
     clones = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
     opt = cls(list(clones.values()), lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
     for k, p in clones.items():
-        opt.state[p] = {n: v.clone().to(p.dtype) if n != "step" else v.clone() for n, v in optim.state[k].items()}
+        if k in optim.state:
+            opt.state[p] = {n: v.clone().to(p.dtype) if n != "step" else v.clone() for n, v in optim.state[k].items()}
         p.grad = -(g[k] + lam * u[k]).to(p.dtype)
-    if optim.grad_clip > 0:  # torch's clip_grad_norm_ factor, over θ_S and θ_M
+    if clip and optim.grad_clip > 0:  # torch's clip_grad_norm_ factor, over θ_S and θ_M
         total = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in clones.values())
                           + lam * lam * mtp_only_sq_norm)
         factor = min(1.0, optim.grad_clip / (total + 1e-6))
@@ -123,17 +124,86 @@ def real_step_params(params: dict[str, Tensor], g: dict[str, Tensor], u: dict[st
     return {k: p.detach() for k, p in clones.items()}
 
 
-def real_step_delta(J, params: dict[str, Tensor], g: dict[str, Tensor], u: dict[str, Tensor], lams: np.ndarray,
-                    optim: Any, sums=None, mtp_only_sq_norm: float = 0.0) -> np.ndarray:
-    """Δ(λ) = J(real step with λ) − J(real step with 0), every step from the same optimizer state."""
+def _deltas(J, points: Callable[[float], dict[str, Tensor]], lams: np.ndarray, sums=None) -> np.ndarray:
+    """Δ(λ) = J(points(λ)) − J(points(0)) on the grid."""
 
-    def after_step(lam: float) -> float:
+    def value(lam: float) -> float:
         with torch.no_grad():
-            value = {"value": J(real_step_params(params, g, u, lam, optim, mtp_only_sq_norm))}
-            return float((sums(value) if sums is not None else value)["value"])
+            v = {"value": J(points(lam))}
+            return float((sums(v) if sums is not None else v)["value"])
 
-    base = after_step(0.0)
-    return np.array([after_step(float(lam)) - base for lam in lams])
+    base = value(0.0)
+    return np.array([value(float(lam)) - base for lam in lams])
+
+
+def _fit_record(prefix: str, lams: np.ndarray, deltas: np.ndarray) -> dict[str, Any]:
+    """The quadratic through the origin fitted to one curve, and whether its optimum lies inside the grid."""
+    ok = np.isfinite(deltas)
+    if np.unique(lams[ok & (lams != 0)]).size < 2:
+        return {f"{prefix}/{k}": NAN for k in ("alpha", "beta", "r2", "lambda_star")} | {
+            f"{prefix}/concave": False, f"{prefix}/lambda_star_inside": False}
+    fit = fit_quadratic(lams[ok], deltas[ok])
+    inside = bool(fit.concave and lams.min() <= fit.lambda_star <= lams.max())
+    return {f"{prefix}/alpha": fit.alpha, f"{prefix}/beta": fit.beta, f"{prefix}/r2": fit.r2,
+            f"{prefix}/lambda_star": fit.lambda_star, f"{prefix}/concave": fit.concave,
+            f"{prefix}/lambda_star_inside": inside}
+
+
+def _rel_err(model: float, measured: float) -> float:
+    return abs(model - measured) / abs(measured) if math.isfinite(measured) and measured != 0 else NAN
+
+
+def real_step_curves(J, params: dict[str, Tensor], g: dict[str, Tensor], u: dict[str, Tensor],
+                     u_mtp_only: dict[str, Tensor], geometries: dict[str, StepDecomposition],
+                     step_dirs: tuple[dict[str, Tensor], dict[str, Tensor]], lam_used: float, settings: Any,
+                     optim: Any, sums=None) -> dict[str, Any]:
+    """The ground truth of THEORY.md sections 2 and 5: Δ(λ) under the optimizer's real step, on two grids.
+
+    * local: ``|λ| ≤ λ_bal`` of ``adam_step`` (plus 0, negatives and the λ used), where the expansion should
+      hold; there also the step without the clip and the ``adam_step`` model's own point θ + s + λ·a (v̂
+      frozen at λ = 0, no clip), whose fitted β's set the clip's and v̂(λ)'s effects apart;
+    * wide: past the predicted |λ*| of ``adam_step`` (``curve_span``·|λ*|, else ``curve_span``·λ_bal): does
+      the real curve have an interior maximum, and where.
+
+    Grid points where the gradient clip acts are marked (``lambda_clip`` from ``clip_interval``). Each
+    geometry's α_m, β_m and λ* are set against the fits: relative errors of α and β on the local fit, and
+    λ*_m / λ*_fit of the wide fit."""
+    own = geometries["adam_step"]
+    u_sq = float(sq_norm(u_mtp_only)) if u_mtp_only else 0.0
+    interval = clip_interval(g, {**u, **u_mtp_only}, optim.grad_clip)
+    out: dict[str, Any] = {"diag/lambda_clip_lo": interval[0], "diag/lambda_clip_hi": interval[1]}
+    bal = own.lambda_bal if math.isfinite(own.lambda_bal) and own.lambda_bal > 0 else settings.curve_default
+    n = max(settings.curve_points, 3)
+    local = lambda_grid(NAN, used=lam_used, n=n, half_width=bal)
+    wide = lambda_grid(own.lambda_star, used=lam_used, n=n, span=settings.curve_span,
+                       half_width=None if math.isfinite(own.lambda_star) else settings.curve_span * bal)
+    s, a = step_dirs
+    curves = {
+        "real_local": (local, lambda lam: real_step_params(params, g, u, lam, optim, u_sq)),
+        "real_wide": (wide, lambda lam: real_step_params(params, g, u, lam, optim, u_sq)),
+        "noclip_local": (local, lambda lam: real_step_params(params, g, u, lam, optim, u_sq, clip=False)),
+        "frozen_local": (local, lambda lam: {k: params[k] + s[k] + lam * a[k] for k in params}),
+    }
+    fits = {}
+    for name, (lams, points) in curves.items():
+        deltas = _deltas(J, points, lams, sums)
+        fits[name] = _fit_record("fit", lams, deltas)
+        if name.startswith("real"):
+            kind = name.removeprefix("real_")
+            out |= {f"curve/{name}_lams": lams.tolist(), f"curve/{name}_deltas": deltas.tolist(),
+                    f"curve/{name}_clipped": clip_active(lams, interval).tolist()}
+            out |= {k.replace("fit/", f"diag/curve_real_{kind}/"): v for k, v in fits[name].items()}
+    out["diag/curve_real_local/beta_noclip"] = fits["noclip_local"]["fit/beta"]
+    out["diag/curve_real_local/beta_vhat_frozen"] = fits["frozen_local"]["fit/beta"]
+    out["diag/curve_real_wide/interior_max"] = out["diag/curve_real_wide/lambda_star_inside"]
+    alpha, beta = out["diag/curve_real_local/alpha"], out["diag/curve_real_local/beta"]
+    lam_fit = out["diag/curve_real_wide/lambda_star"]
+    for name, dec in geometries.items():
+        out[f"diag/{name}/alpha_rel_err"] = _rel_err(dec.alpha_model, alpha)
+        out[f"diag/{name}/beta_rel_err"] = _rel_err(dec.beta_model, beta)
+        out[f"diag/{name}/lambda_star_ratio"] = (dec.lambda_star / lam_fit if math.isfinite(lam_fit) and lam_fit != 0
+                                                 else NAN)
+    return out
 
 
 def taylor_residuals(J, M, params, g, u, dec: Decomposition, precond, lam_used: float, settings: Any,

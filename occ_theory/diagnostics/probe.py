@@ -37,15 +37,16 @@ from ..rl.batch import (
     forward_logprobs,
 )
 from ..rl.coef import Coefficient, CoefficientRule, fisher_proxy, logprob_proxies, proxy_record
-from ..theory import (
-    Decomposition,
-    decompose_geometries,
-    eager_attention,
-    grad,
-)
-from ..theory.params import sq_norm
+from ..theory import Decomposition, eager_attention, grad
+from ..theory.params import dot, sq_norm
 from ..theory.precond import adam_preconditioner
-from .curve import measure_curve, taylor_residuals
+from ..theory.step import (
+    StepDecomposition,
+    adamw_step_directions,
+    decompose_steps,
+    fixed_precond_directions,
+)
+from .curve import measure_curve, real_step_curves, taylor_residuals
 from .recorder import module_breakdown
 from .settings import ProbeSettings
 
@@ -102,14 +103,58 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float64": torch.float64}[name]
 
 
-def _decomp_record(prefix: str, dec: Decomposition | None) -> dict[str, Any]:
-    keys = ("corr", "cross", "curv", "curv_fisher", "lambda_star", "lambda_star_first_order", "lambda_star_fisher",
-            "gain_at_optimum", "proj", "u_norm_sq", "pg_norm", "lambda_balance")
-    if dec is None:
-        return {f"{prefix}/{k}": NAN for k in keys} | {f"{prefix}/concave": None, f"{prefix}/reason":
-                                                        "no optimizer state yet (first step)"}
-    d = dec.as_dict()
-    return {f"{prefix}/{k}": d[k] for k in keys} | {f"{prefix}/concave": d["concave"], f"{prefix}/reason": d["reason"]}
+GEOMETRIES = ("sgd", "adam", "adam_step", "adam_stationary")
+"""The geometries a probe measures (THEORY.md section 2); each one's quantities are logged as ``diag/<geometry>/…``."""
+PAPER_KEYS = ("corr", "cross", "curv", "curv_fisher", "gain_at_optimum", "proj", "pu_norm_sq", "pg_norm")
+"""C, X, Q and the rest of the fixed-P form, for the geometries that have one (``sgd``, ``adam``)."""
+STEP_KEYS = ("alpha_model", "beta_model", "alpha_first_order", "beta_fisher", "lambda_star", "lambda_star_first_order",
+             "lambda_star_fisher", "lambda_bal", "s_norm", "a_norm")
+"""The general step form θ + s + λ·a, for every geometry."""
+
+
+def geometry_directions(params: dict[str, Tensor], g: dict[str, Tensor], u: dict[str, Tensor],
+                        optim: OptimizerSnapshot) -> dict[str, tuple[dict, dict]]:
+    """``(s, a)`` of each geometry the optimizer state allows: ``sgd`` always; ``adam`` once Adam has state;
+    ``adam_step`` for AdamW (or Adam without weight decay), also on the first step; ``adam_stationary``
+    when the recorder's momentum buffers are in the snapshot."""
+    lr = optim.lr
+    precond = optim.preconditioner(params)
+    out = {"sgd": fixed_precond_directions(g, u, lr)}
+    if precond is not None:
+        out["adam"] = fixed_precond_directions(g, u, lr, precond)
+    if (optim.kind == "adamw" or (optim.kind == "adam" and optim.weight_decay == 0)):
+        st = optim.state
+        has = bool(st) and all(k in st for k in params)
+        out["adam_step"] = adamw_step_directions(
+            params, g, u, {k: st[k]["exp_avg"] for k in params} if has else None,
+            {k: st[k]["exp_avg_sq"] for k in params} if has else None, int(next(iter(st.values()))["step"]) if has else 0,
+            lr, optim.betas, optim.eps, optim.weight_decay if optim.kind == "adamw" else 0.0)
+    if precond is not None and optim.momentum is not None:
+        out["adam_stationary"] = fixed_precond_directions(optim.momentum["m_g"], optim.momentum["m_u"], lr, precond)
+    return out
+
+
+def paper_terms(step: StepDecomposition, lr: float, g: dict[str, Tensor], u: dict[str, Tensor]) -> Decomposition:
+    """C, X, Q of a fixed-P geometry (s = ηPg, a = ηPu) from its step form: C = gᵀa/η, X = (α_m − gᵀa)/η²,
+    Q = β_m/η², Q_F = β_F/η², δ = ∇l·Pu = (∇l·a)/η."""
+    g_norm, u_norm = float(sq_norm(g)) ** 0.5, float(sq_norm(u)) ** 0.5
+    gu = float(dot(g, u))
+    return Decomposition(
+        lr=lr, corr=step.alpha_first_order / lr, cross=(step.alpha_model - step.alpha_first_order) / lr**2,
+        curv=step.beta_model / lr**2, g_norm=g_norm, u_norm=u_norm,
+        cosine=gu / (g_norm * u_norm) if g_norm > 0 and u_norm > 0 else NAN, pu_norm_sq=(step.a_norm / lr) ** 2,
+        pg_norm=step.s_norm / lr, curv_fisher=step.beta_fisher / lr**2, geometry=step.geometry, method=step.method,
+        dlogp=None if step.dlogp is None else step.dlogp / lr, grad_rl=step.grad_rl)
+
+
+def _decomp_record(geometry: str, dec: Decomposition | None, step: StepDecomposition | None) -> dict[str, Any]:
+    prefix = f"diag/{geometry}"
+    keys = STEP_KEYS + (PAPER_KEYS if geometry in ("sgd", "adam") else ())
+    if step is None:
+        why = "no optimizer state yet (first step)" if geometry != "adam_stationary" else "no momentum buffers"
+        return {f"{prefix}/{k}": NAN for k in keys} | {f"{prefix}/concave": None, f"{prefix}/reason": why}
+    d = step.as_dict() | (dec.as_dict() if dec is not None else {})
+    return {f"{prefix}/{k}": d[k] for k in keys} | {f"{prefix}/concave": step.concave, f"{prefix}/reason": step.reason}
 
 
 def shared_params(model: nn.Module) -> dict[str, Tensor]:
@@ -188,39 +233,41 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficie
             return Probe(out | {"diag/skipped": "regime has no MTP loss"})
         red = sums or (lambda d: d)
         u = red(grad(M, params)[1])
-        precond = optim.preconditioner(params)
-        geometries = {"sgd": None} | ({"adam": precond} if precond is not None else {})
-        decs = decompose_geometries(J, M, params, lr, geometries, settings.hvp_method, logp_fn, mask, mtp_grad=u,
-                                    reduce=sums)
-        decs.setdefault("adam", None)
-        g = decs["sgd"].grad_rl
+        g = red(grad(J, params)[1])
+        dirs = geometry_directions(params, g, u, optim)
+        steps = decompose_steps(J, params, dirs, settings.hvp_method, sums, logp_fn, mask)
         out |= module_breakdown(g, u)
-        for name, dec in decs.items():
-            out |= _decomp_record(f"diag/{name}", dec)
-        if precond is not None:  # the model step is η·P·g; Adam's next step weighs the new gradient by this
+        decs = {name: paper_terms(steps[name], lr, g, u) for name in ("sgd", "adam") if name in steps}
+        for name in GEOMETRIES:
+            out |= _decomp_record(name, decs.get(name), steps.get(name))
+        if "adam" in steps:  # the model step is η·P·g; Adam's next step weighs the new gradient by this
             t = float(next(iter(optim.state.values()))["step"])
             out["diag/adam/momentum_weight"] = (1 - optim.betas[0]) / (1 - optim.betas[0] ** (t + 1))
-        geometry = "adam" if decs["adam"] is not None else "sgd"
+        geometry = "adam" if "adam" in decs else "sgd"
         dec = decs[geometry]
+        precond = optim.preconditioner(params) if geometry == "adam" else None
         out["diag/curve/geometry"] = geometry
         out |= proxy_record(rule, {"fisher": fisher_proxy(b.advantages, dec.dlogp, mask, lr, sums)
                                    if dec.dlogp is not None else NAN})
-    # the curve and the Taylor residual only evaluate J: the fused attention kernels serve (float32)
+    # the curves and the Taylor residual only evaluate J: the fused attention kernels serve (float32)
     evaluation_numerics = exact_float64 if dtype == torch.float64 else contextlib.nullcontext
-    run_precond = precond if geometry == "adam" else None
-    mtp_only_sq_norm = 0.0  # ‖∇_{θ_M}M‖², for the real step's gradient clipping
-    if settings.curve_points > 0 and settings.curve_real_step:
+    u_mtp_only: dict[str, Tensor] = {}  # ∇_{θ_M}M: the real step's clip sees λ·∇_{θ_M}M too
+    real = settings.curve_points > 0 and settings.curve_real_step and "adam_step" in steps
+    if real:
         mtp_names = set(work.mtp_param_names())
         own = {k: p.detach() for k, p in work.named_parameters() if k in mtp_names}
         if own:
             def M_own(p):
                 return compute_objectives(work, b, spec, params=p, norms=norms).mtp
 
-            mtp_only_sq_norm = float(sq_norm(red(grad(M_own, own)[1])))
+            u_mtp_only = red(grad(M_own, own)[1])
     with evaluation_numerics(work):
         if settings.curve_points > 0:
-            out |= measure_curve(J, M, seq_terms, params, g, u, dec, run_precond, lam_used, mask, settings, optim, hb,
-                                 work, spec, sums, gather, mtp_only_sq_norm)
+            out |= measure_curve(J, M, seq_terms, params, g, u, dec, precond, lam_used, mask, settings, hb,
+                                 work, spec, sums, gather)
+        if real:
+            out |= real_step_curves(J, params, g, u, u_mtp_only, steps, dirs["adam_step"], lam_used, settings, optim,
+                                    sums)
         if settings.taylor_halvings > 0 and not dec.u_zero:
-            out |= taylor_residuals(J, M, params, g, u, dec, run_precond, lam_used, settings, sums)
+            out |= taylor_residuals(J, M, params, g, u, dec, precond, lam_used, settings, sums)
     return Probe(out, g, u)

@@ -288,3 +288,10 @@ def test_names_and_probe_settings_import_without_torch():
     code = ("import sys, occ_theory.names, occ_theory.diagnostics.settings, analysis.load; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_config_key_is_documented_by_its_field_docstring():
+    undocumented = [f"{sec}.{name}" for sec in SECTIONS
+                    for name, f in Config.model_fields[sec].annotation.model_fields.items() if not f.description]
+    assert not undocumented
+    assert "λ-grid points" in ProbeSettings.model_fields["curve_points"].description

@@ -1,4 +1,4 @@
-"""The figures, F1–F7: one function each, over the tidy frames of ``analysis.frames``.
+"""The figures, F1–F9: one function each, over the tidy frames of ``analysis.frames``.
 
 Every function is declared with ``@figure(title, *REQUIRES)``: the columns it needs are checked
 first (``require`` raises a ``ValueError`` naming the figure and the missing columns). A regime
@@ -17,21 +17,27 @@ import pandas as pd
 from matplotlib.lines import Line2D
 
 from .frames import (
+    GEOMETRIES,
     PROXIES,
-    exact_lambda_star,
+    REAL_LOCAL,
+    REAL_WIDE,
+    arm_order,
+    geo_key,
+    lambda_star_fit,
     numeric,
-    pick_geometry,
     proxy_points,
     regimes_in,
     require,
+    run_geometry,
     suites_in,
 )
 from .frames import cosine as cosine_of
+from .outcome import BESIDE, LAMBDA_LOSSES, lambda_points, primary_metric
 from .stats import loglog_slope, spearman, spread
 from .style import PROXY_COLORS, PROXY_MARKERS, figure, new_figure, regime_color, save, symlog_if_mixed
 
-__all__ = ["eval_table", "f1_reward", "f2_decomposition", "f3_curves", "f4_proxies", "f5_eval",
-           "f6_module_cosine", "f7_taylor", "held_out_accuracy", "require"]
+__all__ = ["f1_reward", "f2_decomposition", "f3_curves", "f4_proxies", "f5_eval", "f6_module_cosine", "f7_taylor",
+           "f8_geometries", "f9_accuracy_vs_lambda", "held_out_accuracy", "require"]
 
 BAND = "band: min–max over runs"
 
@@ -91,12 +97,13 @@ def f1_reward(metrics: pd.DataFrame, out: Path, pdf: bool = False, smooth: int |
 
 @figure("F2 C and Q over training", "run", "regime", "step", "diag/sgd/corr", "diag/sgd/curv")
 def f2_decomposition(probes: pd.DataFrame, out: Path, pdf: bool = False) -> Path:
-    """C = gᵀPu, Q = (Pu)ᵀH(Pu) and cos(g, u) per regime over training (Adam P where logged)."""
-    geom = pick_geometry(probes)
-    pname = "Adam P" if geom == "adam" else "P = I (SGD)"
-    panels = [(f"diag/{geom}/corr", f"C = gᵀPu ({pname})"), (f"diag/{geom}/curv", f"Q = (Pu)ᵀH(Pu) ({pname})"),
-              ("_cos", "cos(g, u) (parameter space)")]
-    d = probes.assign(_cos=cosine_of(probes))
+    """C, Q and cos(g, u) per regime over training, in the runs' geometry (``run_geometry``; probes without
+    it, e.g. step 1 without Adam state, are left out rather than drawn in another geometry)."""
+    geom = run_geometry(probes, "corr")
+    cos, cos_geom = cosine_of(probes, geom)
+    panels = [(geo_key(geom, "corr"), f"C ({geom} geometry)"), (geo_key(geom, "curv"), f"Q ({geom} geometry)"),
+              ("_cos", f"cos(g, u) ({cos_geom} geometry)")]
+    d = probes.assign(_cos=cos.where(np.isfinite(numeric(probes, panels[0][0]))))
     if not np.isfinite(numeric(d, panels[0][0])).any():
         raise ValueError(f"F2 C and Q over training: no finite {panels[0][0]} values")
     fig = new_figure(14, 3.8)
@@ -128,57 +135,98 @@ def _as_array(v) -> np.ndarray | None:
     return a if a.size else None
 
 
-def _markers(row: pd.Series, exact: float, color: str) -> list[tuple[str, float, str, str]]:
-    marks = [("λ used", row.get("diag/lambda_used", np.nan), "0.5", ":"), ("λ*_exact", exact, "black", "--"),
-             ("λ*_fit", row.get("diag/curve/lambda_star", np.nan), color, "-")]
+def _num(row: pd.Series, key: str) -> float:
+    v = pd.to_numeric(pd.Series([row.get(key)]), errors="coerce").iloc[0]
+    return float(v) if v is not None and np.isfinite(v) else np.nan
+
+
+def _markers(row: pd.Series, exact: float, fit: float, color: str) -> list[tuple[str, float, str, str]]:
+    marks = [("λ used", row.get("diag/lambda_used", np.nan), "0.5", ":"), ("λ*_m", exact, "black", "--"),
+             ("λ*_fit", fit, color, "-")]
     marks += [(f"proxy {p}", row.get(f"lambda/{p}", np.nan), PROXY_COLORS[p], "-.") for p in PROXIES]
     return [(n, float(v), c, ls) for n, v, c, ls in marks if v is not None and np.isfinite(float(v))]
 
 
-@figure("F3 measured curves", "run", "regime", "step", "curve/lams", "curve/deltas", "diag/curve/alpha",
-        "diag/curve/beta")
+CURVES = (  # (label, λ list, Δ list, fit prefix, marker): real-step curves where logged, else the model curve
+    ("real step, wide grid", "curve/real_wide_lams", "curve/real_wide_deltas", REAL_WIDE, "s"),
+    ("real step, local grid", "curve/real_local_lams", "curve/real_local_deltas", REAL_LOCAL, "o"),
+    ("model step", "curve/lams", "curve/deltas", "diag/curve/", "o"),
+)
+
+
+def _curves_of(row: pd.Series) -> list[tuple[str, np.ndarray, np.ndarray, str, str]]:
+    """The curves a probe row holds: both real-step grids when logged, else the model-step curve."""
+    out = [(label, _as_array(row.get(lc)), _as_array(row.get(dc)), prefix, m) for label, lc, dc, prefix, m in CURVES]
+    out = [(label, lams, deltas, prefix, m) for label, lams, deltas, prefix, m in out
+           if lams is not None and deltas is not None and lams.size == deltas.size]
+    real = [c for c in out if c[3] != "diag/curve/"]
+    return real or out
+
+
+@figure("F3 measured curves", "run", "regime", "step", "curve/*lams", "curve/*deltas")
 def f3_curves(probes: pd.DataFrame, out: Path, pdf: bool = False, regimes: tuple[str, ...] = ("policy", "occ")
               ) -> Path:
-    """Measured Δ(λ) with the fitted parabola αλ + ½βλ² and markers for λ*_exact, λ*_fit, the λ used
-    and each proxy, at an early, a middle and a late probe of one run per regime."""
-    has = probes["curve/lams"].map(lambda v: _as_array(v) is not None) & probes["regime"].isin(regimes)
+    """Measured Δ(λ) (the real optimizer step on the local and wide grids where logged, else the model step)
+    with each fitted parabola αλ + ½βλ², points outside the clip interval hollow, and markers for λ*_m of the
+    run's geometry, λ*_fit, the λ used and each proxy, at an early, a middle and a late probe of one run per
+    regime. The canvas has as many columns as the most probes shown in a row."""
+    has = probes.apply(lambda r: bool(_curves_of(r)), axis=1) if len(probes) else pd.Series(dtype=bool)
+    has &= probes["regime"].isin(regimes)
     if "diag/curve/flat" in probes:
         has &= ~probes["diag/curve/flat"].eq(True)
-    d = probes[has].assign(_exact=exact_lambda_star(probes[has]))
-    shown = [r for r in regimes_in(d)]
+    d = probes[has]
+    geom = run_geometry(d)
+    d = d.assign(_exact=numeric(d, geo_key(geom, "lambda_star")), _fit=lambda_star_fit(d)[0])
+    shown = regimes_in(d)
     if not shown:
         raise ValueError(f"F3 measured curves: no probe with a measured, non-flat curve in regimes {list(regimes)}")
-    fig = new_figure(13, 3.6 * len(shown))
-    axes = fig.subplots(len(shown), 3, squeeze=False)
-    for row_axes, regime in zip(axes, shown):
+    picks = {}
+    for regime in shown:
         r = d[d["regime"] == regime].sort_values(["seed", "run", "step"])
         run = r[r["run"] == r["run"].iloc[0]]
-        picks = sorted({0, len(run) // 2, len(run) - 1})
-        for ax in row_axes[len(picks):]:
+        picks[regime] = (run, sorted({0, len(run) // 2, len(run) - 1}))
+    ncol = max(len(p) for _, p in picks.values())
+    fig = new_figure(4.4 * ncol, 3.6 * len(shown))
+    axes = fig.subplots(len(shown), ncol, squeeze=False)
+    for row_axes, regime in zip(axes, shown):
+        run, idx = picks[regime]
+        names = {3: ["early", "middle", "late"], 2: ["early", "late"], 1: ["only"]}[len(idx)]
+        for ax in row_axes[len(idx):]:
             ax.set_axis_off()
-        for ax, i, when in zip(row_axes, picks, ["early", "middle", "late"] if len(picks) == 3 else
-                               ["early", "late"] if len(picks) == 2 else ["only"]):
-            _curve_panel(ax, run.iloc[i], regime, when)
-    fig.suptitle("Measured Δ(λ) and the fitted parabola", fontsize=10)
+        for ax, i, when in zip(row_axes, idx, names):
+            _curve_panel(ax, run.iloc[i], regime, when, geom)
+    fig.suptitle("Measured Δ(λ) and the fitted parabolas", fontsize=10)
     return save(fig, out, pdf)
 
 
-def _curve_panel(ax, row: pd.Series, regime: str, when: str) -> None:
+def _curve_panel(ax, row: pd.Series, regime: str, when: str, geom: str) -> None:
     color = regime_color(regime)
-    lams, deltas = _as_array(row["curve/lams"]), _as_array(row["curve/deltas"])
-    ax.scatter(lams, deltas, color=color, zorder=3, s=18, label="measured Δ(λ)")
-    lo, hi = float(lams.min()), float(lams.max())
+    curves = _curves_of(row)
+    lo = min(float(lams.min()) for _, lams, _, _, _ in curves)
+    hi = max(float(lams.max()) for _, lams, _, _, _ in curves)
     pad = 0.05 * (hi - lo or 1.0)
     grid = np.linspace(lo - pad, hi + pad, 200)
-    a, b = float(row["diag/curve/alpha"]), float(row["diag/curve/beta"])
-    if np.isfinite(a) and np.isfinite(b):
-        ax.plot(grid, a * grid + 0.5 * b * grid**2, color=color, lw=1.2, label=f"fit α={a:.3g}, β={b:.3g}")
+    for n, (label, lams, deltas, prefix, marker) in enumerate(curves):
+        shade = color if n == len(curves) - 1 else "0.45"
+        clipped = _as_array(row.get("curve/real_wide_clipped")) if prefix == REAL_WIDE else None
+        out_clip = clipped.astype(bool) if clipped is not None and clipped.size == lams.size else np.zeros(lams.size, bool)
+        ax.scatter(lams[~out_clip], deltas[~out_clip], color=shade, marker=marker, zorder=3, s=18, label=label)
+        if out_clip.any():
+            ax.scatter(lams[out_clip], deltas[out_clip], facecolors="none", edgecolors=shade, marker=marker, zorder=3,
+                       s=18, label=f"{label}, clip active")
+        a, b = _num(row, prefix + "alpha"), _num(row, prefix + "beta")
+        if np.isfinite(a) and np.isfinite(b):
+            ax.plot(grid, a * grid + 0.5 * b * grid**2, color=shade, lw=1.1, label=f"fit α={a:.3g}, β={b:.3g}")
+    for v in (_num(row, "diag/lambda_clip_lo"), _num(row, "diag/lambda_clip_hi")):  # the clip interval's ends
+        if lo - pad <= v <= hi + pad:
+            ax.axvline(v, color="0.3", ls=(0, (1, 3)), lw=0.8)
     handles = []
-    for name, v, c, ls in _markers(row, row["_exact"], color):
+    for name, v, c, ls in _markers(row, row["_exact"], row["_fit"], color):
         inside = lo - pad <= v <= hi + pad
         if inside:
             ax.axvline(v, color=c, ls=ls, lw=1)
-        handles.append(Line2D([], [], color=c, ls=ls, label=f"{name} = {v:.3g}" + ("" if inside else " (off axis)")))
+        label = f"{name} ({geom})" if name == "λ*_m" else name
+        handles.append(Line2D([], [], color=c, ls=ls, label=f"{label} = {v:.3g}" + ("" if inside else " (off axis)")))
     ax.set_xlim(lo - pad, hi + pad)
     ax.axhline(0, color="0.7", lw=0.5)
     ax.set(xlabel="λ", ylabel="Δ(λ) = J(θ⁺(λ)) − J(θ⁺(0))",
@@ -196,8 +244,9 @@ def f4_proxies(probes: pd.DataFrame, out: Path, pdf: bool = False) -> Path:
     """Each proxy, λ*_fit and λ*_exact over training per regime with MTP, and a scatter of each proxy
     against λ*_fit (policy and occ probes when present) with Spearman ρ in the legend."""
     d = probes[~probes["regime"].isin(NO_PROXY_REGIMES)]
-    d = d.assign(_exact=exact_lambda_star(d))
-    series = [("λ*_fit", "diag/curve/lambda_star", "black", "-"), ("λ*_exact", "_exact", "black", "--")]
+    geom = run_geometry(d)
+    d = d.assign(_exact=numeric(d, geo_key(geom, "lambda_star")), _fit=lambda_star_fit(d)[0])
+    series = [("λ*_fit", "_fit", "black", "-"), (f"λ*_m ({geom})", "_exact", "black", "--")]
     series += [(p, f"lambda/{p}", PROXY_COLORS[p], "-") for p in PROXIES]
     shown = [r for r in regimes_in(d) if any(np.isfinite(numeric(d[d["regime"] == r], c)).any()
                                              for _, c, _, _ in series)]
@@ -249,58 +298,50 @@ def _proxy_scatter(ax, d: pd.DataFrame, shown: list[str]) -> None:
 # ------------------------------------------------------------------ F5
 
 
-def _eval_long(evals: pd.DataFrame) -> pd.DataFrame:
-    """Per (run, suite) accuracy plus a ``mean`` pseudo-suite (mean over each run's suites)."""
-    mean = evals.groupby(["run", "regime", "seed"], as_index=False)["greedy_acc"].mean().assign(suite="mean")
-    return pd.concat([evals[["run", "regime", "seed", "suite", "greedy_acc"]], mean], ignore_index=True)
+def _arm_colors(arms: list[str]) -> dict[str, tuple]:
+    """Each arm in its regime's colour, arms of one regime from dark to light."""
+    from matplotlib.colors import to_rgb
+
+    out, by_regime = {}, {}
+    for arm in arms:
+        by_regime.setdefault(arm.split("@")[0].split("/")[0].split("+")[0], []).append(arm)
+    for regime, group in by_regime.items():
+        base = np.array(to_rgb(regime_color(regime)))
+        for i, arm in enumerate(group):
+            out[arm] = tuple(base + (1 - base) * 0.55 * i / max(len(group) - 1, 1))
+    return out
 
 
-@figure("F5 evaluation suites", "run", "regime", "suite", "greedy_acc")
+@figure("F5 evaluation suites", "run", "arm", "suite", "greedy_acc")
 def f5_eval(evals: pd.DataFrame, out: Path, pdf: bool = False) -> Path:
-    """Greedy accuracy per suite (and the mean over suites) per regime: bars at the mean over runs,
-    whiskers min–max."""
-    d = evals[np.isfinite(numeric(evals, "greedy_acc"))]
+    """Held-out sampled accuracy (mean@k; greedy where no sampled value) per suite and for the mean over
+    suites, per arm: bars at the mean over runs, whiskers min–max; greedy pass@1 as a black tick beside."""
+    metric = primary_metric(evals)
+    d = evals[np.isfinite(numeric(evals, metric))]
     if d.empty:
         raise ValueError("F5 evaluation suites: no eval.json results")
-    d = _eval_long(d)
+    mean = d.groupby(["run", "arm"], as_index=False)[[metric, BESIDE]].mean().assign(suite="mean")
+    d = pd.concat([d[["run", "arm", "suite", metric, BESIDE]], mean], ignore_index=True)
     suites = [*suites_in(set(d["suite"]) - {"mean"}), "mean"]
-    regimes = regimes_in(d)
-    width = 0.8 / len(regimes)
-    fig = new_figure(max(6, 1.3 * len(suites) + 2), 4)
+    arms = arm_order(d["arm"])
+    colors = _arm_colors(arms)
+    width = 0.8 / len(arms)
+    fig = new_figure(max(6, 0.25 * len(arms) * len(suites) + 3), 4)
     ax = fig.subplots()
-    for k, regime in enumerate(regimes):
-        g = d[d["regime"] == regime].groupby("suite")["greedy_acc"].agg(["mean", "min", "max"]).reindex(suites)
-        x = np.arange(len(suites)) + (k - (len(regimes) - 1) / 2) * width
-        ax.bar(x, g["mean"], width, color=regime_color(regime), label=f"{regime} ({_runs(d[d['regime'] == regime])})")
-        ax.errorbar(x, g["mean"], yerr=[g["mean"] - g["min"], g["max"] - g["mean"]], fmt="none", ecolor="0.2",
+    for k, arm in enumerate(arms):
+        g = d[d["arm"] == arm].groupby("suite")[[metric, BESIDE]]
+        m, lo, hi = (getattr(g, f)().reindex(suites) for f in ("mean", "min", "max"))
+        x = np.arange(len(suites)) + (k - (len(arms) - 1) / 2) * width
+        ax.bar(x, m[metric], width, color=colors[arm], label=f"{arm} ({_runs(d[d['arm'] == arm])})")
+        ax.errorbar(x, m[metric], yerr=[m[metric] - lo[metric], hi[metric] - m[metric]], fmt="none", ecolor="0.2",
                     capsize=2, lw=0.8)
+        if metric != BESIDE:
+            ax.scatter(x, m[BESIDE], marker="_", color="black", s=40, zorder=3, label="greedy" if k == 0 else None)
     ax.set_xticks(np.arange(len(suites)), suites, rotation=20)
-    ax.set(ylabel="greedy accuracy (pass@1)", ylim=(0, 1.05), title="Held-out suites (bars: mean; whiskers: min–max)")
-    ax.legend(fontsize=8)
+    label = "sampled accuracy (mean@k)" if metric != BESIDE else "greedy accuracy (pass@1)"
+    ax.set(ylabel=label, ylim=(0, 1.05), title="Held-out suites (bars: mean; whiskers: min–max over runs)")
+    ax.legend(fontsize=7, ncol=2)
     return save(fig, out, pdf)
-
-
-def eval_table(evals: pd.DataFrame) -> str:
-    """F5 as markdown: one row per regime, ``mean ± sd (n)`` per suite and for the mean over suites."""
-    require(evals, ("run", "regime", "suite", "greedy_acc"), "F5 table")
-    d = evals[np.isfinite(numeric(evals, "greedy_acc"))]
-    if d.empty:
-        return "_no eval.json results_"
-    d = _eval_long(d)
-    suites = [*suites_in(set(d["suite"]) - {"mean"}), "mean"]
-    lines = ["| regime | " + " | ".join(suites) + " |", "|---" * (len(suites) + 1) + "|"]
-    for regime in regimes_in(d):
-        g = d[d["regime"] == regime].groupby("suite")["greedy_acc"].agg(["mean", "std", "count"])
-        cells = []
-        for s in suites:
-            if s not in g.index:
-                cells.append("–")
-            elif g.loc[s, "count"] > 1:
-                cells.append(f"{g.loc[s, 'mean']:.3f} ± {g.loc[s, 'std']:.3f} ({int(g.loc[s, 'count'])})")
-            else:
-                cells.append(f"{g.loc[s, 'mean']:.3f} (1)")
-        lines.append(f"| {regime} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ F6
@@ -371,4 +412,70 @@ def f7_taylor(probes: pd.DataFrame, out: Path, pdf: bool = False) -> Path:
     ax.set(xscale="log", yscale="log", xlabel="step size η", ylabel="max_λ |Δ_measured − Δ_model|",
            title="Taylor residual of the quadratic model")
     ax.legend(handles=handles, fontsize=8)
+    return save(fig, out, pdf)
+
+
+# ------------------------------------------------------------------ F8
+
+GEOMETRY_COLORS = {"sgd": "#7f7f7f", "adam": "#1f77b4", "adam_step": "#d62728", "adam_stationary": "#2ca02c"}
+
+
+@figure("F8 model vs real step", "run", "regime", "step", REAL_LOCAL + "alpha", REAL_LOCAL + "beta")
+def f8_geometries(probes: pd.DataFrame, out: Path, pdf: bool = False) -> Path:
+    """Each geometry's predicted α_m and β_m (``diag/G/alpha_model``, ``beta_model``) against the real step's
+    α and β on the local grid, over training, per regime with an MTP gradient (mean over runs)."""
+    d = probes[np.isfinite(numeric(probes, REAL_LOCAL + "beta"))
+               & ~((numeric(probes, REAL_LOCAL + "alpha") == 0) & (numeric(probes, REAL_LOCAL + "beta") == 0))]
+    shown = regimes_in(d)
+    if not shown:
+        raise ValueError("F8 model vs real step: no probe with a non-flat real-step local curve")
+    fig = new_figure(12, 3.2 * len(shown) + 0.4)
+    axes = fig.subplots(len(shown), 2, squeeze=False)
+    for row_axes, regime in zip(axes, shown):
+        r = d[d["regime"] == regime]
+        for ax, coef in zip(row_axes, ("alpha", "beta")):
+            values = []
+            lines = [("real step", REAL_LOCAL + coef, "black", "-")]
+            lines += [(g, geo_key(g, f"{coef}_model"), GEOMETRY_COLORS[g], "--") for g in GEOMETRIES]
+            for name, col, c, ls in lines:
+                sp = spread(r.assign(_v=numeric(r, col)), "step", "_v")
+                if not sp.empty:
+                    ax.plot(sp["step"], sp["mean"], color=c, ls=ls, marker="o", ms=3, lw=1.2, label=name)
+                    values += list(sp["mean"])
+            scale = " (symlog)" if symlog_if_mixed(ax, values) else ""
+            ax.axhline(0, color="0.7", lw=0.5)
+            sym = "α" if coef == "alpha" else "β"
+            ax.set(xlabel="optimizer step", ylabel=sym + scale, title=f"{regime}: predicted {sym}_m vs the real step's {sym}")
+            ax.title.set_color(regime_color(regime))
+            ax.legend(fontsize=7)
+    fig.suptitle(f"Each geometry's second-order model against the real AdamW step (local grid; {_runs(d)})", fontsize=10)
+    return save(fig, out, pdf)
+
+
+# ------------------------------------------------------------------ F9
+
+
+@figure("F9 accuracy vs λ", "run", "arm", "regime", "mtp_coef", "suite", "greedy_acc")
+def f9_accuracy_vs_lambda(evals: pd.DataFrame, out: Path, pdf: bool = False) -> Path:
+    """Final held-out accuracy (primary metric, mean over suites) against the fixed λ of each MTP loss (ce,
+    policy), the baseline (off or detach) at λ = 0: per-seed points, the mean per λ and a quadratic fit."""
+    base = next((a for a in ("off", "detach") if (evals["arm"] == a).any()), None)
+    losses = [(loss, lambda_points(evals, loss, base)) for loss in LAMBDA_LOSSES]
+    losses = [(loss, pts) for loss, pts in losses if (pts["lam"] > 0).any()]
+    if not losses:
+        raise ValueError("F9 accuracy vs λ: no fixed-λ ce or policy run with an eval.json")
+    fig = new_figure(5.5 * len(losses), 4)
+    axes = fig.subplots(1, len(losses), squeeze=False)[0]
+    for ax, (loss, pts) in zip(axes, losses):
+        color = regime_color(loss)
+        ax.scatter(pts["lam"], pts["acc"], color=color, alpha=0.5, s=16, label="one seed")
+        m = pts.groupby("lam")["acc"].mean()
+        ax.plot(m.index, m.to_numpy(), color=color, marker="o", lw=1.2, label="mean over seeds")
+        if m.size >= 3:
+            c2, c1, c0 = np.polyfit(pts["lam"], pts["acc"], 2)
+            grid = np.linspace(0, float(m.index.max()), 100)
+            ax.plot(grid, c0 + c1 * grid + c2 * grid**2, color="0.3", ls="--", lw=1, label="quadratic fit")
+        ax.set(xlabel="fixed λ (mtp_coef)" + (f"; λ = 0: {base}" if base else ""),
+               ylabel=f"final held-out {primary_metric(evals)} (mean over suites)", title=f"{loss}: accuracy vs λ")
+        ax.legend(fontsize=7)
     return save(fig, out, pdf)

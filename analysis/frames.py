@@ -3,7 +3,11 @@
 * ``metrics_frame``: every metrics row of every RL run, with ``run``, ``regime``, ``seed`` first.
 * ``probes_frame``: one row per diagnosed step: ``probes.parquet`` where a run has one, else the
   ``diag/…`` rows of its metrics (no measured-curve lists then); ``source`` says which.
-* ``eval_frame``: one row per (run, suite) of ``eval.json``.
+* ``eval_frame``: one row per (run, suite) of ``eval.json``; ``sft_eval_frame`` the same for the SFT
+  checkpoint each run started from.
+
+Every row carries ``ID_COLUMNS``. Quantities in a geometry are never pooled across geometries:
+``run_geometry`` names the one the claims read, and rows without it are left out.
 """
 
 from __future__ import annotations
@@ -18,9 +22,18 @@ from occ_theory import names
 
 from .load import Run
 
-ID_COLUMNS = ("run", "regime", "seed")
+ID_COLUMNS = ("run", "regime", "arm", "seed", "mtp_coef", "base_coef")
+"""Columns every frame row carries: the run, its regime and arm (``load.arm_name``), seed, ``rl.mtp_coef``
+and the proxies' base coefficient ``c`` (``Run.base_coef``)."""
 SUITES, REGIME_ORDER, PROXIES = names.SUITES, names.REGIMES, names.PROXY_NAMES
 """The six evaluation suites, the regimes and the proxies, in display order (``occ_theory.names``)."""
+GEOMETRIES = ("sgd", "adam", "adam_step", "adam_stationary")
+"""The probe's geometries (THEORY.md section 2, "The optimizer's real step"); keys ``diag/<G>/…``."""
+RUN_GEOMETRY_ORDER = ("adam_step", "adam", "sgd")
+"""The geometry of the step a run takes, most faithful first: ``adam_step`` (the AdamW step itself), the
+fixed-P ``adam`` model (probes without ``adam_step``), ``sgd``."""
+REAL_LOCAL, REAL_WIDE = "diag/curve_real_local/", "diag/curve_real_wide/"
+"""Key prefixes of the real-step curve's fits on the local and the wide λ grid (THEORY.md section 5)."""
 
 
 def require(df: pd.DataFrame, cols: Iterable[str], figure: str) -> None:
@@ -35,14 +48,15 @@ def require(df: pd.DataFrame, cols: Iterable[str], figure: str) -> None:
 
 def _with_ids(df: pd.DataFrame, run: Run) -> pd.DataFrame:
     df = df.drop(columns=[c for c in ID_COLUMNS if c in df.columns])
-    ids = pd.DataFrame({"run": run.name, "regime": run.regime, "seed": run.seed}, index=df.index)
+    ids = pd.DataFrame({"run": run.name, "regime": run.regime, "arm": run.arm, "seed": run.seed,
+                        "mtp_coef": run.rl.get("mtp_coef", np.nan), "base_coef": run.base_coef}, index=df.index)
     return pd.concat([ids, df], axis=1)
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
     frames = [f for f in frames if len(f)]
     if not frames:
-        return pd.DataFrame({"run": pd.Series(dtype=str), "regime": pd.Series(dtype=str),
+        return pd.DataFrame({"run": pd.Series(dtype=str), "regime": pd.Series(dtype=str), "arm": pd.Series(dtype=str),
                              "seed": pd.Series(dtype="int64"), "step": pd.Series(dtype="int64")})
     return pd.concat(frames, ignore_index=True, sort=False).copy()  # one block per dtype, not per column
 
@@ -69,12 +83,31 @@ def probes_frame(runs: Sequence[Run]) -> pd.DataFrame:
     return _concat(frames)
 
 
+EVAL_COLUMNS = ["run", "regime", "arm", "seed", "mtp_coef", "init", "suite", "trained", "n", "greedy_acc", "mean_at_k"]
+
+
+def _eval_rows(run: Run, result: dict, **ids) -> list[dict]:
+    trained = run.rl_suites
+    return [{"run": run.name, "regime": run.regime, "arm": run.arm, "seed": run.seed,
+             "mtp_coef": run.rl.get("mtp_coef", np.nan), "init": str(run.rl.get("init")), "suite": suite,
+             "trained": trained is None or suite in trained, "n": e.get("n", np.nan),
+             "greedy_acc": e.get("greedy_acc", np.nan), "mean_at_k": e.get("mean_at_k", np.nan)} | ids
+            for suite, e in result["suites"].items()]
+
+
+def _eval_df(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=EVAL_COLUMNS).astype({"greedy_acc": float, "mean_at_k": float})
+
+
 def eval_frame(runs: Sequence[Run]) -> pd.DataFrame:
-    rows = [{"run": r.name, "regime": r.regime, "seed": r.seed, "suite": suite, "n": e.get("n", np.nan),
-             "greedy_acc": e.get("greedy_acc", np.nan), "mean_at_k": e.get("mean_at_k", np.nan)}
-            for r in runs if r.eval is not None for suite, e in r.eval["suites"].items()]
-    cols = ["run", "regime", "seed", "suite", "n", "greedy_acc", "mean_at_k"]
-    return pd.DataFrame(rows, columns=cols).astype({"greedy_acc": float, "mean_at_k": float})
+    """One row per (run, suite) of each run's ``eval.json``; ``trained``: the suite is one RL trained on."""
+    return _eval_df([row for r in runs if r.eval is not None for row in _eval_rows(r, r.eval)])
+
+
+def sft_eval_frame(runs: Sequence[Run]) -> pd.DataFrame:
+    """One row per (run, suite) of the ``eval.json`` of the SFT checkpoint each run started from
+    (``rl.init``), labelled with the run (its arm ``sft``), so a run's gain pairs with its own start."""
+    return _eval_df([row for r in runs if r.sft_eval is not None for row in _eval_rows(r, r.sft_eval, arm="sft")])
 
 
 # ------------------------------------------------------------------ shared selections
@@ -98,43 +131,87 @@ def numeric(df: pd.DataFrame, col: str) -> pd.Series:
     return pd.to_numeric(df[col], errors="coerce").astype(float)
 
 
-def pick_geometry(df: pd.DataFrame) -> str:
-    """``adam`` when any Adam-geometry decomposition value is finite in ``df``, else ``sgd``."""
-    return "adam" if np.isfinite(numeric(df, "diag/adam/corr")).any() else "sgd"
+def geo_key(geometry: str, key: str) -> str:
+    return f"diag/{geometry}/{key}"
 
 
-def exact_lambda_star(df: pd.DataFrame) -> pd.Series:
-    """λ*_exact of each row in the geometry its curve used (``diag/curve/geometry``; Adam where finite)."""
-    adam, sgd = numeric(df, "diag/adam/lambda_star"), numeric(df, "diag/sgd/lambda_star")
-    geom = df["diag/curve/geometry"] if "diag/curve/geometry" in df else pd.Series(np.nan, index=df.index)
-    use_adam = (geom == "adam") | (geom.isna() & np.isfinite(adam))
-    return adam.where(use_adam, sgd)
+def run_geometry(df: pd.DataFrame, key: str = "lambda_star") -> str:
+    """The geometry of the runs' own optimizer step in which ``diag/<G>/<key>`` is logged: the first of
+    ``RUN_GEOMETRY_ORDER`` with a finite value, else ``sgd``. Rows where that geometry has no value (step 1
+    has no Adam state: its geometry is sgd) are left out by the caller, never filled from another."""
+    for g in RUN_GEOMETRY_ORDER:
+        if np.isfinite(numeric(df, geo_key(g, key))).any():
+            return g
+    return "sgd"
 
 
-def cosine(df: pd.DataFrame) -> pd.Series:
-    """cos(g, u) in parameter space: ``diag/sgd/cosine`` (probes), else ``diag/grad/cos`` (metrics)."""
+def lambda_star_fit(df: pd.DataFrame) -> tuple[pd.Series, str]:
+    """λ*_fit per row and the column it came from: the wide real-step fit (``diag/curve_real_wide/lambda_star``,
+    the ground truth of THEORY.md section 5) when any row has it, else the model curve's
+    (``diag/curve/lambda_star``, probes written before the real-step grids). NaN where the curve is not concave."""
+    for col in (REAL_WIDE + "lambda_star", "diag/curve/lambda_star"):
+        if np.isfinite(numeric(df, col)).any():
+            return numeric(df, col), col
+    return numeric(df, REAL_WIDE + "lambda_star"), REAL_WIDE + "lambda_star"
+
+
+def minibatch_index(df: pd.DataFrame) -> tuple[pd.Series, str]:
+    """The minibatch index k after a rollout (0: first) and its source: ``minibatch_index`` when logged, else
+    ``first_after_rollout`` (k = 0 when true, 1 standing for "a later minibatch"), else NaN."""
+    if "minibatch_index" in df and np.isfinite(numeric(df, "minibatch_index")).any():
+        return numeric(df, "minibatch_index"), "minibatch_index"
+    if "first_after_rollout" in df:
+        first = df["first_after_rollout"].map(lambda v: np.nan if v is None or v != v else float(not bool(v)))
+        return first.astype(float), "first_after_rollout"
+    return pd.Series(np.nan, index=df.index, dtype=float), "none"
+
+
+def cosine(df: pd.DataFrame, geometry: str) -> tuple[pd.Series, str]:
+    """cos(g, u) in ``geometry`` (``diag/<G>/cosine``) and the geometry it is in: the parameter-space
+    cosine (``diag/sgd/cosine``, else the trainer's ``diag/grad/cos``) when ``geometry`` has none logged."""
+    c = numeric(df, geo_key(geometry, "cosine"))
+    if np.isfinite(c).any():
+        return c, geometry
     c = numeric(df, "diag/sgd/cosine")
-    return c.where(np.isfinite(c), numeric(df, "diag/grad/cos"))
+    return c.where(np.isfinite(c), numeric(df, "diag/grad/cos")), "sgd"
 
 
-def proxy_points(df: pd.DataFrame, proxy: str, regimes: Sequence[str] = ("policy", "occ")
-                 ) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Rows of ``regimes`` with a finite ``lambda/<proxy>`` and λ*_fit (columns ``proxy``, ``fit``).
+def proxy_points(df: pd.DataFrame, proxy: str, regimes: Sequence[str] = ("policy", "occ"),
+                 truth: pd.Series | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Rows of ``regimes`` with a finite ``lambda/<proxy>`` and λ*_fit (or ``truth``, aligned with ``df``)
+    (columns ``run``, ``regime``, ``step``, ``k`` (minibatch index), ``proxy``, ``fit``).
 
     The ``reference`` and ``least_squares`` proxies are 0 by construction on the first minibatch after
-    each rollout (l = l_old): those rows are dropped (by ``first_after_rollout`` where recorded, else exact zeros).
+    each rollout (l = l_old): those rows are dropped (k = 0 where recorded, else exact zeros).
     Returns the points and the counts dropped."""
     sel = df[df["regime"].isin(regimes)] if "regime" in df else df.iloc[0:0]
-    pts = pd.DataFrame({"regime": sel.get("regime"), "step": numeric(sel, "step"),
-                        "proxy": numeric(sel, f"lambda/{proxy}"), "fit": numeric(sel, "diag/curve/lambda_star")})
+    k, _ = minibatch_index(sel)
+    pts = pd.DataFrame({"run": sel.get("run"), "regime": sel.get("regime"), "step": numeric(sel, "step"), "k": k,
+                        "proxy": numeric(sel, f"lambda/{proxy}"),
+                        "fit": lambda_star_fit(sel)[0] if truth is None else truth.reindex(sel.index)})
     finite = np.isfinite(pts["proxy"]) & np.isfinite(pts["fit"])
     if proxy not in ("reference", "least_squares"):  # both are ∝ (l − l_old): exactly 0 when l = l_old
         zero = pd.Series(False, index=pts.index)
-    elif "first_after_rollout" in sel:
-        zero = sel["first_after_rollout"].fillna(False).astype(bool)
+    elif np.isfinite(k).any():
+        zero = k == 0
     else:
         zero = pts["proxy"] == 0
     dropped = {"no_finite_fit": int((np.isfinite(pts["proxy"]) & ~np.isfinite(pts["fit"])).sum()),
                "proxy_not_finite": int((~np.isfinite(pts["proxy"])).sum()),
                "zero_by_construction": int((finite & zero).sum())}
     return pts[finite & ~zero].reset_index(drop=True), dropped
+
+
+def arm_order(arms: Iterable[str]) -> list[str]:
+    """Arms in display order: by regime (``REGIME_ORDER``), then by λ (``ce@0.03`` before ``ce@0.1``), then name."""
+    def key(arm: str) -> tuple:
+        base = arm.split("+")[0]
+        regime, _, coef = base.partition("@")
+        regime = regime.split("/")[0]
+        rank = REGIME_ORDER.index(regime) if regime in REGIME_ORDER else len(REGIME_ORDER)
+        try:
+            lam = float(coef) if coef else 0.0
+        except ValueError:
+            lam = 0.0
+        return (rank, regime, lam, arm)
+    return sorted(set(arms), key=key)

@@ -1,7 +1,8 @@
 """Read run directories into pandas, torch-free.
 
 A run directory (written by ``occ rl``) holds ``config.yaml`` and ``metrics.jsonl`` and, when the
-later stages ran, ``probes.parquet`` (``occ probe``) and ``eval.json``. ``load_run`` reads one into
+later stages ran, ``probes.parquet`` (``occ probe``) and ``eval.json``; the ``eval.json`` of the SFT
+checkpoint it started from (``rl.init``) is read when ``occ eval`` wrote one there. ``load_run`` reads one into
 a ``Run``; ``load_runs`` takes run directories or folders of them. Every missing required file or
 corrupt file raises ``RunFileError`` naming the file and the problem.
 
@@ -24,6 +25,11 @@ import yaml
 from occ_theory.jsonl import RunFileError, read_jsonl
 from occ_theory.names import CONFIG_FILE, EVAL_FILE, METRICS_FILE, PROBES_FILE
 
+FIXED_LAMBDA_REGIMES = ("ce", "policy")
+"""Regimes trained with a fixed λ = ``rl.mtp_coef`` on a loss into θ_S (their arms carry λ)."""
+
+
+
 
 @dataclass
 class Run:
@@ -37,6 +43,32 @@ class Run:
     metrics: pd.DataFrame
     probes: pd.DataFrame | None = None
     eval: dict[str, Any] | None = None
+    sft_eval: dict[str, Any] | None = None
+    """``eval.json`` of the checkpoint RL started from (``rl.init``; written by ``occ eval CHECKPOINT``)."""
+
+    @property
+    def rl(self) -> dict[str, Any]:
+        return self.config["rl"] if isinstance(self.config.get("rl"), dict) else {}
+
+    @property
+    def arm(self) -> str:
+        """The run's arm: see ``arm_name``."""
+        return arm_name(self.regime, self.rl)
+
+    @property
+    def base_coef(self) -> float:
+        """``c``: ``rl.mtp_coef`` divided by the number of MTP depths (``model.mtp_depths``, default 1), the
+        scale of the ``reference`` and ``least_squares`` proxies (THEORY.md section 4)."""
+        model = self.config.get("model") if isinstance(self.config.get("model"), dict) else {}
+        coef, depths = self.rl.get("mtp_coef", np.nan), model.get("mtp_depths", 1) or 1
+        return float(coef) / float(depths) if isinstance(coef, int | float) else np.nan
+
+    @property
+    def rl_suites(self) -> list[str] | None:
+        """The suites RL trained on (``task.suites``), or None when the config does not say."""
+        task = self.config.get("task") if isinstance(self.config.get("task"), dict) else {}
+        suites = task.get("suites")
+        return [str(s) for s in suites] if isinstance(suites, list) else None
 
     @property
     def is_rl(self) -> bool:
@@ -123,7 +155,35 @@ def load_run(path: Path, probes_file: str = PROBES_FILE) -> Run:
         raise RunFileError(f"{cfg_path}: 'seed' must be an integer, got {seed!r}")
     return Run(name=path.name, path=path, config=cfg, regime=str(rl["regime"]), seed=seed,
                metrics=read_metrics(path / METRICS_FILE), probes=read_probes(path / probes_file),
-               eval=read_eval(path / EVAL_FILE))
+               eval=read_eval(path / EVAL_FILE), sft_eval=_sft_eval(path, rl.get("init")))
+
+
+def arm_name(regime: str, rl: dict[str, Any]) -> str:
+    """What distinguishes runs of one regime: ``occ/<proxy>`` (``occ/reference``), ``<regime>@<mtp_coef>``
+    for the fixed-λ losses (``ce@0.1``, ``policy@0.3``), the bare regime otherwise (``off``, ``detach``);
+    ``+<rule>`` is appended when the config names a coefficient rule ``rl.coef_rule`` other than ``fixed``."""
+    if regime == "occ":
+        arm = f"occ/{rl.get('proxy', 'reference')}"
+    elif regime in FIXED_LAMBDA_REGIMES:
+        coef = rl.get("mtp_coef")
+        arm = f"{regime}@{coef:g}" if isinstance(coef, int | float) else regime
+    else:
+        arm = regime
+    rule = rl.get("coef_rule")
+    return arm + (f"+{rule}" if rule not in (None, "", "fixed") else "")
+
+
+def _sft_eval(run_dir: Path, init: Any) -> dict[str, Any] | None:
+    """``eval.json`` of the RL run's ``rl.init`` checkpoint, or None. A relative ``init`` is tried against
+    the working directory, then against each folder above the run (``occ rl`` records it as given)."""
+    if not isinstance(init, str) or not init:
+        return None
+    init_path = Path(init)
+    bases = [Path()] if init_path.is_absolute() else [Path(), *run_dir.resolve().parents]
+    for base in bases:
+        if (base / init_path / EVAL_FILE).is_file():
+            return read_eval(base / init_path / EVAL_FILE)
+    return None
 
 
 def find_run_dirs(path: Path) -> list[Path]:

@@ -1,41 +1,132 @@
-"""Small statistics the claims and figures share: rank correlation, log-log slopes, spreads."""
+"""Small statistics the claims and figures share (THEORY.md section 6, "How a claim is judged").
+
+The unit of replication is the run: every interval or p-value that pools probes of several runs
+comes from ``cluster_bootstrap`` (whole runs resampled with replacement). Rank correlations and
+their pooled p-values come from scipy. ``noninferiority`` is the paired one-sided t bound used for
+"A matches or beats B".
+"""
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-EXACT_PERMUTATION_MAX_N = 8
-"""Up to this many points the Spearman p-value is exact (all n! pairings); above, scipy's t approximation."""
+N_BOOT = 1000
+"""Cluster-bootstrap resamples per interval (fixed seed: the report is reproducible)."""
+LEVEL = 0.95
+"""Confidence level of every interval and one-sided bound."""
+POWER = 0.8
+"""Power at which the minimum detectable difference of a design is stated."""
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
-    """Spearman ρ and its two-sided p-value (exact by permutation for n ≤ 8). NaN for n < 3 or constant input."""
+    """Spearman ρ and scipy's two-sided p-value (``scipy.stats.spearmanr``), treating every point as
+    independent. NaN for n < 3 or constant input."""
     x, y = np.asarray(x, float), np.asarray(y, float)
-    n = len(x)
-    if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return math.nan, math.nan
-    rx, ry = stats.rankdata(x), stats.rankdata(y)
-    rho = float(np.corrcoef(rx, ry)[0, 1])
-    if n > EXACT_PERMUTATION_MAX_N:
-        return rho, float(stats.spearmanr(x, y).pvalue)
-    perms = np.array(list(itertools.permutations(ry)))  # (n!, n)
-    rc = rx - rx.mean()
-    pc = perms - perms.mean(1, keepdims=True)
-    null = (pc @ rc) / np.sqrt((pc**2).sum(1) * (rc**2).sum())
-    return rho, float(np.mean(np.abs(null) >= abs(rho) - 1e-12))
+    res = stats.spearmanr(x, y)
+    return float(res.statistic), float(res.pvalue)
+
+
+def _ranks(a: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share the mean of their positions), as ``scipy.stats.rankdata``."""
+    _, inv, counts = np.unique(a, return_inverse=True, return_counts=True)
+    return (np.cumsum(counts) - (counts - 1) / 2)[inv]
+
+
+def spearman_rho(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman ρ alone (Pearson r of average ranks; NaN for n < 3 or constant input): the fast path for
+    resampling, equal to ``spearman(x, y)[0]``."""
+    return pearson(_ranks(np.asarray(x, float)), _ranks(np.asarray(y, float)))
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     x, y = np.asarray(x, float), np.asarray(y, float)
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    if len(x) < 3:
         return math.nan
-    return float(np.corrcoef(x, y)[0, 1])
+    dx, dy = x - x.mean(), y - y.mean()
+    den = math.sqrt(float(dx @ dx) * float(dy @ dy))
+    return float(dx @ dy) / den if den > 0 else math.nan
+
+
+def cluster_bootstrap(stat: Callable[..., float], arrays: Sequence[np.ndarray], clusters: Sequence,
+                      n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
+    """``stat(*arrays)`` on ``n_boot`` resamples that draw whole clusters (runs) with replacement.
+
+    ``arrays`` are aligned per point; ``clusters`` labels each point's run. Returns the resampled
+    statistics (NaN where ``stat`` has no value on a resample)."""
+    arrays = [np.asarray(a) for a in arrays]
+    codes = pd.factorize(pd.Series(list(clusters)))[0]
+    members = [np.flatnonzero(codes == k) for k in range(codes.max() + 1)] if len(codes) else []
+    if not members:
+        return np.full(n_boot, np.nan)
+    rng = np.random.default_rng(seed)
+    out = np.empty(n_boot)
+    for b in range(n_boot):
+        idx = np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
+        out[b] = stat(*(a[idx] for a in arrays))
+    return out
+
+
+def interval(boot: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """Two-sided percentile interval of bootstrap statistics (NaN when none is finite)."""
+    b = boot[np.isfinite(boot)]
+    if not len(b):
+        return math.nan, math.nan
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(b, tail)), float(np.percentile(b, 100 - tail))
+
+
+def p_two_sided(boot: np.ndarray, null: float = 0.0) -> float:
+    """Percentile-bootstrap two-sided p-value of ``statistic = null``: twice the smaller share of
+    resamples on either side of it (a NaN resample counts on both sides)."""
+    if not len(boot):
+        return math.nan
+    nan = ~np.isfinite(boot)
+    le, ge = np.mean((boot <= null) | nan), np.mean((boot >= null) | nan)
+    return float(min(1.0, 2 * min(le, ge)))
+
+
+def clustered_spearman(x: Sequence[float], y: Sequence[float], runs: Sequence, seed: int = 0) -> dict[str, float]:
+    """Spearman ρ over pooled points with scipy's pooled p-value (``p_pooled``, as if points were
+    independent) and the run-level one (``p``: cluster bootstrap over ``runs``), with its interval."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    rho, p_pooled = spearman(x, y)
+    boot = cluster_bootstrap(spearman_rho, [x, y], runs, seed=seed)
+    lo, hi = interval(boot)
+    return {"spearman": rho, "p_pooled": p_pooled, "p": p_two_sided(boot) if math.isfinite(rho) else math.nan,
+            "spearman_lo": lo, "spearman_hi": hi, "runs": int(pd.Series(list(runs)).nunique())}
+
+
+def share_interval(flags: Sequence[bool], runs: Sequence, seed: int = 0) -> dict[str, float]:
+    """Share of True ``flags`` with its run-clustered interval (``share_lo``, ``share_hi``)."""
+    f = np.asarray(flags, float)
+    lo, hi = interval(cluster_bootstrap(lambda a: float(a.mean()) if len(a) else math.nan, [f], runs, seed=seed))
+    return {"share": float(f.mean()) if len(f) else math.nan, "share_lo": lo, "share_hi": hi}
+
+
+def noninferiority(diff: Sequence[float], margin: float, level: float = LEVEL, power: float = POWER
+                   ) -> dict[str, float]:
+    """Paired one-sided t bound of a mean difference ``A − B`` (one value per seed).
+
+    ``lower``/``upper``: one-sided ``level`` bounds ``mean ∓ t_{level, n−1}·SE``; ``mdd``: the
+    smallest true difference this design (n seeds, this spread) detects with ``power``:
+    ``(t_{level, n−1} + t_{power, n−1})·SE``. ``margin`` is carried through for the record."""
+    d = np.asarray(diff, float)
+    n = len(d)
+    if n < 2:
+        return {"n": n, "diff": float(d.mean()) if n else math.nan, "se": math.nan, "df": n - 1,
+                "lower": math.nan, "upper": math.nan, "mdd": math.nan, "margin": margin}
+    se = float(d.std(ddof=1) / math.sqrt(n))
+    t = float(stats.t.ppf(level, n - 1))
+    mean = float(d.mean())
+    return {"n": n, "diff": mean, "se": se, "df": n - 1, "lower": mean - t * se, "upper": mean + t * se,
+            "mdd": (t + float(stats.t.ppf(power, n - 1))) * se, "margin": margin}
 
 
 def loglog_slope(xs: Sequence[Sequence[float]], ys: Sequence[Sequence[float]]) -> float:

@@ -25,7 +25,7 @@ NAN = float("nan")
 # per regime: C at step 1, decay time of C (steps; inf: none), Q, time per step, accuracy offset
 REGIME_SHAPE = {
     "detach": dict(c0=0.0, tau=math.inf, q=0.0, train_s=0.010, acc=0.0),
-    "ce": dict(c0=0.02, tau=math.inf, q=-400.0, train_s=0.010, acc=-0.05),
+    "ce": dict(c0=0.01, tau=math.inf, q=-400.0, train_s=0.010, acc=-0.05),
     "policy": dict(c0=0.4, tau=10.0, q=-400.0, train_s=0.010, acc=0.02),
     "occ": dict(c0=0.3, tau=10.0, q=-400.0, train_s=0.010, acc=0.03),
 }
@@ -33,11 +33,12 @@ REGIME_SHAPE = {
 
 def write_run(root: Path, name: str, regime: str, seed: int, metrics: list[dict[str, Any]],
               probes: pd.DataFrame | None = None, evaluation: dict[str, Any] | None = None,
-              proxy: str = "reference", mtp_coef: float = 0.1) -> Path:
+              proxy: str = "reference", mtp_coef: float = 0.1, init: str = "ck") -> Path:
     run = Path(root) / name
     run.mkdir(parents=True, exist_ok=True)
-    cfg = {"name": "synthetic", "seed": seed, "rl": {"init": "ck", "regime": regime, "proxy": proxy,
-                                                     "mtp_coef": mtp_coef, "steps": len(metrics), "lr": LR}}
+    cfg = {"name": "synthetic", "seed": seed, "task": {"suites": list(SUITES[:5])},
+           "rl": {"init": init, "regime": regime, "proxy": proxy, "mtp_coef": mtp_coef, "steps": len(metrics),
+                  "lr": LR}}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     (run / "metrics.jsonl").write_text("".join(json.dumps(_null(r)) + "\n" for r in metrics))
     if probes is not None:
@@ -74,7 +75,11 @@ def probe_record(regime: str, step: int, rng: np.random.Generator, minibatches: 
     lams = np.array([-1.0, -0.5, 0.0, 0.1, 0.5, 1.0, 2.0]) * scale
     deltas = alpha * lams + 0.5 * beta * lams**2 + (0 if flat else 1e-3 * abs(alpha) * rng.standard_normal(lams.size))
     lrs = LR / 2.0 ** np.arange(4)
-    return {
+    return real_step_record(alpha, beta, lam_star, step, rng) | {
+        "stats/q_minus_old/mean": -2.0, "stats/q_minus_old/std": 1.0, "stats/q_minus_old/max_abs": 6.0,
+        "stats/l_minus_old/mean": 0.0 if first else 0.01, "diag/curve/l_eff": NAN if flat else 2.0 / LR,
+        **{f"diag/{g}/proj": NAN if g != "sgd" and step == 1 else 0.5 * lam_star for g in ("sgd", "adam_step")},
+    } | {
         "step": step, "first_after_rollout": first, "diag/lr": LR, "diag/lambda_used": 0.1,
         "diag/sgd/corr": c, "diag/sgd/curv": q, "diag/sgd/lambda_star": lam_star,
         "diag/sgd/cosine": NAN if flat else float(np.clip(c / 0.5, -1, 1)), **adam,
@@ -87,6 +92,47 @@ def probe_record(regime: str, step: int, rng: np.random.Generator, minibatches: 
         "taylor/lrs": lrs.tolist(), "taylor/residuals": [] if flat else (5e3 * lrs**3).tolist(),
         "diag/taylor/slope": NAN if flat else 3.0,
     }
+
+
+MODEL_ERRORS = {"sgd": (5.0, 0.5), "adam": (2.0, 0.2), "adam_step": (1.0, 0.05), "adam_stationary": (1.0, 0.3)}
+"""Per geometry: the factor by which its model's α is off, and the noise of its β (adam_step is the best)."""
+
+
+def real_step_record(alpha: float, beta: float, lam_star: float, step: int, rng: np.random.Generator
+                     ) -> dict[str, Any]:
+    """The keys the real-step probe logs: each geometry's model against a real curve Δ = αλ + ½βλ² on a local
+    and a wide grid (interior maximum when β < 0); Adam geometries NaN at step 1 (no optimizer state)."""
+    flat = alpha == 0 and beta == 0
+    out: dict[str, Any] = {}
+    for g, (a_off, b_noise) in MODEL_ERRORS.items():
+        if g != "sgd" and step == 1:
+            out |= {f"diag/{g}/{k}": NAN for k in ("alpha_model", "beta_model", "lambda_star", "lambda_bal",
+                                                   "alpha_rel_err", "beta_rel_err", "lambda_star_ratio", "corr", "curv")}
+            out[f"diag/{g}/concave"] = None
+            continue
+        am, bm = alpha * a_off, beta * (1 + b_noise * rng.standard_normal())
+        ls = -am / bm if bm < 0 else NAN
+        out |= {f"diag/{g}/alpha_model": am, f"diag/{g}/beta_model": bm, f"diag/{g}/lambda_star": ls,
+                f"diag/{g}/lambda_bal": 1.0, f"diag/{g}/concave": bool(bm < 0),
+                f"diag/{g}/alpha_rel_err": NAN if flat else abs(a_off - 1),
+                f"diag/{g}/beta_rel_err": NAN if flat else abs(bm / beta - 1),
+                f"diag/{g}/lambda_star_ratio": ls / lam_star if math.isfinite(lam_star) else NAN,
+                f"diag/{g}/corr": alpha / LR * 1e3, f"diag/{g}/curv": beta / LR**2 * 1e6}
+    scale = abs(lam_star) if math.isfinite(lam_star) else 1.0
+    for grid, span in (("local", 0.5), ("wide", 3.0)):
+        lams = np.linspace(-span, span, 7) * scale
+        deltas = alpha * lams + 0.5 * beta * lams**2
+        inside = bool(math.isfinite(lam_star) and abs(lam_star) <= span * scale)
+        out |= {f"curve/real_{grid}_lams": lams.tolist(), f"curve/real_{grid}_deltas": deltas.tolist(),
+                f"diag/curve_real_{grid}/alpha": alpha, f"diag/curve_real_{grid}/beta": beta,
+                f"diag/curve_real_{grid}/r2": NAN if flat else 0.99, f"diag/curve_real_{grid}/concave": bool(beta < 0),
+                f"diag/curve_real_{grid}/lambda_star": lam_star * (1 + 0.02 * rng.standard_normal()),
+                f"diag/curve_real_{grid}/lambda_star_inside": inside}
+        if grid == "wide":
+            out |= {"curve/real_wide_clipped": (np.abs(lams) > 2 * scale).tolist(),
+                    "diag/curve_real_wide/interior_max": bool(beta < 0 and inside)}
+    return out | {"diag/lambda_clip_lo": -2 * scale, "diag/lambda_clip_hi": 2 * scale,
+                  "diag/curve_real_local/beta_vhat_frozen": 1.1 * beta, "diag/curve_real_local/beta_noclip": beta}
 
 
 def synthetic_metrics(regime: str, seed: int, steps: int = 24, diag_every: int = 4, eval_every: int = 8
@@ -121,24 +167,44 @@ def synthetic_probes(regime: str, seed: int, run: str, steps: int = 24, diag_eve
                          for r in recs])
 
 
-def synthetic_eval(regime: str, seed: int) -> dict[str, Any]:
-    rng = np.random.default_rng([seed, len(regime), 2])
-    acc = {s: float(np.clip(0.5 + REGIME_SHAPE[regime]["acc"] + 0.02 * rng.standard_normal(), 0, 1)) for s in SUITES}
-    suites = {s: {"n": 50, "greedy_acc": a, "mean_at_k": a, "k": 4} for s, a in acc.items()}
-    return {"suites": suites, "mean_greedy_acc": float(np.mean(list(acc.values()))),
+def eval_result(acc: dict[str, float], greedy_offset: float = 0.0) -> dict[str, Any]:
+    """An ``eval.json`` with sampled accuracy ``acc`` per suite and greedy ``acc + greedy_offset``."""
+    suites = {s: {"n": 50, "greedy_acc": a + greedy_offset, "mean_at_k": a, "k": 4} for s, a in acc.items()}
+    return {"suites": suites, "mean_greedy_acc": float(np.mean(list(acc.values()))) + greedy_offset,
             "mean_at_k": float(np.mean(list(acc.values())))}
 
 
-def make_study(root: Path, regimes: tuple[str, ...] = ("detach", "ce", "policy", "occ"), seeds: tuple[int, ...] = (0, 1),
-               steps: int = 24, with_probes: bool = True, with_eval: bool = True) -> list[Path]:
-    """One run directory per (regime, seed) under ``root``, with probes.parquet and eval.json."""
+def synthetic_eval(regime: str, seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng([seed, len(regime), 2])
+    return eval_result({s: float(np.clip(0.5 + REGIME_SHAPE[regime]["acc"] + 0.02 * rng.standard_normal(), 0, 1))
+                        for s in SUITES})
+
+
+SFT_ACCURACY = 0.3
+
+
+def write_sft_eval(root: Path, acc: float = SFT_ACCURACY) -> str:
+    """The SFT checkpoint's ``eval.json`` (as ``occ eval CHECKPOINT`` writes it) in ``root/ck``; returns its path."""
+    ck = Path(root) / "ck"
+    ck.mkdir(parents=True, exist_ok=True)
+    (ck / "eval.json").write_text(json.dumps(eval_result({s: acc for s in SUITES})))
+    return str(ck)
+
+
+def make_study(root: Path, regimes: tuple[str, ...] = ("detach", "ce", "policy", "occ"),
+               seeds: tuple[int, ...] = (0, 1, 2), steps: int = 24, with_probes: bool = True, with_eval: bool = True
+               ) -> list[Path]:
+    """One run directory per (regime, seed) under ``root/runs``, with probes.parquet and eval.json, all started
+    from one SFT checkpoint ``root/ck`` with an ``eval.json`` (when ``with_eval``)."""
+    init = write_sft_eval(root) if with_eval else "ck"
     runs = []
     for regime in regimes:
         for seed in seeds:
             name = f"synthetic__{regime}__{seed}"
             probes = synthetic_probes(regime, seed, name, steps) if with_probes else None
             ev = synthetic_eval(regime, seed) if with_eval else None
-            runs.append(write_run(root, name, regime, seed, synthetic_metrics(regime, seed, steps), probes, ev))
+            runs.append(write_run(Path(root) / "runs", name, regime, seed, synthetic_metrics(regime, seed, steps),
+                                  probes, ev, init=init))
     return runs
 
 

@@ -5,11 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from theory_problems import DT, SoftmaxPolicy, gen, quadratic, random_params
+from theory_problems import DT, SoftmaxPolicy, flat_grad, flat_grad_and_hessian, gen, quadratic, random_params
 
-from occ_theory.theory import decompose, fisher_curvature, measure_delta
+from occ_theory.theory import decompose, decompose_geometries, fisher_curvature, measure_delta
 from occ_theory.theory.decompose import REASON_NOT_CONCAVE, REASON_U_ZERO
-from occ_theory.theory.params import dot, flatten, mul
+from occ_theory.theory.params import axpy, dot, flatten, mul, unflatten
 
 SHAPES = {"w": (3, 2), "b": (4,)}
 
@@ -20,7 +20,7 @@ def _precond(g, like, use):
 
 @pytest.mark.parametrize("kind", ["indefinite", "negdef"])
 @pytest.mark.parametrize("use_precond", [False, True])
-def test_quadratic_exactness_delta_equals_model_for_every_lambda_and_lr(kind, use_precond):
+def test_identity1_quadratic_exact(kind, use_precond):
     """Identity 1: for exactly quadratic J and M, Δ(λ) equals the second-order formula."""
     g = gen(1)
     params = random_params(g, SHAPES)
@@ -47,28 +47,41 @@ def test_quadratic_terms_match_closed_form():
     assert dec.corr == pytest.approx(float(dot(gr, mul(u, precond))), rel=1e-12)
     assert dec.cross == pytest.approx(float(pg @ J.hess @ pu), rel=1e-12)
     assert dec.curv == pytest.approx(float(pu @ J.hess @ pu), rel=1e-12)
-    assert dec.u_norm_sq == pytest.approx(float(pu @ pu), rel=1e-12)
+    assert dec.pu_norm_sq == pytest.approx(float(pu @ pu), rel=1e-12)
     assert dec.proj == pytest.approx(dec.corr / float(pu @ pu), rel=1e-12)
-    assert dec.geometry == "precond"
+    assert dec.lambda_bal == pytest.approx(float(pg.norm() / pu.norm()), rel=1e-12)
+    assert dec.geometry == "adam"
 
 
 @pytest.mark.parametrize("method", ["fwd-rev", "rev-rev"])
-def test_decompose_geometries_equals_one_decomposition_per_geometry(method):
-    from occ_theory.theory import decompose_geometries
-
+@pytest.mark.parametrize("batched", [False, True])
+def test_decompose_geometries_match_explicit_gradient_hessian_and_jacobian(method, batched):
+    """Each geometry of one call against g, H and ∂l/∂θ built explicitly on the flattened parameters;
+    the result carries its key as its geometry label."""
     prob = SoftmaxPolicy(seed=16)
     precond = _precond(gen(17), prob.params, True)
-    both = decompose_geometries(prob.rl_objective, prob.mtp_objective, prob.params, 0.05,
-                                {"sgd": None, "adam": precond}, method, prob.logp, prob.mask)
-    for name, p in (("sgd", None), ("adam", precond)):
-        one = decompose(prob.rl_objective, prob.mtp_objective, prob.params, 0.05, p, method, prob.logp, prob.mask)
-        a, b = both[name].as_dict(), one.as_dict()
-        for k, v in b.items():
-            if isinstance(v, float) and math.isfinite(v):
-                assert a[k] == pytest.approx(v, rel=1e-12), (name, k)
+    lr = 0.05
+    decs = decompose_geometries(prob.rl_objective, prob.mtp_objective, prob.params, lr,
+                                {"sgd": None, "adam": precond}, method, prob.logp, prob.mask, batched=batched)
+    g, hess = flat_grad_and_hessian(prob.rl_objective, prob.params)
+    u = flat_grad(prob.mtp_objective, prob.params)
+    jac = torch.func.jacrev(lambda x: prob.logp(unflatten(x, prob.params)))(flatten(prob.params))  # (B, T, n)
+    for name, p in (("sgd", torch.ones_like(g)), ("adam", flatten(precond))):
+        dec = decs[name]
+        pg, pu = p * g, p * u
+        delta = jac @ pu  # (B, T)
+        assert dec.geometry == name
+        assert dec.corr == pytest.approx(float(g @ pu), rel=1e-12)
+        assert dec.cross == pytest.approx(float(pg @ hess @ pu), rel=1e-10)
+        assert dec.curv == pytest.approx(float(pu @ hess @ pu), rel=1e-10)
+        assert dec.curv_fisher == pytest.approx(-float((prob.mask * delta**2).sum() / prob.mask.sum()), rel=1e-10)
+        assert dec.pu_norm_sq == pytest.approx(float(pu @ pu), rel=1e-12)
+        assert dec.pg_norm == pytest.approx(float(pg.norm()), rel=1e-12)
+        assert dec.g_norm == pytest.approx(float(g.norm()), rel=1e-12)
+        assert dec.cosine == pytest.approx(float(g @ u / (g.norm() * u.norm())), rel=1e-12)
 
 
-def test_taylor_order_residual_shrinks_like_lr_cubed():
+def test_identity2_taylor_residual_shrinks_like_lr_cubed():
     """Identity 2: on a smooth non-quadratic clipped surrogate, halving η divides the residual by ~8."""
     prob = SoftmaxPolicy(seed=3)
     lams = np.array([-2.0, -1.0, 0.5, 1.0, 2.0, 3.0])
@@ -83,7 +96,7 @@ def test_taylor_order_residual_shrinks_like_lr_cubed():
         assert 6.0 <= r <= 10.0, (residuals, ratios)
 
 
-def test_taylor_order_holds_in_preconditioned_geometry():
+def test_identity2_taylor_residual_shrinks_like_lr_cubed_in_preconditioned_geometry():
     prob = SoftmaxPolicy(seed=4)
     g = gen(5)
     precond = _precond(g, prob.params, True)
@@ -108,9 +121,25 @@ def test_lambda_star_is_argmax_of_dense_sweep_when_concave():
     best = sweep[np.argmax(dec.predicted_delta(sweep))]
     assert best == pytest.approx(dec.lambda_star, abs=2 * span / 200_000)
     assert dec.predicted_delta([dec.lambda_star])[0] == pytest.approx(dec.gain_at_optimum, rel=1e-10)
-    assert dec.lambda_star_first_order == pytest.approx(-dec.corr / (0.2 * dec.curv), rel=1e-12)
     measured = measure_delta(J, M, params, 0.2, sweep[::2000])
     assert sweep[::2000][np.argmax(measured)] == pytest.approx(dec.lambda_star, abs=span / 50)
+
+
+def test_first_order_lambda_star_is_the_argmax_of_the_mtp_step_alone():
+    """λ*₁ = −C/(ηQ) drops the cross term X, which comes from taking the MTP step after the RL step:
+    it is the optimum of J(θ + λ·η·Pu) − J(θ), the MTP step taken alone (exact for quadratic J)."""
+    g = gen(60)
+    params = random_params(g, SHAPES)
+    J, M = quadratic(g, params, "negdef"), quadratic(g, params, "indefinite")
+    precond = _precond(g, params, True)
+    lr = 0.2
+    dec = decompose(J, M, params, lr, precond=precond)
+    assert dec.concave and abs(dec.lambda_star - dec.lambda_star_first_order) > 0.1 * abs(dec.lambda_star)
+    pu = mul(M.grad(params), precond)
+    span = 3 * abs(dec.lambda_star_first_order) + 1
+    sweep = np.linspace(dec.lambda_star_first_order - span, dec.lambda_star_first_order + span, 2001)
+    alone = [float(J(axpy(lr * float(lam), pu, params))) for lam in sweep]
+    assert sweep[int(np.argmax(alone))] == pytest.approx(dec.lambda_star_first_order, abs=2 * span / 2000)
 
 
 def test_lambda_star_undefined_when_u_is_zero():
@@ -220,11 +249,20 @@ def test_decompose_rejects_bad_inputs_with_named_errors():
 
 
 def test_measure_delta_on_held_out_objective_uses_training_directions():
-    """eval_objective scores the update built from J's and M's gradients on another batch."""
+    """eval_objective scores the update built from the *training* batch's g and u on another batch:
+    equal to the brute-force held-out Δ along the training directions, unlike the held-out batch's own."""
     prob, held = SoftmaxPolicy(seed=14), SoftmaxPolicy(seed=15)
     held.params = prob.params
-    lams = [-1.0, 0.0, 2.0]
-    a = measure_delta(prob.rl_objective, prob.mtp_objective, prob.params, 0.05, lams,
-                      eval_objective=held.rl_objective)
-    assert a[1] == 0.0 and np.all(np.isfinite(a))
-    assert not np.allclose(a, measure_delta(prob.rl_objective, prob.mtp_objective, prob.params, 0.05, lams))
+    lams, lr = [-1.0, 0.0, 2.0], 0.05
+    measured = measure_delta(prob.rl_objective, prob.mtp_objective, prob.params, lr, lams,
+                             eval_objective=held.rl_objective)
+
+    def brute(rl, mtp):  # held-out Δ along the step built from (∇rl, ∇mtp)
+        g, u = (unflatten(flat_grad(f, prob.params), prob.params) for f in (rl, mtp))
+        base = axpy(lr, g, prob.params)
+        return np.array([float(held.rl_objective(axpy(lr * lam, u, base)) - held.rl_objective(base)) for lam in lams])
+
+    train = brute(prob.rl_objective, prob.mtp_objective)
+    own = brute(held.rl_objective, held.mtp_objective)
+    assert np.allclose(measured, train, rtol=1e-12, atol=1e-15)
+    assert not np.allclose(measured, own, rtol=1e-3)

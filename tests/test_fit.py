@@ -75,7 +75,10 @@ def test_lambda_grid_falls_back_to_default_range_without_finite_estimate():
         lambda_grid(1.0, n=2)
 
 
-def test_bootstrap_intervals_cover_the_truth_of_a_token_mean_curve():
+def test_bootstrap_intervals_have_the_delta_method_width_and_cover_the_truth():
+    """Resampling sequences of a token-mean curve: the fit's α is the ratio estimator Σ w·a / Σ w, whose
+    standard error has the closed (delta-method) form sqrt(Σ w²(a − ā)²) / Σ w; the 95% percentile
+    interval is about ±1.96 of it, for α and β alike, and covers the truth."""
     rng = np.random.default_rng(1)
     lams = np.linspace(-2, 2, 9)
     seqs = 200
@@ -84,13 +87,16 @@ def test_bootstrap_intervals_cover_the_truth_of_a_token_mean_curve():
     a_s = alpha + rng.normal(0, 0.5, seqs)
     b_s = beta + rng.normal(0, 0.5, seqs)
     seq_deltas = weights[None, :] * (a_s[None, :] * lams[:, None] + 0.5 * b_s[None, :] * lams[:, None] ** 2)
-    ci = bootstrap_quadratic(lams, seq_deltas, weights, n_boot=300, seed=2, level=0.95)
-    point = fit_quadratic(lams, seq_deltas.sum(1) / weights.sum())
-    for key, val in (("alpha", point.alpha), ("beta", point.beta), ("lambda_star", point.lambda_star)):
+    ci = bootstrap_quadratic(lams, seq_deltas, weights, n_boot=400, seed=2, level=0.95)
+    for key, per_seq, truth in (("alpha", a_s, alpha), ("beta", b_s, beta)):
+        mean = np.sum(weights * per_seq) / weights.sum()
+        se = np.sqrt(np.sum(weights**2 * (per_seq - mean) ** 2)) / weights.sum()
         lo, hi = ci[key]
-        assert lo < val < hi
-    assert ci["alpha"][0] < alpha < ci["alpha"][1]
-    assert ci["beta"][0] < beta < ci["beta"][1]
+        assert (hi - lo) / 2 == pytest.approx(1.96 * se, rel=0.2), key
+        assert (lo + hi) / 2 == pytest.approx(mean, abs=0.3 * se), key
+        assert lo < truth < hi, key
+    lo, hi = ci["lambda_star"]
+    assert lo < -alpha / beta < hi
     with pytest.raises(ValueError, match="shape"):
         bootstrap_quadratic(lams, seq_deltas[:, :5], weights)
 
@@ -99,12 +105,12 @@ def test_grid_half_width_follows_theory_and_caps_only_when_asked():
     from occ_theory.diagnostics.curve import grid_half_width
     from occ_theory.theory import Decomposition
 
-    def dec(corr, curv, pg=2.0, u_sq=4.0):  # λ_balance = ‖Pg‖/‖Pu‖ = 1
+    def dec(corr, curv, pg=2.0, u_sq=4.0):  # λ_bal = ‖Pg‖/‖Pu‖ = 1
         return Decomposition(lr=0.1, corr=corr, cross=0.0, curv=curv, g_norm=1.0, u_norm=1.0, cosine=0.5,
-                             u_norm_sq=u_sq, pg_norm=pg)
+                             pu_norm_sq=u_sq, pg_norm=pg)
 
     d = dec(1.0, -1.0)  # λ* = −C/(ηQ) = 10
-    assert d.lambda_star == pytest.approx(10.0) and d.lambda_balance == pytest.approx(1.0)
+    assert d.lambda_star == pytest.approx(10.0) and d.lambda_bal == pytest.approx(1.0)
     assert grid_half_width(d, span=3.0, cap=0.0) == (None, False)  # the caller uses span·|λ*| = 30
     assert grid_half_width(d, span=3.0, cap=100.0) == (pytest.approx(30.0), False)
     assert grid_half_width(d, span=3.0, cap=5.0) == (pytest.approx(5.0), True)

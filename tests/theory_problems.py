@@ -33,6 +33,28 @@ def symmetric(g: torch.Generator, n: int, kind: str) -> Tensor:
     return q @ torch.diag(eig) @ q.T
 
 
+def flat_grad(f, params: Params) -> Tensor:
+    """∇f over the flattened params, by ``torch.func.grad`` on one flat vector: a brute-force reference."""
+    return torch.func.grad(lambda x: f(unflatten(x, params)))(flatten(params))
+
+
+def flat_grad_and_hessian(f, params: Params) -> tuple[Tensor, Tensor]:
+    """``(∇f, ∇²f)`` over the flattened params, by ``torch.func`` on one flat vector: the brute-force
+    reference the helpers over parameter dicts are checked against."""
+    return flat_grad(f, params), torch.func.hessian(lambda x: f(unflatten(x, params)))(flatten(params))
+
+
+def fd_gradient(f, params: Params, eps: float = 1e-6) -> Tensor:
+    """∇f over the flattened params by central differences, one coordinate at a time (small models)."""
+    x = flatten(params)
+    out = torch.empty_like(x)
+    for i in range(x.numel()):
+        e = torch.zeros_like(x)
+        e[i] = eps
+        out[i] = (f(unflatten(x + e, params)) - f(unflatten(x - e, params))) / (2 * eps)
+    return out
+
+
 class Quadratic:
     """f(θ) = c + aᵀθ + ½ θᵀAθ over a parameter dict, with its exact gradient and Hessian."""
 

@@ -1,4 +1,5 @@
-"""Pure math over parameter dicts: HVPs, the decomposition, the measured curve, the proxies.
+"""Pure math over parameter dicts: HVPs, the decomposition, the optimizer's real step, the measured
+curve, the proxies.
 
 Knows nothing of models or trainers; point it at any PyTorch model through closures over
 ``torch.func.functional_call``. See THEORY.md for every symbol.
@@ -14,26 +15,55 @@ from .decompose import (
     measure_delta,
 )
 from .fit import QuadFit, bootstrap_quadratic, effective_smoothness, fit_quadratic, lambda_grid
-from .hvp import HVP_METHODS, eager_attention, grad, grad_and_hvp, grad_and_hvps, hessian, hvp, jvp
+from .hvp import (
+    HVP_METHODS,
+    check_dropout,
+    eager_attention,
+    grad,
+    grad_and_hvp,
+    grad_and_hvps,
+    hessian,
+    hvp,
+    jvp,
+    jvps,
+)
+from .step import (
+    StepDecomposition,
+    adamw_step_directions,
+    clip_active,
+    clip_interval,
+    decompose_step,
+    decompose_steps,
+    fixed_precond_directions,
+)
 
 __all__ = [
     "HVP_METHODS",
     "Decomposition",
     "QuadFit",
+    "StepDecomposition",
+    "adamw_step_directions",
     "bootstrap_quadratic",
+    "check_dropout",
+    "clip_active",
+    "clip_interval",
     "decompose",
     "decompose_geometries",
+    "decompose_step",
+    "decompose_steps",
     "directions",
     "eager_attention",
     "effective_smoothness",
     "fisher_curvature",
     "fit_quadratic",
+    "fixed_precond_directions",
     "grad",
     "grad_and_hvp",
     "grad_and_hvps",
     "hessian",
     "hvp",
     "jvp",
+    "jvps",
     "lambda_grid",
     "measure_delta",
     "proxies",

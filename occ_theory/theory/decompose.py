@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .hvp import ScalarFn, grad, grad_and_hvps, jvp
+from .hvp import ScalarFn, grad, grad_and_hvps, jvps
 from .params import Params, axpy, check_alike, check_params, dot, is_zero, mul, sq_norm
 
 NAN = float("nan")
@@ -60,10 +60,10 @@ class Decomposition:
     g_norm: float  # ‖g‖
     u_norm: float  # ‖u‖
     cosine: float  # gᵀu / (‖g‖‖u‖)
-    u_norm_sq: float  # ‖Pu‖²
+    pu_norm_sq: float  # ‖Pu‖²
     pg_norm: float = NAN  # ‖Pg‖, the size of the RL step per unit η
     curv_fisher: float = NAN  # Q_F = −Σ m·δ² / Σ m, δ = ∇l·Pu
-    geometry: str = "sgd"  # "sgd" (P = I) or "precond"
+    geometry: str = "sgd"  # the caller's label: "sgd" (P = I), "adam" (P = 1/(sqrt(v̂)+ε)), ...
     method: str = "fwd-rev"
     dlogp: Tensor | None = field(default=None, repr=False, compare=False)  # δ, (B, T)
     grad_rl: Params | None = field(default=None, repr=False, compare=False)  # g, for measuring the curve
@@ -108,12 +108,16 @@ class Decomposition:
     @property
     def proj(self) -> float:
         """κ = C / ‖Pu‖², the projection coefficient of the smoothness model."""
-        return self.corr / self.u_norm_sq if self.u_norm_sq > 0 else NAN
+        return self.corr / self.pu_norm_sq if self.pu_norm_sq > 0 else NAN
 
     @property
-    def lambda_balance(self) -> float:
-        """‖Pg‖ / ‖Pu‖: the λ at which the MTP step is as long as the RL step."""
-        return self.pg_norm / math.sqrt(self.u_norm_sq) if self.u_norm_sq > 0 else NAN
+    def lambda_bal(self) -> float:
+        """λ_bal = ‖Pg‖ / ‖Pu‖ = ‖s‖/‖a‖: the λ at which the MTP step is as long as the RL step."""
+        return self.pg_norm / math.sqrt(self.pu_norm_sq) if self.pu_norm_sq > 0 else NAN
+
+    # TEMPORARY aliases (issue 11 item 4 renamed them): remove once diagnostics/ reads pu_norm_sq, lambda_bal
+    u_norm_sq = property(lambda self: self.pu_norm_sq)
+    lambda_balance = property(lambda self: self.lambda_bal)
 
     @property
     def lambda_star_fisher(self) -> float:
@@ -131,8 +135,9 @@ class Decomposition:
         """Flat record of every field and derived quantity (no tensors), for logs and tables."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("dlogp", "grad_rl")}
         for name in ("concave", "reason", "lambda_star", "lambda_star_first_order", "gain_at_optimum",
-                     "proj", "lambda_star_fisher", "lambda_balance"):
+                     "proj", "lambda_star_fisher", "lambda_bal"):
             out[name] = getattr(self, name)
+        out |= {"u_norm_sq": self.pu_norm_sq, "lambda_balance": self.lambda_bal}  # TEMPORARY, as above
         return out
 
 
@@ -173,10 +178,11 @@ def decompose(
     ``params`` (``None``: SGD geometry, P = I). ``mtp_grad`` may pass a precomputed (reduced) ``u``.
     ``reduce`` sums gradients, HVPs and Fisher sums over processes (data parallelism), so every
     quantity is the one of the global batch. Cost: one gradient of M, one gradient-and-HVP of J,
-    and one JVP of ``logp_fn``.
+    and one JVP of ``logp_fn``. The result's ``geometry`` is ``"sgd"`` without ``precond``, else ``"adam"``.
     """
-    return decompose_geometries(rl_objective, mtp_objective, params, lr, {"given": precond}, method, logp_fn,
-                                mask, mtp_grad, reduce)["given"]
+    name = "sgd" if precond is None else "adam"
+    return decompose_geometries(rl_objective, mtp_objective, params, lr, {name: precond}, method, logp_fn,
+                                mask, mtp_grad, reduce)[name]
 
 
 def decompose_geometries(
@@ -190,9 +196,11 @@ def decompose_geometries(
     mask: Tensor | None = None,
     mtp_grad: Mapping[str, Tensor] | None = None,
     reduce: Reduce | None = None,
+    batched: bool = False,
 ) -> dict[str, Decomposition]:
-    """``decompose`` in several geometries at once (e.g. SGD and Adam's), sharing u, g and, with
-    ``rev-rev``, the gradient graph of J across the HVPs. Each result keeps g in ``grad_rl``."""
+    """``decompose`` in several geometries at once (e.g. ``{"sgd": None, "adam": P}``), sharing u, g and
+    the gradient graph of J across the HVPs (``batched``: one vectorised call, see ``grad_and_hvps``;
+    the Fisher JVPs likewise). Each result carries its key as ``geometry`` and g in ``grad_rl``."""
     red = reduce or (lambda d: d)
     check_params(params)
     lr = _check_lr(lr)
@@ -205,10 +213,13 @@ def decompose_geometries(
     pus = {name: mul(u, p) for name, p in preconds.items()}
     active = [name for name, pu in pus.items() if not is_zero(pu)]
     if active:
-        g, hvs = grad_and_hvps(rl_objective, params, [pus[n] for n in active], method)
+        g, hvs = grad_and_hvps(rl_objective, params, [pus[n] for n in active], method, batched=batched)
         g, hpus = red(g), dict(zip(active, (red(h) for h in hvs)))
     else:
         g, hpus = red(grad(rl_objective, params)[1]), {}
+    dlogps = dict.fromkeys(active)
+    if logp_fn is not None and active:
+        dlogps = dict(zip(active, jvps(logp_fn, params, [pus[n] for n in active], batched=batched)[1]))
     g_norm = float(sq_norm(g)) ** 0.5
     u_norm = float(sq_norm(u)) ** 0.5
     gu = float(dot(g, u))
@@ -222,13 +233,13 @@ def decompose_geometries(
             corr = float(dot(g, pu))
             cross = float(dot(mul(g, precond), hpu))
             curv = float(dot(pu, hpu))
-            if logp_fn is not None:
-                _, dlogp = jvp(logp_fn, params, pu)
+            dlogp = dlogps[name]
+            if dlogp is not None:
                 curv_fisher = fisher_curvature(dlogp, mask, reduce)
         out[name] = Decomposition(
             lr=lr, corr=corr, cross=cross, curv=curv, g_norm=g_norm, u_norm=u_norm, cosine=cosine,
-            u_norm_sq=float(sq_norm(pu)), pg_norm=float(sq_norm(mul(g, precond))) ** 0.5, curv_fisher=curv_fisher,
-            geometry="sgd" if precond is None else "precond", method=method, dlogp=dlogp, grad_rl=g,
+            pu_norm_sq=float(sq_norm(pu)), pg_norm=float(sq_norm(mul(g, precond))) ** 0.5, curv_fisher=curv_fisher,
+            geometry=name, method=method, dlogp=dlogp, grad_rl=g,
         )
     return out
 

@@ -7,11 +7,15 @@ explicit Hessian in ``tests/test_hvp.py``:
 * ``"rev-rev"``: reverse-over-reverse, double backward with ``torch.autograd``.
 * ``"fd"``: central finite difference of the gradient, ``(∇f(θ+εv) − ∇f(θ−εv)) / 2ε``.
 
-Both exact methods return the gradient as a by-product (``grad_and_hvp``), which is how
-``decompose`` gets ``g = ∇J`` and ``H·Pu`` from a single call.
+Both exact methods return the gradient as a by-product (``grad_and_hvps``): one gradient graph
+serves every direction, so ``decompose`` and ``decompose_steps`` get ``g = ∇J`` and all their HVPs
+from a single call. ``batched=True`` computes all directions in one vectorised call
+(``torch.func.vmap`` over the tangents: ``is_grads_batched`` for ``rev-rev``); ``jvps`` does the
+same for forward-mode products ``∂fn·v`` (the Fisher's ``δ = ∇l·v``).
 
 The fused SDPA attention kernels have no double-backward or forward-mode rules; wrap curvature
-computations on ``transformers`` models in ``eager_attention(model)``.
+computations on ``transformers`` models in ``eager_attention(model)``, after ``model.eval()``
+(dropout makes HVPs random). Forgetting either raises a ``ValueError`` that says so.
 """
 
 from __future__ import annotations
@@ -22,10 +26,15 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from .params import Params, axpy, check_alike, check_params, detached, sq_norm
+from .params import Params, axpy, check_alike, check_params, detached, flatten, sq_norm, unflatten
 
 ScalarFn = Callable[[Params], Tensor]
 HVP_METHODS = ("fwd-rev", "rev-rev", "fd")
+FUSED_ATTENTION_HINT = (
+    "a fused attention kernel (SDPA/flash) has no second-order or forward-mode derivative: wrap the call in "
+    "`with occ_theory.theory.eager_attention(model):` (after model.eval())"
+)
+DROPOUT_HINT = "model.eval() first: dropout makes HVPs random"
 
 
 def _scalar(out: object, what: str = "f(params)") -> Tensor:
@@ -33,6 +42,19 @@ def _scalar(out: object, what: str = "f(params)") -> Tensor:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"{what} must return a scalar tensor, got {shape}")
     return out.reshape(())
+
+
+@contextmanager
+def _explain_fused_attention() -> Iterator[None]:
+    """Turn torch's raw error for a fused attention kernel under double backward or forward mode into a
+    ``ValueError`` that names the fix."""
+    try:
+        yield
+    except RuntimeError as e:  # NotImplementedError (forward mode) is a RuntimeError too
+        msg = str(e)
+        if "attention" in msg and ("not implemented" in msg or "not support" in msg):
+            raise ValueError(f"{FUSED_ATTENTION_HINT} (torch: {msg.splitlines()[0]})") from e
+        raise
 
 
 def grad(f: ScalarFn, params: Mapping[str, Tensor]) -> tuple[Tensor, Params]:
@@ -50,6 +72,14 @@ def _as_tangent(params: Mapping[str, Tensor], v: Mapping[str, Tensor]) -> Params
     return {k: v[k].detach().to(dtype=t.dtype, device=t.device) for k, t in params.items()}
 
 
+def _stack(vs: Sequence[Params]) -> Params:
+    return {k: torch.stack([v[k] for v in vs]) for k in vs[0]}  # (K, *shape) per key
+
+
+def _unstack(batch: Params, n: int) -> list[Params]:
+    return [{k: t[i].detach() for k, t in batch.items()} for i in range(n)]
+
+
 def grad_and_hvp(
     f: ScalarFn, params: Mapping[str, Tensor], v: Mapping[str, Tensor], method: str = "fwd-rev"
 ) -> tuple[Params, Params]:
@@ -59,38 +89,64 @@ def grad_and_hvp(
 
 
 def grad_and_hvps(
-    f: ScalarFn, params: Mapping[str, Tensor], vs: Sequence[Mapping[str, Tensor]], method: str = "fwd-rev"
+    f: ScalarFn, params: Mapping[str, Tensor], vs: Sequence[Mapping[str, Tensor]], method: str = "fwd-rev",
+    batched: bool = False,
 ) -> tuple[Params, list[Params]]:
-    """``(∇f(θ), [∇²f(θ)·v for v in vs])``; ``rev-rev`` builds the gradient graph once for every v."""
+    """``(∇f(θ), [∇²f(θ)·v for v in vs])`` from one gradient graph.
+
+    ``batched=True`` computes every ``∇²f·v`` in one vectorised call over the stacked tangents
+    (``rev-rev``: ``torch.autograd.grad(..., is_grads_batched=True)``; ``fwd-rev``: ``torch.func.vmap``
+    of the JVP); ``False`` loops over ``vs`` on the same graph. Both give the same numbers; which is
+    faster depends on the model and the device (``occ bench hvp``). ``fd`` ignores ``batched``.
+    """
+    if method not in HVP_METHODS:
+        raise ValueError(f"unknown HVP method {method!r}; choose one of {HVP_METHODS}")
     check_params(params)
     vs = [_as_tangent(params, v) for v in vs]
     base = detached(params)
-    if method == "fwd-rev":
-        def g_fn(p: Params) -> Params:
-            return torch.func.grad(lambda q: _scalar(f(q)))(p)
-
-        pairs = [torch.func.jvp(g_fn, (base,), (v,)) for v in vs]
-        g = detached(pairs[0][0]) if pairs else grad(f, base)[1]
-        return g, [detached(hv) for _, hv in pairs]
-    if method == "rev-rev":
-        leaves = {k: t.requires_grad_(True) for k, t in ((k, t.clone()) for k, t in base.items())}
-        out = []
-        with torch.enable_grad():
-            value = _scalar(f(leaves))
-            gs = torch.autograd.grad(value, list(leaves.values()), create_graph=True, allow_unused=True,
-                                     materialize_grads=True)
-            for i, v in enumerate(vs):
-                inner = sum(torch.sum(gk * v[k]) for gk, k in zip(gs, leaves))
-                if not inner.requires_grad:  # f is linear in θ: the Hessian is zero
-                    hv = [torch.zeros_like(t) for t in leaves.values()]
-                else:
-                    hv = torch.autograd.grad(inner, list(leaves.values()), allow_unused=True,
-                                             materialize_grads=True, retain_graph=i < len(vs) - 1)
-                out.append({k: h.detach() for k, h in zip(leaves, hv)})
-        return {k: gk.detach() for k, gk in zip(leaves, gs)}, out
     if method == "fd":
         return grad(f, base)[1], [_fd_hvp(f, base, v) for v in vs]
-    raise ValueError(f"unknown HVP method {method!r}; choose one of {HVP_METHODS}")
+    if not vs:
+        return grad(f, base)[1], []
+    with _explain_fused_attention():
+        if method == "fwd-rev":
+            return _fwd_rev(f, base, vs, batched)
+        return _rev_rev(f, base, vs, batched)
+
+
+def _fwd_rev(f: ScalarFn, base: Params, vs: list[Params], batched: bool) -> tuple[Params, list[Params]]:
+    g_fn = torch.func.grad(lambda q: _scalar(f(q)))
+    if batched:
+        g, hv = torch.func.vmap(lambda v: torch.func.jvp(g_fn, (base,), (v,)))(_stack(vs))
+        return {k: t[0].detach() for k, t in g.items()}, _unstack(hv, len(vs))
+    pairs = [torch.func.jvp(g_fn, (base,), (v,)) for v in vs]
+    return detached(pairs[0][0]), [detached(hv) for _, hv in pairs]
+
+
+def _rev_rev(f: ScalarFn, base: Params, vs: list[Params], batched: bool) -> tuple[Params, list[Params]]:
+    leaves = {k: t.clone().requires_grad_(True) for k, t in base.items()}
+    keys, inputs = list(leaves), list(leaves.values())
+    with torch.enable_grad():
+        value = _scalar(f(leaves))
+        gs = torch.autograd.grad(value, inputs, create_graph=True, allow_unused=True, materialize_grads=True)
+        g = {k: gk.detach() for k, gk in zip(keys, gs)}
+        live = [i for i, gk in enumerate(gs) if gk.requires_grad]  # the others are constant in θ: H rows 0
+        if not live:  # f is linear in θ: the Hessian is zero
+            return g, [{k: torch.zeros_like(t) for k, t in base.items()} for _ in vs]
+        outs = [gs[i] for i in live]
+        if batched:  # one vector-Jacobian product of ∇f per stacked tangent: Hᵀv = Hv
+            tangents = _stack(vs)
+            hv = torch.autograd.grad(outs, inputs, grad_outputs=[tangents[keys[i]] for i in live],
+                                     allow_unused=True, is_grads_batched=True)
+            batch = {k: torch.zeros((len(vs), *t.shape), dtype=t.dtype) if h is None else h
+                     for (k, t), h in zip(base.items(), hv)}
+            return g, _unstack(batch, len(vs))
+        out = []
+        for j, v in enumerate(vs):
+            hv = torch.autograd.grad(outs, inputs, grad_outputs=[v[keys[i]] for i in live], allow_unused=True,
+                                     materialize_grads=True, retain_graph=j < len(vs) - 1)
+            out.append({k: h.detach() for k, h in zip(keys, hv)})
+    return g, out
 
 
 def _fd_hvp(f: ScalarFn, params: Params, v: Params) -> Params:
@@ -116,19 +172,47 @@ def hvp(f: ScalarFn, params: Mapping[str, Tensor], v: Mapping[str, Tensor], meth
 
 def jvp(fn: Callable[[Params], Tensor], params: Mapping[str, Tensor], v: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
     """``(fn(θ), ∂fn(θ)·v)`` for a tensor-valued ``fn`` by one forward-mode pass."""
+    out, (tangent,) = jvps(fn, params, [v])
+    return out, tangent
+
+
+def jvps(fn: Callable[[Params], Tensor], params: Mapping[str, Tensor], vs: Sequence[Mapping[str, Tensor]],
+         batched: bool = False) -> tuple[Tensor, list[Tensor]]:
+    """``(fn(θ), [∂fn(θ)·v for v in vs])`` by forward mode: one pass per ``v``, or with ``batched=True``
+    one ``torch.func.vmap``-ed pass over the stacked tangents (``fn(θ)`` itself is computed once)."""
     check_params(params)
-    out, tangent = torch.func.jvp(fn, (detached(params),), (_as_tangent(params, v),))
-    return out.detach(), tangent.detach()
+    base = detached(params)
+    vs = [_as_tangent(params, v) for v in vs]
+    with _explain_fused_attention():
+        if not vs:
+            with torch.no_grad():
+                return fn(base).detach(), []
+        if batched:
+            out, tangents = torch.func.vmap(lambda v: torch.func.jvp(fn, (base,), (v,)))(_stack(vs))
+            return out[0].detach(), [t.detach() for t in tangents]
+        pairs = [torch.func.jvp(fn, (base,), (v,)) for v in vs]
+    return pairs[0][0].detach(), [t.detach() for _, t in pairs]
 
 
 def hessian(f: ScalarFn, params: Mapping[str, Tensor]) -> Tensor:
     """The explicit Hessian as an (n, n) matrix over the flattened params (small models only)."""
-    from .params import flatten, unflatten
-
     check_params(params)
     base = detached(params)
-    flat = flatten(base)
-    return torch.func.hessian(lambda x: _scalar(f(unflatten(x, base))))(flat)
+    with _explain_fused_attention():
+        return torch.func.hessian(lambda x: _scalar(f(unflatten(x, base))))(flatten(base))
+
+
+def check_dropout(*modules: nn.Module) -> None:
+    """Raise ``ValueError`` when any module would drop activations at random: an ``nn.Dropout`` with
+    ``p > 0`` or an attention with ``attention_dropout > 0``, in training mode. Random masks make J a
+    different function at every call, so HVPs, finite differences and the curve disagree."""
+    for module in modules:
+        for name, sub in module.named_modules():
+            if not sub.training:
+                continue
+            p = sub.p if isinstance(sub, nn.modules.dropout._DropoutNd) else getattr(sub, "attention_dropout", 0.0)
+            if isinstance(p, (int, float)) and p > 0:
+                raise ValueError(f"{DROPOUT_HINT} ({name or type(sub).__name__!r} has dropout p={p} in training mode)")
 
 
 @contextmanager
@@ -136,8 +220,10 @@ def eager_attention(*modules: nn.Module) -> Iterator[None]:
     """Run ``transformers`` models with eager (math) attention inside the block, then restore.
 
     Fused SDPA/flash kernels have no double-backward or forward-mode AD rules, so every
-    curvature computation on a ``transformers`` model must run under this.
+    curvature computation on a ``transformers`` model must run under this. Refuses (``ValueError``)
+    a model with active dropout: call ``model.eval()`` first (``check_dropout``).
     """
+    check_dropout(*modules)
     saved = []
     seen: set[int] = set()
     for module in modules:

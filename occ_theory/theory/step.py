@@ -1,0 +1,293 @@
+"""The optimizer's real step (THEORY.md section 2): every geometry in one form.
+
+A step is written ``θ⁺(λ) = θ + s + λ·a``: ``s`` [the λ-free part] and ``a`` [its λ-direction]. Then
+
+    Δ(λ) = J(θ + s + λ·a) − J(θ + s) = λ·α_m + ½·λ²·β_m + O(‖a‖³)
+    α_m = (g + H s)ᵀ a,   β_m = aᵀ H a,   λ*_m = −α_m / β_m  (when β_m < 0)
+
+with ``g = ∇J`` and ``H = ∇²J`` at θ. The named geometries [geometry] and their (s, a):
+
+* ``sgd``: ``s = η·g``, ``a = η·u``                      (``fixed_precond_directions(g, u, lr)``)
+* ``adam``: ``s = η·P·g``, ``a = η·P·u``, ``P = 1/(sqrt(v̂)+ε)`` held fixed (same function, ``precond=P``)
+* ``adam_stationary``: ``s = η·P·m_g``, ``a = η·P·m_u``   (same function with the momentum buffers)
+* ``adam_step``: the next ``torch.optim.AdamW`` step, linearised in λ with ``v̂`` frozen
+  (``adamw_step_directions``).
+
+``decompose_steps`` measures α_m and β_m of several geometries from one gradient of J and one
+batched HVP (by the symmetry of H, ``α_m = gᵀa + sᵀ(H a)``: one HVP per geometry, none for ``s``).
+``clip_interval`` is the λ range [lambda_clip] in which the gradient clip leaves the step alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .decompose import Reduce, _check_lr, check_precond, fisher_curvature
+from .hvp import ScalarFn, grad, grad_and_hvps, jvps
+from .params import Params, check_alike, check_params, dot, is_zero, mul, sq_norm
+
+NAN = float("nan")
+REASON_A_ZERO = "a = 0: the step has no λ-direction (u = 0 on the shared parameters), Δ ≡ 0"
+REASON_NOT_CONCAVE = "β_m >= 0: Δ(λ) is not concave along a, there is no finite optimum"
+Directions = tuple[Mapping[str, Tensor], Mapping[str, Tensor]]
+
+
+@dataclass(frozen=True)
+class StepDecomposition:
+    """α_m, β_m of one step ``θ + s + λ·a`` and what follows from them. Undefined values are NaN + ``reason``."""
+
+    geometry: str  # "sgd" | "adam" | "adam_step" | "adam_stationary" (the caller's label)
+    alpha_model: float  # α_m = (g + H s)ᵀa
+    beta_model: float  # β_m = aᵀHa
+    alpha_first_order: float  # gᵀa: α_m without the curvature along s
+    s_norm: float  # ‖s‖
+    a_norm: float  # ‖a‖
+    beta_fisher: float = NAN  # β_F = −Σ m·δ² / Σ m, δ = ∇l·a (the Fisher model of β_m)
+    method: str = "rev-rev"
+    dlogp: Tensor | None = field(default=None, repr=False, compare=False)  # δ = ∇l·a, (B, T)
+    grad_rl: Params | None = field(default=None, repr=False, compare=False)  # g, for measuring the curve
+
+    @property
+    def a_zero(self) -> bool:
+        return self.a_norm == 0.0
+
+    @property
+    def concave(self) -> bool:
+        return not self.a_zero and self.beta_model < 0
+
+    @property
+    def reason(self) -> str:
+        """Why ``lambda_star`` is undefined ('' when it is defined)."""
+        if self.a_zero:
+            return REASON_A_ZERO
+        return "" if self.beta_model < 0 else REASON_NOT_CONCAVE
+
+    @property
+    def lambda_star(self) -> float:
+        """λ*_m = −α_m / β_m when β_m < 0."""
+        return -self.alpha_model / self.beta_model if self.concave else NAN
+
+    @property
+    def lambda_star_first_order(self) -> float:
+        """−gᵀa / β_m: the optimum without the curvature along s."""
+        return -self.alpha_first_order / self.beta_model if self.concave else NAN
+
+    @property
+    def lambda_star_fisher(self) -> float:
+        """−gᵀa / β_F: the optimum when the penalty is the Fisher (trust-region) one."""
+        if self.a_zero or not self.beta_fisher < 0:
+            return NAN
+        return -self.alpha_first_order / self.beta_fisher
+
+    @property
+    def lambda_bal(self) -> float:
+        """λ_bal = ‖s‖ / ‖a‖: the λ at which the MTP part of the step is as large as the rest of it."""
+        return self.s_norm / self.a_norm if self.a_norm > 0 else NAN
+
+    def predicted_delta(self, lams: Sequence[float] | np.ndarray) -> np.ndarray:
+        """Δ_m(λ) = λ·α_m + ½·λ²·β_m."""
+        lam = np.asarray(lams, dtype=np.float64)
+        return lam * self.alpha_model + 0.5 * lam**2 * self.beta_model
+
+    def as_dict(self) -> dict[str, float | bool | str]:
+        """Flat record of every field and derived quantity (no tensors), for logs and tables."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("dlogp", "grad_rl")}
+        for name in ("concave", "reason", "lambda_star", "lambda_star_first_order", "lambda_star_fisher",
+                     "lambda_bal"):
+            out[name] = getattr(self, name)
+        return out
+
+
+def fixed_precond_directions(g: Mapping[str, Tensor], u: Mapping[str, Tensor], lr: float,
+                             precond: Mapping[str, Tensor] | None = None) -> tuple[Params, Params]:
+    """``(s, a) = (η·P·g, η·P·u)``: ``sgd`` (``precond=None``, P = I), ``adam`` (P = 1/(sqrt(v̂)+ε)) and,
+    given the momentum buffers ``m_g``, ``m_u`` in place of ``g``, ``u``, ``adam_stationary``."""
+    lr = _check_lr(lr)
+    check_alike(g, u, "u")
+    check_precond(g, precond)
+    return {k: lr * t for k, t in mul(g, precond).items()}, {k: lr * t for k, t in mul(u, precond).items()}
+
+
+def adamw_step_directions(
+    params: Mapping[str, Tensor],
+    g: Mapping[str, Tensor],
+    u: Mapping[str, Tensor],
+    exp_avg: Mapping[str, Tensor] | None,
+    exp_avg_sq: Mapping[str, Tensor] | None,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> tuple[Params, Params]:
+    """``(s, a)`` of the ``adam_step`` geometry: the next ``torch.optim.AdamW`` step on the loss
+    ``L = −J − λ·M`` (loss gradient ``−(g + λu)``), linearised in λ with ``v̂`` frozen at λ = 0.
+
+    ``exp_avg`` (m) and ``exp_avg_sq`` (v) are AdamW's buffers, which hold *loss* gradients, and
+    ``step`` the number of steps already taken (``state["step"]``; 0, with buffers ``None``, before
+    the first). With ``t = step + 1``, ``v' = β₂·v + (1−β₂)·g²`` and, as torch computes it,
+    ``P = 1 / (sqrt(v')/sqrt(1−β₂ᵗ) + ε)``:
+
+        s = −η·wd·θ − η·P·(β₁·m − (1−β₁)·g) / (1−β₁ᵗ),    a = η·c₁·P·u,   c₁ = (1−β₁)/(1−β₁ᵗ)
+
+    so ``θ + s`` is exactly AdamW's step at λ = 0 and the real step at λ differs from
+    ``θ + s + λ·a`` only through ``v'(λ)``, at O(λ²). The gradient clip is not modelled: it leaves
+    the step alone for λ inside ``clip_interval``. ``amsgrad`` and ``maximize`` are not supported.
+    """
+    check_params(params)
+    check_alike(params, g, "g")
+    check_alike(params, u, "u")
+    lr = _check_lr(lr)
+    beta1, beta2 = (float(b) for b in betas)
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"betas must lie in [0, 1), got {tuple(betas)}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be finite and non-negative, got {eps}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be finite and non-negative, got {weight_decay}")
+    step_f = float(step)
+    if not (step_f >= 0 and step_f == int(step_f)):
+        raise ValueError(f"step must be a non-negative integer (AdamW's state['step']), got {step}")
+    if step_f > 0 and (exp_avg is None or exp_avg_sq is None):
+        raise ValueError(f"step = {int(step_f)} > 0 needs the exp_avg and exp_avg_sq buffers")
+    zeros = {k: torch.zeros_like(t) for k, t in params.items()}
+    m = zeros if exp_avg is None else exp_avg
+    v = zeros if exp_avg_sq is None else exp_avg_sq
+    check_alike(params, m, "exp_avg")
+    check_alike(params, v, "exp_avg_sq")
+    t = step_f + 1
+    bc1, bc2_sqrt = 1 - beta1**t, math.sqrt(1 - beta2**t)
+    s, a = {}, {}
+    for k, theta in params.items():
+        gk, uk = g[k].to(theta.dtype), u[k].to(theta.dtype)
+        v_new = beta2 * v[k].to(theta.dtype) + (1 - beta2) * gk * gk  # the λ = 0 gradient, frozen
+        p = 1.0 / (v_new.sqrt() / bc2_sqrt + eps)
+        s[k] = -lr * weight_decay * theta.detach() - (lr / bc1) * p * (beta1 * m[k].to(theta.dtype) - (1 - beta1) * gk)
+        a[k] = (lr * (1 - beta1) / bc1) * p * uk
+    return s, a
+
+
+def decompose_steps(
+    rl_objective: ScalarFn,
+    params: Mapping[str, Tensor],
+    steps: Mapping[str, Directions],
+    method: str = "rev-rev",
+    reduce: Reduce | None = None,
+    logp_fn: Callable[[Params], Tensor] | None = None,
+    mask: Tensor | None = None,
+    batched: bool = False,
+) -> dict[str, StepDecomposition]:
+    """α_m, β_m (and β_F when ``logp_fn`` and ``mask`` are given) of each geometry ``name: (s, a)``.
+
+    One gradient graph of J gives ``g`` and ``H·a`` for every geometry (``batched``: in one
+    vectorised call, see ``grad_and_hvps``); ``α_m = gᵀa + sᵀ(H a)`` by the symmetry of H. The
+    Fisher products ``δ = ∇l·a`` of all geometries are one ``jvps`` call. ``reduce`` sums g, the
+    HVPs and the Fisher sums over processes (data parallelism); ``s`` and ``a`` must already be
+    the global ones. Each result keeps g in ``grad_rl``.
+    """
+    check_params(params)
+    if (logp_fn is None) != (mask is None):
+        raise ValueError("pass logp_fn and mask together (the Fisher curvature needs both)")
+    for name, (s, a) in steps.items():
+        check_alike(params, s, f"s[{name!r}]")
+        check_alike(params, a, f"a[{name!r}]")
+    red = reduce or (lambda d: d)
+    active = [name for name, (_, a) in steps.items() if not is_zero(a)]
+    if active:
+        g, hvs = grad_and_hvps(rl_objective, params, [steps[n][1] for n in active], method, batched=batched)
+        g, has = red(g), dict(zip(active, (red(h) for h in hvs)))
+    else:
+        g, has = red(grad(rl_objective, params)[1]), {}
+    dlogps = dict.fromkeys(active)
+    if logp_fn is not None and active:
+        dlogps = dict(zip(active, jvps(logp_fn, params, [steps[n][1] for n in active], batched=batched)[1]))
+    out = {}
+    for name, (s, a) in steps.items():
+        alpha = alpha1 = beta = 0.0
+        beta_f, dlogp = NAN, None
+        if name in has:
+            alpha1 = float(dot(g, a))
+            alpha = alpha1 + float(dot(s, has[name]))
+            beta = float(dot(a, has[name]))
+            dlogp = dlogps[name]
+            if dlogp is not None:
+                beta_f = fisher_curvature(dlogp, mask, reduce)
+        out[name] = StepDecomposition(
+            geometry=name, alpha_model=alpha, beta_model=beta, alpha_first_order=alpha1,
+            s_norm=float(sq_norm(s)) ** 0.5, a_norm=float(sq_norm(a)) ** 0.5, beta_fisher=beta_f, method=method,
+            dlogp=dlogp, grad_rl=g,
+        )
+    return out
+
+
+def decompose_step(
+    rl_objective: ScalarFn,
+    params: Mapping[str, Tensor],
+    s: Mapping[str, Tensor],
+    a: Mapping[str, Tensor],
+    method: str = "rev-rev",
+    reduce: Reduce | None = None,
+    geometry: str = "",
+) -> StepDecomposition:
+    """α_m = (g + H s)ᵀa and β_m = aᵀHa of the step ``θ + s + λ·a`` (one gradient-and-HVP of J).
+    Several geometries at once share the gradient graph: ``decompose_steps``."""
+    return decompose_steps(rl_objective, params, {geometry: (s, a)}, method, reduce)[geometry]
+
+
+def clip_interval(g_all: Mapping[str, Tensor], u_all: Mapping[str, Tensor], max_norm: float) -> tuple[float, float]:
+    """``(lo, hi)`` [lambda_clip]: the λ for which ``‖g_all + λ·u_all‖ ≤ max_norm``, i.e. the gradient
+    clip (``torch.nn.utils.clip_grad_norm_``) leaves the step alone. The loss gradient is
+    ``−(g + λu)``; the norm is the same.
+
+    ``g_all`` and ``u_all`` span every trainable parameter (θ_S and θ_M); a key present in only one
+    of them counts as zero in the other. The condition is the quadratic
+    ``‖u‖²λ² + 2·gᵀu·λ + ‖g‖² − max_norm² ≤ 0``. Returns ``(-inf, inf)`` when there is no clip
+    (``max_norm <= 0`` or infinite) or when ``u_all = 0`` and ``‖g_all‖ ≤ max_norm``, and
+    ``(nan, nan)`` when the clip is active for every λ (use ``clip_active`` to mark grid points).
+    torch rescales by ``max_norm / (‖·‖ + 1e-6)`` and so already, by less than 1e-6 relative, a hair
+    inside ``hi`` and ``lo``.
+    """
+    max_norm = float(max_norm)
+    if math.isnan(max_norm):
+        raise ValueError("max_norm (the grad_clip setting) must not be NaN")
+    if max_norm <= 0 or math.isinf(max_norm):
+        return -math.inf, math.inf
+    g, u = _union(g_all, "g_all", u_all), _union(u_all, "u_all", g_all)
+    uu, gg, gu = float(sq_norm(u)), float(sq_norm(g)), float(dot(g, u))
+    c = gg - max_norm**2
+    if uu == 0.0:
+        return (-math.inf, math.inf) if c <= 0 else (NAN, NAN)
+    disc = gu * gu - uu * c
+    if disc < 0:
+        return NAN, NAN
+    q = -(gu + math.copysign(math.sqrt(disc), gu))  # the roots q/uu and c/q, without cancellation
+    r1 = q / uu
+    r2 = c / q if q != 0 else -r1
+    return min(r1, r2), max(r1, r2)
+
+
+def _union(x: Mapping[str, Tensor], what: str, other: Mapping[str, Tensor]) -> Params:
+    """``x`` over the keys of both dicts, zeros where only ``other`` has a key."""
+    keys = list(dict.fromkeys([*x, *other]))
+    if not keys:
+        raise ValueError("g_all and u_all are both empty")
+    for k in keys:
+        if k in x and k in other and x[k].shape != other[k].shape:
+            raise ValueError(f"{what}[{k!r}] has shape {tuple(x[k].shape)}, the other has {tuple(other[k].shape)}")
+    return {k: x[k] if k in x else torch.zeros_like(other[k]) for k in keys}
+
+
+def clip_active(lams: Sequence[float] | np.ndarray, interval: tuple[float, float]) -> np.ndarray:
+    """For each λ, whether the gradient clip rescales the step (λ outside ``clip_interval``'s result;
+    every λ when the interval is empty, ``(nan, nan)``)."""
+    lam = np.asarray(lams, dtype=np.float64)
+    lo, hi = interval
+    if math.isnan(lo) or math.isnan(hi):
+        return np.ones(lam.shape, dtype=bool)
+    return (lam < lo) | (lam > hi)

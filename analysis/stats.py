@@ -84,12 +84,13 @@ def interval(boot: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
 
 def p_two_sided(boot: np.ndarray, null: float = 0.0) -> float:
     """Percentile-bootstrap two-sided p-value of ``statistic = null``: twice the smaller share of
-    resamples on either side of it (a NaN resample counts on both sides)."""
+    resamples on either side of it, each counted as (k + 1)/(B + 1) so that B resamples never claim
+    p < 2/(B + 1) (a NaN resample counts on both sides)."""
     if not len(boot):
         return math.nan
     nan = ~np.isfinite(boot)
-    le, ge = np.mean((boot <= null) | nan), np.mean((boot >= null) | nan)
-    return float(min(1.0, 2 * min(le, ge)))
+    le, ge = np.sum((boot <= null) | nan), np.sum((boot >= null) | nan)
+    return float(min(1.0, 2 * (min(le, ge) + 1) / (len(boot) + 1)))
 
 
 def clustered_spearman(x: Sequence[float], y: Sequence[float], runs: Sequence, seed: int = 0) -> dict[str, float]:

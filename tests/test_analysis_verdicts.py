@@ -1,0 +1,336 @@
+"""Each verdict rule of THEORY.md section 6 on synthetic frames built so that the verdict is known."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from analysis_fixtures import SUITES, rows
+
+from analysis import claims as C
+from analysis import claims_curve as K
+from analysis import outcome as O
+from analysis.stats import clustered_spearman, noninferiority, spearman
+from analysis.verdict import INCONCLUSIVE, NO_LEARNING, NOT_SUPPORTED, SUPPORTED
+
+S, N, INC = SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE
+
+
+def runs_of(regime: str, n_runs: int, steps: list[int], **columns) -> pd.DataFrame:
+    """``n_runs`` runs of ``regime`` with the same ``columns``; a column given as a function of (run index,
+    steps) is evaluated per run."""
+    return pd.concat([rows(regime, steps, seed=i, **{k: (v(i, steps) if callable(v) else v) for k, v in columns.items()})
+                      for i in range(n_runs)], ignore_index=True)
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def test_spearman_p_value_is_scipys():
+    from scipy import stats
+
+    x, y = [1, 2, 3, 4, 5, 6], [2, 1, 4, 3, 6, 5]
+    assert spearman(x, y) == pytest.approx(tuple(stats.spearmanr(x, y)))
+
+
+def test_clustered_p_value_is_larger_than_the_pooled_one_on_data_with_a_run_effect():
+    """Four runs, each with its own offset in x and in y, and no relation within a run: pooled, 120 points look
+    strongly correlated; resampling whole runs shows that only four independent units carry it."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([dx + rng.standard_normal(30) for dx in (0, 10, 20, 30)])
+    y = np.concatenate([dy + rng.standard_normal(30) for dy in (0, 20, 10, 30)])
+    runs = np.repeat(["a", "b", "c", "d"], 30)
+    res = clustered_spearman(x, y, runs)
+    assert res["spearman"] > 0.5 and res["p_pooled"] < 1e-10
+    assert res["p"] > 0.05 and res["spearman_lo"] < 0 < res["spearman_hi"]
+    assert res["runs"] == 4
+
+
+def test_noninferiority_bound_uses_a_t_interval_with_n_minus_1_degrees_of_freedom():
+    d = noninferiority([0.01, 0.03, 0.02], margin=0.02)
+    se = np.std([0.01, 0.03, 0.02], ddof=1) / math.sqrt(3)
+    assert d["df"] == 2 and d["lower"] == pytest.approx(0.02 - 2.919986 * se, rel=1e-5)
+    assert d["mdd"] == pytest.approx((2.919986 + 1.060660) * se, rel=1e-5)
+
+
+# ------------------------------------------------------------------ held-out outcomes: claims 4 and 7
+
+
+def evals(arms: dict[str, list[float]], greedy_offset: float = 0.0, sft: float | None = 0.3) -> tuple[pd.DataFrame, ...]:
+    """Eval frames: per arm, one run per listed seed accuracy (every suite the same); the SFT checkpoint at ``sft``."""
+    recs, sft_recs = [], []
+    for arm, accs in arms.items():
+        regime, _, coef = arm.partition("@")
+        regime = regime.split("/")[0]
+        for seed, acc in enumerate(accs):
+            base = {"run": f"{arm}_{seed}", "regime": regime, "arm": arm, "seed": seed,
+                    "mtp_coef": float(coef) if coef else 0.1, "init": "ck", "trained": True, "n": 50}
+            recs += [base | {"suite": s, "mean_at_k": acc, "greedy_acc": acc + greedy_offset} for s in SUITES]
+            if sft is not None:
+                sft_recs += [base | {"arm": "sft", "suite": s, "mean_at_k": sft, "greedy_acc": sft} for s in SUITES]
+    return pd.DataFrame(recs), pd.DataFrame(recs[:0] + sft_recs, columns=pd.DataFrame(recs).columns)
+
+
+LEARNED = [0.50, 0.51, 0.49]
+
+
+def claim4(occ: list[float], detach: list[float] = LEARNED, **kw):
+    ev, sft = evals({"detach": detach, "occ/reference": occ}, **kw)
+    return O.occ_matches_detach(ev, O.learning(ev, sft))
+
+
+def test_claim4_a_true_deficit_of_two_standard_errors_with_three_seeds_is_not_supported():
+    # paired differences −0.010 ± 0.005 per seed: mean −0.01, SE 0.005/√3·… so the deficit is 2 SE or more
+    diff = np.array([-0.015, -0.010, -0.005]) - 0.0025
+    se = diff.std(ddof=1) / math.sqrt(3)
+    assert diff.mean() <= -2 * se
+    v = claim4(list(np.array(LEARNED) + diff))
+    assert v.verdict != S and v.numbers["lower"] < -O.NONINFERIORITY_MARGIN
+    assert v.numbers["n"] == 3 and v.numbers["mdd"] > 0
+
+
+@pytest.mark.parametrize("occ, verdict", [
+    ([0.505, 0.512, 0.493], S),  # within the margin, tightly
+    ([0.40, 0.41, 0.39], N),  # worse by 0.1: even the upper bound is below −margin
+    ([0.40, 0.60, 0.49], INC),  # too noisy to tell
+    ([0.5, 0.5], INC)])  # two seeds
+def test_claim4_non_inferiority_verdicts(occ, verdict):
+    assert claim4(occ).verdict == verdict
+
+
+def test_claim4_judges_sampled_accuracy_and_reports_greedy_beside_it():
+    ev, sft = evals({"detach": LEARNED, "occ/reference": [0.505, 0.512, 0.493]})
+    ev.loc[ev["arm"] == "occ/reference", "greedy_acc"] = 0.1  # greedy says occ is far worse: not the verdict
+    v = O.occ_matches_detach(ev, O.learning(ev, sft))
+    assert v.verdict == S and v.numbers["metric"] == "mean_at_k" and v.numbers["greedy_diff"] < -0.3
+
+
+def test_no_learning_makes_the_claims_about_learning_inconclusive():
+    # the baseline's gain over SFT (0.005) is within its seed-to-seed spread (sd 0.01)
+    ev, sft = evals({"detach": [0.295, 0.305, 0.315], "occ/reference": [0.30, 0.31, 0.32]})
+    learn = O.learning(ev, sft)
+    assert learn["baseline_arm"] == "detach" and learn["learned"] is False
+    assert learn["baseline_gain"] == pytest.approx(0.005) and learn["baseline_spread"] == pytest.approx(0.01)
+    assert O.occ_matches_detach(ev, learn).verdict == NO_LEARNING
+
+
+def test_learning_prefers_the_off_baseline_and_needs_the_sft_evaluation():
+    ev, sft = evals({"off": LEARNED, "detach": [0.3] * 3})
+    assert O.learning(ev, sft)["baseline_arm"] == "off" and O.learning(ev, sft)["learned"] is True
+    ev, sft = evals({"detach": LEARNED, "occ/reference": LEARNED}, sft=None)
+    learn = O.learning(ev, sft)
+    assert learn["learned"] is None and "occ eval" in learn["reason"]
+    assert O.occ_matches_detach(ev, learn).verdict == INC
+
+
+def lam_study(acc_at: dict[float, float], seeds: int = 3) -> tuple[pd.DataFrame, ...]:
+    arms = {"detach": [acc_at[0.0] + 0.002 * k for k in range(seeds)]}
+    arms |= {f"policy@{lam:g}": [acc + 0.002 * k for k in range(seeds)] for lam, acc in acc_at.items() if lam > 0}
+    return evals(arms)
+
+
+@pytest.mark.parametrize("acc_at, verdict", [
+    ({0.0: 0.50, 0.1: 0.56, 0.3: 0.52}, S),  # concave, maximum between 0 and 0.3
+    ({0.0: 0.50, 0.1: 0.45, 0.3: 0.52}, N),  # convex
+    ({0.0: 0.50, 0.1: 0.56}, INC)])  # one λ
+def test_claim7_accuracy_against_a_fixed_lambda(acc_at, verdict):
+    ev, sft = lam_study(acc_at)
+    v = O.accuracy_vs_lambda(ev, O.learning(ev, sft))
+    assert v.verdict == verdict
+    if verdict == S:
+        assert 0 < v.numbers["policy/lambda_max_fit"] < 0.3 and v.numbers["policy/best_lambda"] == 0.1
+
+
+def test_claim7_with_two_seeds_per_lambda_is_inconclusive():
+    ev, sft = lam_study({0.0: 0.50, 0.1: 0.56, 0.3: 0.52}, seeds=2)
+    assert O.accuracy_vs_lambda(ev, O.learning(ev, sft)).verdict == INC
+
+
+# ------------------------------------------------------------------ claim 1a/1b: the real-step curve
+
+STEPS = [1, 5, 9, 13, 17]
+
+
+def real_curves(n_runs: int = 3, r2: float = 0.97, beta_model: float = -2.0, ratio: float = 1.3,
+                interior: bool = True) -> pd.DataFrame:
+    cols = {"diag/curve_real_local/alpha": 1.0, "diag/curve_real_local/beta": -2.0, "diag/curve_real_local/r2": r2,
+            "diag/curve_real_wide/r2": 0.9, "diag/curve_real_wide/interior_max": interior,
+            "diag/sgd/beta_model": 3.0, "diag/sgd/lambda_star_ratio": np.nan,
+            # Adam geometries have no value at step 1: left out, not filled from sgd
+            "diag/adam_step/beta_model": lambda i, s: [np.nan if t == 1 else beta_model for t in s],
+            "diag/adam_step/lambda_star_ratio": lambda i, s: [np.nan if t == 1 else ratio for t in s],
+            "diag/adam_step/alpha_rel_err": 0.1, "diag/adam_step/beta_rel_err": 0.2}
+    return runs_of("policy", n_runs, STEPS, **cols)
+
+
+@pytest.mark.parametrize("data, verdict", [
+    (real_curves(), S), (real_curves(r2=0.5), N), (real_curves(beta_model=2.0), N), (real_curves(n_runs=2), INC)])
+def test_claim1a_local_quadratic_verdicts(data, verdict):
+    v = K.local_quadratic(data)
+    assert v.verdict == verdict
+
+
+def test_claim1a_reports_each_geometry_and_never_pools_step_1_into_adam():
+    v = K.local_quadratic(real_curves())
+    assert v.numbers["best_geometry"] == "adam_step"
+    assert v.numbers["adam_step/beta_sign_points"] == 12 and v.numbers["sgd/beta_sign_points"] == 15
+    assert v.numbers["sgd/beta_sign_agreement"] == 0.0 and v.numbers["adam_step/median_beta_rel_err"] == 0.2
+
+
+@pytest.mark.parametrize("data, verdict", [
+    (real_curves(), S), (real_curves(interior=False), N), (real_curves(ratio=3.0), N),
+    (real_curves(ratio=-1.0), N)])  # λ*_m of the opposite sign never locates the maximum
+def test_claim1b_wide_interior_maximum_verdicts(data, verdict):
+    assert K.wide_interior_maximum(data).verdict == verdict
+
+
+def test_claim1_without_the_real_step_columns_is_inconclusive_naming_them():
+    old = rows("policy", STEPS, **{"diag/curve/beta": -1.0, "diag/curve/r2": 0.99})
+    for fn, col in ((K.local_quadratic, "diag/curve_real_local/alpha"), (K.wide_interior_maximum, "diag/curve_real_wide/r2")):
+        v = fn(old)
+        assert v.verdict == INC and col in v.detail
+
+
+# ------------------------------------------------------------------ claim 2: ce
+
+
+def ce_probes(fit, n_runs: int = 3, alpha: float = 1e-4, beta: float = -1e-2, cos_ce: float = 0.05) -> pd.DataFrame:
+    """ce probes (λ used 0.1) in the adam_step geometry, step 1 in sgd only; policy probes with cos 0.5."""
+    ce = runs_of("ce", n_runs, [1, 2, 3, 4], **{
+        "diag/lambda_used": 0.1, "diag/curve_real_wide/lambda_star": lambda i, s: [fit] * len(s),
+        "diag/adam_step/alpha_model": lambda i, s: [np.nan if t == 1 else alpha for t in s],
+        "diag/adam_step/beta_model": lambda i, s: [np.nan if t == 1 else beta for t in s],
+        "diag/adam_step/lambda_star": 0.01, "diag/sgd/cosine": cos_ce})
+    pol = runs_of("policy", n_runs, [2, 3, 4], **{"diag/sgd/cosine": 0.5, "diag/adam_step/beta_model": -1.0})
+    return pd.concat([ce, pol], ignore_index=True)
+
+
+@pytest.mark.parametrize("data, verdict", [
+    (ce_probes(0.01), S),
+    (ce_probes(np.nan), INC),  # λ*_fit NaN everywhere: no support, however the rest looks
+    (ce_probes(1.0), N),  # λ*_fit above the λ used
+    (ce_probes(0.01, alpha=1e-2), N),  # the linear gain exceeds the penalty at the λ used
+    (ce_probes(0.01, n_runs=2), INC)])
+def test_claim2_ce_penalty_dominates_verdicts(data, verdict):
+    assert C.ce_penalty_dominates(data).verdict == verdict
+
+
+def test_claim2_a_nan_lambda_star_fit_never_counts_as_support():
+    v = C.ce_penalty_dominates(ce_probes(np.nan))
+    assert v.numbers["nan_fit"] == 9 and v.numbers["small_fit_points"] == 0
+    assert v.numbers["geometry"] == "adam_step" and v.numbers["excluded_other_geometry"] == 3
+
+
+def test_claim2_tests_the_penalty_at_the_lambda_used():
+    v = C.ce_penalty_dominates(ce_probes(0.01))
+    # ½·λ·|β| / |α| = 0.5·0.1·1e-2 / 1e-4 = 5
+    assert v.numbers["median_penalty_to_gain"] == pytest.approx(5.0) and v.numbers["penalty_share"] == 1.0
+    assert v.numbers["cosine_geometry"] == "sgd"
+
+
+# ------------------------------------------------------------------ claim 3: policy
+
+
+def decay(c_late: float, q_late: float, n_runs: int = 3, q_sign_mixed: bool = False) -> pd.DataFrame:
+    steps = list(range(1, 13))
+
+    def c(i, s):
+        return [np.nan if t == 1 else (1.0 if t <= 5 else c_late) * (1 + 0.01 * i) for t in s]
+
+    def q(i, s):
+        if q_sign_mixed:  # |Q| persists, but late Q changes sign in 3 of 4 probes
+            return [np.nan if t == 1 else -1.0 if t <= 5 else (1.0 if t % 4 else -1.0) for t in s]
+        return [np.nan if t == 1 else (-1.0 if t <= 5 else q_late) for t in s]
+
+    return runs_of("policy", n_runs, steps, **{"diag/adam_step/corr": c, "diag/adam_step/curv": q,
+                                               "diag/sgd/corr": 1.0, "diag/sgd/curv": -1.0})
+
+
+@pytest.mark.parametrize("data, verdict", [
+    (decay(0.1, -1.0), S), (decay(2.0, -1.0), N), (decay(0.1, -1.0, q_sign_mixed=True), N), (decay(0.7, -1.0), INC),
+    (decay(0.1, -1.0, n_runs=2), INC)])
+def test_claim3_policy_corr_decays_verdicts(data, verdict):
+    v = C.policy_corr_decays(data)
+    assert v.verdict == verdict
+    if verdict != INC or v.numbers["policy_probes"] > 22:
+        assert v.numbers["geometry"] == "adam_step" and v.numbers["excluded_other_geometry"] == len(data) // 12
+
+
+def test_claim3_reports_signed_medians_and_the_share_of_negative_q():
+    v = C.policy_corr_decays(decay(0.1, -1.0, q_sign_mixed=True))
+    assert v.numbers["median_Q_late"] == 1.0 and v.numbers["share_Q_negative_late"] == pytest.approx(0.25)
+    assert v.numbers["median_Q_early"] == -1.0 and v.numbers["share_Q_negative_early"] == 1.0
+
+
+# ------------------------------------------------------------------ claim 5: proxy
+
+
+def proxy_probes(within: str, n_runs: int = 3) -> pd.DataFrame:
+    """λ*_fit and the reference proxy per minibatch index k (1 or 2); within each k they agree (``within="rank"``)
+    or are reversed (``"reversed"``), while k itself shifts both (so pooling over k would show agreement)."""
+    def fit(i, s):
+        return [(1 + 0.1 * j + 0.01 * i) * (10 if k == 2 else 1) for j, k in zip(range(len(s)), _k(s))]
+
+    def ref(i, s):
+        f = fit(i, s)
+        return [v if within == "rank" else (2 * (11 if k == 2 else 1.1) * (1 + 0.05) - v) for v, k in zip(f, _k(s))]
+
+    return runs_of("policy", n_runs, list(range(1, 11)), **{
+        "diag/curve_real_wide/lambda_star": fit, "lambda/reference": ref, "minibatch_index": lambda i, s: _k(s),
+        "base_coef": 0.1, "diag/adam_step/proj": fit, "stats/q_minus_old/mean": -2.0, "stats/l_minus_old/mean": 0.1,
+        "stats/q_minus_old/std": 1.0, "stats/q_minus_old/max_abs": 5.0, "diag/lr": 1e-3, "diag/curve/l_eff": 1e4})
+
+
+def _k(steps: list[int]) -> list[int]:
+    return [1 if t % 2 else 2 for t in steps]
+
+
+def test_claim5_compares_proxy_and_lambda_star_within_one_minibatch_index():
+    reversed_ = proxy_probes("reversed")
+    pooled, _ = spearman(reversed_["diag/curve_real_wide/lambda_star"], reversed_["lambda/reference"])
+    assert pooled > 0.5  # pooling over k would call it tracking
+    v = C.proxy_tracks_lambda_star(reversed_)
+    assert v.verdict == N and v.numbers["spearman"] < -0.9 and v.numbers["minibatch_index_source"] == "minibatch_index"
+    assert C.proxy_tracks_lambda_star(proxy_probes("rank")).verdict == S
+
+
+def test_claim5_reports_the_head_gap_and_theorys_reading():
+    v = C.proxy_tracks_lambda_star(proxy_probes("rank"))
+    assert v.numbers["head_gap_median"] == -2.0 and v.numbers["head_gap_share_negative"] == 1.0
+    assert v.numbers["head_gap_over_drift"] == pytest.approx(20.0)
+    assert v.numbers["proxy_over_c_vs_kappa/spearman"] == pytest.approx(1.0)
+    assert v.numbers["c_eta_leff_median"] == pytest.approx(1.0)  # c·η·L_eff = 0.1·1e-3·1e4
+    assert v.numbers["k1/points"] == v.numbers["k2/points"] == 15
+
+
+def test_claim5_with_two_runs_is_inconclusive():
+    assert C.proxy_tracks_lambda_star(proxy_probes("rank", n_runs=2)).verdict == INC
+
+
+# ------------------------------------------------------------------ claim 6 and the empty case
+
+
+def timings(occ_s: float, n_runs: int = 3) -> pd.DataFrame:
+    steps = list(range(1, 7))
+    diag = [0.5 if s == 1 else 0.0 for s in steps]  # the diagnosed step is slow and left out
+    return pd.concat([runs_of("occ", n_runs, steps, **{"perf/train_s": [9.0, *[occ_s] * 5], "perf/diag_s": diag}),
+                      runs_of("detach", n_runs, steps, **{"perf/train_s": [9.0, *[0.010] * 5], "perf/diag_s": diag})],
+                     ignore_index=True)
+
+
+@pytest.mark.parametrize("data, verdict", [
+    (timings(0.0101), S), (timings(0.0120), N), (timings(0.0107), INC), (timings(0.0101, n_runs=2), INC)])
+def test_claim6_occ_time_cost_verdicts(data, verdict):
+    v = C.occ_time_cost(data)
+    assert v.verdict == verdict and v.numbers["diagnosed_excluded"] == len(data) // 6  # step 1 of each run
+
+
+def test_every_claim_is_inconclusive_without_data():
+    empty = pd.DataFrame({"run": [], "regime": [], "arm": [], "seed": [], "step": []})
+    ev = pd.DataFrame(columns=["run", "regime", "arm", "seed", "mtp_coef", "init", "suite", "trained", "greedy_acc",
+                               "mean_at_k"])
+    verdicts, _ = C.evaluate_claims(empty, empty, ev, ev)
+    assert [v.id for v in verdicts] == ["1a", "1b", "2", "3", "4", "5", "6", "7"]
+    assert all(v.verdict == INC for v in verdicts)

@@ -115,10 +115,6 @@ class Decomposition:
         """λ_bal = ‖Pg‖ / ‖Pu‖ = ‖s‖/‖a‖: the λ at which the MTP step is as long as the RL step."""
         return self.pg_norm / math.sqrt(self.pu_norm_sq) if self.pu_norm_sq > 0 else NAN
 
-    # TEMPORARY aliases (issue 11 item 4 renamed them): remove once diagnostics/ reads pu_norm_sq, lambda_bal
-    u_norm_sq = property(lambda self: self.pu_norm_sq)
-    lambda_balance = property(lambda self: self.lambda_bal)
-
     @property
     def lambda_star_fisher(self) -> float:
         """λ*_F = −C / (η·Q_F): the optimum when the penalty is the Fisher (trust-region) one."""
@@ -137,7 +133,6 @@ class Decomposition:
         for name in ("concave", "reason", "lambda_star", "lambda_star_first_order", "gain_at_optimum",
                      "proj", "lambda_star_fisher", "lambda_bal"):
             out[name] = getattr(self, name)
-        out |= {"u_norm_sq": self.pu_norm_sq, "lambda_balance": self.lambda_bal}  # TEMPORARY, as above
         return out
 
 

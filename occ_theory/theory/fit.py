@@ -80,11 +80,11 @@ def fit_quadratic(lams: Sequence[float] | np.ndarray, deltas: Sequence[float] | 
                    n=int(lam.size))
 
 
-def effective_smoothness(beta: float, lr: float, u_norm_sq: float) -> float:
+def effective_smoothness(beta: float, lr: float, pu_norm_sq: float) -> float:
     """L_eff = −β / (η²·‖Pu‖²): the smoothness constant that explains a fitted β."""
-    if u_norm_sq <= 0 or lr <= 0:
+    if pu_norm_sq <= 0 or lr <= 0:
         return NAN
-    return -beta / (lr**2 * u_norm_sq)
+    return -beta / (lr**2 * pu_norm_sq)
 
 
 def lambda_grid(scale: float, used: float | None = None, n: int = 9, span: float = 3.0,

@@ -136,9 +136,15 @@ def adamw_step_directions(
 
         s = −η·wd·θ − η·P·(β₁·m − (1−β₁)·g) / (1−β₁ᵗ),    a = η·c₁·P·u,   c₁ = (1−β₁)/(1−β₁ᵗ)
 
-    so ``θ + s`` is exactly AdamW's step at λ = 0 and the real step at λ differs from
-    ``θ + s + λ·a`` only through ``v'(λ)``, at O(λ²). The gradient clip is not modelled: it leaves
-    the step alone for λ inside ``clip_interval``. ``amsgrad`` and ``maximize`` are not supported.
+    so ``θ + s`` is exactly AdamW's step at λ = 0 and ``θ + s + λ·a`` is exactly AdamW's step with
+    ``v'`` held at its λ = 0 value, for every λ. The real step differs through
+    ``v'(λ) = β₂·v + (1−β₂)·(g + λu)²``, and already at first order: ``∂θ⁺/∂λ = a + d_v`` with, per
+    coordinate, ``d_v / a = (1−β₂)/(1−β₁) · m'·g / v'`` (``m' = β₁·m − (1−β₁)·g``, ε neglected): about
+    1% late in training with betas (0.9, 0.999), but exactly −1 at t = 1, where AdamW's step is
+    ``η·sign(g + λu)`` and does not move with λ. The measured real-step curve carries this effect
+    (``tests/test_step_geometry.py`` checks both statements against torch). The gradient clip is not
+    modelled either: it leaves the step alone for λ inside ``clip_interval``. ``amsgrad`` and
+    ``maximize`` are not supported.
     """
     check_params(params)
     check_alike(params, g, "g")

@@ -1,0 +1,107 @@
+"""Where ``occ figures`` writes, what it never overwrites, and ``summary.json`` with the README table from it."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from analysis_fixtures import make_study, synthetic_metrics, write_run
+
+from analysis.load import RunFileError
+from analysis.readme_table import main as readme_main
+from analysis.readme_table import render
+from analysis.report import MARKER_FILE, SUMMARY_JSON, write_report
+
+
+def small_runs(root: Path) -> Path:
+    """One detach run without probes or eval: a report of two figures, fast."""
+    write_run(root / "runs", "detach__0", "detach", 0, synthetic_metrics("detach", 0, steps=6))
+    return root / "runs"
+
+
+def test_the_default_output_goes_beside_the_runs_not_into_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "figures").mkdir()
+    summary = write_report([small_runs(tmp_path)])
+    assert summary == (tmp_path / "runs" / "report" / "summary.md").resolve()
+    assert list((tmp_path / "figures").iterdir()) == []
+
+
+def test_a_non_empty_folder_it_did_not_create_is_not_overwritten_without_force(tmp_path):
+    runs, out = small_runs(tmp_path), tmp_path / "figures"
+    (out / "calibration").mkdir(parents=True)
+    (out / "f1_reward.png").write_bytes(b"committed figure")
+    (out / "f3_curves.png").write_bytes(b"committed figure this report does not draw")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"--out .*figures: not empty.*--force"):
+        write_report([runs], out)
+    assert (out / "f1_reward.png").read_bytes() == b"committed figure" and not (out / "summary.md").exists()
+    write_report([runs], out, force=True)
+    assert (out / "f1_reward.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "f3_curves.png").exists()  # a stale report figure is removed ...
+    assert (out / "notes.txt").read_text() == "mine" and (out / "calibration").is_dir()  # ... nothing else
+
+
+def test_the_report_of_the_same_runs_is_refreshed_without_force_and_drops_stale_figures(tmp_path):
+    runs, out = small_runs(tmp_path), tmp_path / "out"
+    write_report([runs], out)
+    (out / "f8_geometries.png").write_bytes(b"from an earlier report")
+    write_report([runs], out)
+    assert not (out / "f8_geometries.png").exists()
+    assert "f1_reward.png" in json.loads((out / MARKER_FILE).read_text())["files"]
+    other = write_run(tmp_path / "other", "r", "detach", 1, synthetic_metrics("detach", 1, steps=6))
+    with pytest.raises(ValueError, match="not a report of these runs"):
+        write_report([other], out)
+
+
+def test_a_probe_file_no_run_has_is_an_error_naming_it(tmp_path):
+    with pytest.raises(ValueError, match=r"--probes typo\.parquet: no run has this file"):
+        write_report([small_runs(tmp_path)], tmp_path / "out", probes_file="typo.parquet")
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_output_folder_is_created_when_there_are_no_runs(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunFileError, match="no run directory"):
+        write_report([tmp_path / "empty"], tmp_path / "X")
+    assert not (tmp_path / "X").exists()
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("study")
+    make_study(root, regimes=("detach", "occ"), steps=12)
+    return write_report([root / "runs"], root / "out").parent
+
+
+def test_summary_json_holds_every_claim_the_held_out_table_the_arms_and_learning(report):
+    s = json.loads((report / SUMMARY_JSON).read_text())
+    assert [c["id"] for c in s["claims"]] == ["1a", "1b", "2", "3", "4", "5", "6", "7"]
+    c4 = next(c for c in s["claims"] if c["id"] == "4")
+    assert c4["verdict"] == "supported" and c4["numbers"]["margin"] == 0.02 and "non-inferiority" in c4["thresholds"]
+    assert s["arms"] == {"detach": 3, "occ/reference": 3}
+    assert set(s["held_out"]["arms"]) == {"detach", "occ/reference", "sft"}
+    cell = s["held_out"]["arms"]["detach"]["mean"]["mean_at_k"]
+    assert cell["n"] == 3 and 0 < cell["sd"] < 0.05
+    assert s["learning"]["baseline_arm"] == "detach" and s["learning"]["learned"] is True
+    assert s["learning"]["baseline_gain"] == pytest.approx(cell["mean"] - 0.3, abs=0.02)  # on the 5 RL suites
+
+
+def test_summary_json_round_trips_into_the_readme_table(report, capsys):
+    s = json.loads((report / SUMMARY_JSON).read_text())
+    table = render(s)
+    for c in s["claims"]:
+        assert f"| **{c['verdict']}** |" in table and c["claim"] in table
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    suites = s["held_out"]["suites"]
+    for arm, entry in s["held_out"]["arms"].items():
+        cells = rows[arm].strip("| ").split(" | ")[1:]
+        for suite, text in zip([*suites, "mean"], cells):
+            st = entry[suite]["mean_at_k"]
+            mean, n = re.fullmatch(r"([\d.]+)(?: ± [\d.]+)? \((\d+)\)", text).groups()
+            assert float(mean) == pytest.approx(st["mean"], abs=5e-4) and int(n) == st["n"]
+        assert float(cells[-1]) == pytest.approx(entry["mean"]["greedy_acc"]["mean"], abs=5e-4)
+    assert f"gained {s['learning']['baseline_gain']:.3f}" in table
+    assert readme_main([str(report / SUMMARY_JSON)]) == 0 and capsys.readouterr().out == table

@@ -230,7 +230,7 @@ def _reading(probes: pd.DataFrame) -> dict[str, Any]:
                                                                  "median_abs_log_ratio")}
     c_eta_l = c * numeric(d, "diag/lr") * numeric(d, "diag/curve/l_eff")
     c_eta_l = c_eta_l[c_eta_l > 0]
-    out |= {"c_eta_leff_median": _median(c_eta_l), "c_eta_leff_points": int(len(c_eta_l))}
+    out |= {"c_eta_leff_median": _median(c_eta_l), "c_eta_leff_points": len(c_eta_l)}
     return out
 
 

@@ -77,7 +77,7 @@ def run_accuracy(evals: pd.DataFrame, metric: str, trained_only: bool = False,
 def _stat(v: pd.Series) -> dict[str, float]:
     v = v.dropna()
     return {"mean": float(v.mean()) if len(v) else math.nan,
-            "sd": float(v.std(ddof=1)) if len(v) > 1 else math.nan, "n": int(len(v))}
+            "sd": float(v.std(ddof=1)) if len(v) > 1 else math.nan, "n": len(v)}
 
 
 def held_out_table(evals: pd.DataFrame, sft_evals: pd.DataFrame) -> dict[str, Any]:
@@ -113,7 +113,7 @@ def learning(evals: pd.DataFrame, sft_evals: pd.DataFrame) -> dict[str, Any]:
     gain = gain.dropna()
     trained = sorted(set(evals.loc[(evals["arm"] == base) & evals["trained"].astype(bool), "suite"]))
     out |= {"baseline_gain": float(gain.mean()), "baseline_spread": float(gain.std(ddof=1)) if len(gain) > 1 else math.nan,
-            "seeds": int(len(gain)), "suites": suites_in(trained),
+            "seeds": len(gain), "suites": suites_in(trained),
             "sft_accuracy": float(start["acc"].mean()), "baseline_accuracy": float(runs["acc"].mean())}
     if len(gain) < 2:
         return out | {"reason": f"{len(gain)} {base} seed(s) with an SFT evaluation: no seed-to-seed spread"}

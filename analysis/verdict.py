@@ -59,7 +59,7 @@ def judge_share(flags: Sequence[bool], runs: Sequence, name: str) -> tuple[str, 
     ``<name>_share``, ``<name>_share_lo``, ``<name>_share_hi``, ``<name>_points``."""
     flags = np.asarray(flags, bool)
     s = share_interval(flags, runs)
-    nums = {f"{name}_points": int(len(flags))} | {f"{name}_{k}": v for k, v in s.items()}
+    nums = {f"{name}_points": len(flags)} | {f"{name}_{k}": v for k, v in s.items()}
     if len(flags) < MIN_POINTS or too_few_runs(runs, name):
         return INCONCLUSIVE, nums
     if s["share"] >= SHARE_HIGH and s["share_lo"] >= SHARE_LOW:

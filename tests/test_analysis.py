@@ -19,9 +19,9 @@ import pytest
 from analysis_fixtures import make_study, synthetic_metrics, write_run
 
 from analysis import claims as C
+from analysis import figures as F
 from analysis import outcome as O
 from analysis.claims_curve import CLAIM_LOCAL, CLAIM_WIDE
-from analysis import figures as F
 from analysis.frames import SUITES, eval_frame, metrics_frame, probes_frame, sft_eval_frame
 from analysis.load import RunFileError, arm_name, load_run, load_runs
 from analysis.outcome import held_out_table

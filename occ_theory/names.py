@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-Regime = Literal["off", "detach", "detach_encoder", "ce", "policy", "occ"]
-"""MTP regimes (THEORY.md section 1), in display order."""
+Regime = Literal["off", "detach", "detach_encoder", "ce", "policy", "occ", "oracle", "cosine", "cosine_weighted",
+                 "pcgrad", "upgrad"]
+"""MTP regimes (docs/theory.md sections 1 and 4), in display order: what M is, how it is cut, and which rule
+sets its coefficient (``occ_theory.rl.coef``)."""
 REGIMES: tuple[str, ...] = get_args(Regime)
 
 Proxy = Literal["reference", "least_squares", "fisher"]

@@ -293,7 +293,8 @@ def test_real_step_curve_replays_the_optimizer_step_the_run_takes(ckpt, tmp_path
     u = grad(lambda p: compute_objectives(tr.model, second, tr.spec, params=p).mtp, params)[1]
     own = {k: p.detach() for k, p in tr.model.named_parameters() if k in set(tr.model.mtp_param_names())}
     um = grad(lambda p: compute_objectives(tr.model, second, tr.spec, params=p).mtp, own)[1]
-    predicted = real_step_params(params, g, u, tr.rc.mtp_coef, snap, sum(float((t * t).sum()) for t in um.values()))
+    um_sq = tr.rc.mtp_coef**2 * sum(float((t * t).sum()) for t in um.values())
+    predicted = real_step_params(params, g, u, tr.rc.mtp_coef, snap, um_sq)
     tr.train_step(second, first_after_rollout=False)
     actual = shared_params(tr.model)
     for k in params:

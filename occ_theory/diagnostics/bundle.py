@@ -27,7 +27,7 @@ BUNDLE_FILE = "bundle.pt"
 def save_bundle(path: Path, *, step: int, model: nn.Module, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficient,
                 optim: OptimizerSnapshot, settings: ProbeSettings,
                 heldout: RLBatch | None = None, online: dict[str, Any] | None = None,
-                extra: dict[str, Any] | None = None) -> None:
+                extra: dict[str, Any] | None = None, realised: tuple[float, float] | None = None) -> None:
     """Everything ``run_probe`` needs for this step, written atomically to ``path/``."""
     from ..atomic import atomic_dir
 
@@ -36,7 +36,7 @@ def save_bundle(path: Path, *, step: int, model: nn.Module, batch: RLBatch, spec
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "batch": {k: v.cpu() for k, v in batch.tensors().items()},
         "heldout": None if heldout is None else {k: v.cpu() for k, v in heldout.tensors().items()},
-        "spec": asdict(spec), "coef": coef.as_dict(),
+        "spec": asdict(spec), "coef": coef.as_dict(), "realised": realised,
         "optim": optim.to_dict(), "settings": settings.model_dump(), "extra": dict(extra or {}),
     }
     with atomic_dir(Path(path)) as tmp:
@@ -74,4 +74,5 @@ def probe_from_bundle(payload: dict[str, Any], model: nn.Module, settings: dict[
     heldout = RLBatch.from_tensors(payload["heldout"]) if payload.get("heldout") else None
     return run_probe(model, RLBatch.from_tensors(payload["batch"]), ObjectiveSpec(**payload["spec"]),
                      Coefficient.from_dict(payload["coef"]), OptimizerSnapshot.from_dict(payload["optim"]),
-                     ProbeSettings(**(payload["settings"] | (settings or {}))), heldout)
+                     ProbeSettings(**(payload["settings"] | (settings or {}))), heldout,
+                     realised=payload.get("realised"))

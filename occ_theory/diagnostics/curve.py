@@ -100,13 +100,13 @@ def measure_curve(J, M, seq_terms, params, g, u, dec: Decomposition, precond, la
 
 
 def real_step_params(params: dict[str, Tensor], g: dict[str, Tensor], u: dict[str, Tensor], lam: float,
-                     optim: Any, mtp_only_sq_norm: float = 0.0, clip: bool = True) -> dict[str, Tensor]:
+                     optim: Any, mtp_grad_sq: float = 0.0, clip: bool = True) -> dict[str, Tensor]:
     """θ_S after the real Adam(W) step with gradient −(g + λu), from a copy of the optimizer state (a
     fresh state before the first step).
 
-    The run clips the global norm over every trainable parameter, θ_M included, whose gradient is
-    λ·∇_{θ_M}M: ``mtp_only_sq_norm`` = ‖∇_{θ_M}M‖² enters the clip factor as λ²·‖∇_{θ_M}M‖².
-    ``clip=False`` takes the step without the clip."""
+    The run clips the global norm over every trainable parameter, θ_M included: ``mtp_grad_sq`` is the
+    squared norm of θ_M's gradient in this step (λ²·‖∇_{θ_M}M‖² for the loss −J − λM). ``clip=False``
+    takes the step without the clip."""
     cls = torch.optim.AdamW if optim.kind == "adamw" else torch.optim.Adam
     clones = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
     opt = cls(list(clones.values()), lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
@@ -115,8 +115,7 @@ def real_step_params(params: dict[str, Tensor], g: dict[str, Tensor], u: dict[st
             opt.state[p] = {n: v.clone().to(p.dtype) if n != "step" else v.clone() for n, v in optim.state[k].items()}
         p.grad = -(g[k] + lam * u[k]).to(p.dtype)
     if clip and optim.grad_clip > 0:  # torch's clip_grad_norm_ factor, over θ_S and θ_M
-        total = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in clones.values())
-                          + lam * lam * mtp_only_sq_norm)
+        total = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in clones.values()) + mtp_grad_sq)
         factor = min(1.0, optim.grad_clip / (total + 1e-6))
         for p in clones.values():
             p.grad.mul_(factor)
@@ -179,9 +178,9 @@ def real_step_curves(J, params: dict[str, Tensor], g: dict[str, Tensor], u: dict
                        half_width=None if math.isfinite(own.lambda_star) else settings.curve_span * bal)
     s, a = step_dirs
     curves = {
-        "real_local": (local, lambda lam: real_step_params(params, g, u, lam, optim, u_sq)),
-        "real_wide": (wide, lambda lam: real_step_params(params, g, u, lam, optim, u_sq)),
-        "noclip_local": (local, lambda lam: real_step_params(params, g, u, lam, optim, u_sq, clip=False)),
+        "real_local": (local, lambda lam: real_step_params(params, g, u, lam, optim, lam * lam * u_sq)),
+        "real_wide": (wide, lambda lam: real_step_params(params, g, u, lam, optim, lam * lam * u_sq)),
+        "noclip_local": (local, lambda lam: real_step_params(params, g, u, lam, optim, clip=False)),
         "frozen_local": (local, lambda lam: {k: params[k] + s[k] + lam * a[k] for k in params}),
     }
     fits = {}
@@ -204,6 +203,26 @@ def real_step_curves(J, params: dict[str, Tensor], g: dict[str, Tensor], u: dict
         out[f"diag/{name}/lambda_star_ratio"] = (dec.lambda_star / lam_fit if math.isfinite(lam_fit) and lam_fit != 0
                                                  else NAN)
     return out
+
+
+def realised_step(J, params: dict[str, Tensor], g: dict[str, Tensor], u: dict[str, Tensor],
+                  weights: tuple[float, float], mtp_coef: float, optim: Any, u_mtp_only: dict[str, Tensor],
+                  sums=None) -> dict[str, Any]:
+    """A rule's realised update a·g + b·u on θ_S, stepped by the real optimizer, against detach's (g alone)
+    and against the plain loss's (g + mtp_coef·u): Δ of J after each step. θ_M's gradient, mtp_coef·∇_{θ_M}M
+    (the rule leaves mtp_coef in the loss), enters the clip in every case."""
+    a, b = weights
+    m_sq = mtp_coef**2 * float(sq_norm(u_mtp_only)) if u_mtp_only else 0.0
+
+    def after(gg: dict[str, Tensor], lam: float) -> float:
+        with torch.no_grad():
+            v = {"value": J(real_step_params(params, gg, u, lam, optim, m_sq))}
+            return float((sums(v) if sums is not None else v)["value"])
+
+    detach = after(g, 0.0)
+    return {"diag/realised/weight_g": a, "diag/realised/weight_u": b,
+            "diag/realised/delta_vs_detach": after({k: a * t for k, t in g.items()}, b) - detach,
+            "diag/realised/delta_plain_vs_detach": after(g, mtp_coef) - detach}
 
 
 def taylor_residuals(J, M, params, g, u, dec: Decomposition, precond, lam_used: float, settings: Any,

@@ -46,7 +46,7 @@ from ..theory.step import (
     decompose_steps,
     fixed_precond_directions,
 )
-from .curve import measure_curve, real_step_curves, taylor_residuals
+from .curve import measure_curve, real_step_curves, realised_step, taylor_residuals
 from .recorder import module_breakdown
 from .settings import ProbeSettings
 
@@ -173,19 +173,22 @@ class Probe:
 
 
 def run_probe(model: nn.Module, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficient, optim: OptimizerSnapshot,
-              settings: ProbeSettings, heldout: RLBatch | None = None, dist: Any = None) -> Probe:
+              settings: ProbeSettings, heldout: RLBatch | None = None, dist: Any = None,
+              realised: tuple[float, float] | None = None) -> Probe:
     """Every diagnostic of one step (see the module docstring). Leaves ``model`` unchanged.
 
     ``coef`` is the coefficient the run applied (``rl/coef.py``): its value is the λ used, its
     ``mtp_coef`` scales the log-prob proxies. ``dist`` (an ``occ_theory.train.dist.Dist``) makes
     every quantity the one of the global batch when ``batch`` is this process's shard: every
-    process must call it at the same step."""
+    process must call it at the same step. ``realised = (a, b)``: a rule replaced the update on θ_S by
+    a·g + b·u (``rl/coef.py: shared_update``); the real step of that update is set against detach's
+    (``diag/realised/…``)."""
     dtype = _dtype(settings.dtype)
     work = model if next(model.parameters()).dtype == dtype else copy.deepcopy(model).to(dtype)
     was_training = work.training
     work.eval()
     try:
-        return _probe(work, batch, spec, coef, optim, settings, heldout, dtype, dist)
+        return _probe(work, batch, spec, coef, optim, settings, heldout, dtype, dist, realised)
     finally:
         work.train(was_training)
 
@@ -197,7 +200,8 @@ def _cast(batch: RLBatch | None, dtype: torch.dtype) -> RLBatch | None:
 
 
 def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficient, optim: OptimizerSnapshot,
-           settings: ProbeSettings, heldout: RLBatch | None, dtype: torch.dtype, dist: Any = None) -> Probe:
+           settings: ProbeSettings, heldout: RLBatch | None, dtype: torch.dtype, dist: Any = None,
+           realised: tuple[float, float] | None = None) -> Probe:
     sums = dist.sum if dist is not None and dist.active else None  # sums over processes
     gather = dist.gather_cat if sums is not None else None  # per-sequence terms, concatenated
     b, hb = _cast(batch, dtype), _cast(heldout, dtype)
@@ -253,7 +257,7 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficie
     evaluation_numerics = exact_float64 if dtype == torch.float64 else contextlib.nullcontext
     u_mtp_only: dict[str, Tensor] = {}  # ∇_{θ_M}M: the real step's clip sees λ·∇_{θ_M}M too
     real = settings.curve_points > 0 and settings.curve_real_step and "adam_step" in steps
-    if real:
+    if real or realised is not None:
         mtp_names = set(work.mtp_param_names())
         own = {k: p.detach() for k, p in work.named_parameters() if k in mtp_names}
         if own:
@@ -268,6 +272,8 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficie
         if real:
             out |= real_step_curves(J, params, g, u, u_mtp_only, steps, dirs["adam_step"], lam_used, settings, optim,
                                     sums)
+        if realised is not None and optim.kind in ("adam", "adamw"):
+            out |= realised_step(J, params, g, u, realised, coef.value, optim, u_mtp_only, sums)
         if settings.taylor_halvings > 0 and not dec.u_zero:
             out |= taylor_residuals(J, M, params, g, u, dec, precond, lam_used, settings, sums)
     return Probe(out, g, u)

@@ -46,13 +46,14 @@ class GradientRecorder:
         out = {k: t.detach().float() for k, t in zip(self.names, u)}
         return reduce(out) if reduce is not None else out
 
-    def observe(self, u: dict[str, Tensor], lam: float) -> None:
-        """After the backward pass (gradients summed over processes, before clipping): g follows from the
-        optimizer's gradient; both enter the momentum buffers."""
+    def observe(self, u: dict[str, Tensor], weight_g: float, weight_u: float) -> None:
+        """After the backward pass (gradients summed over processes, before clipping), when the optimizer's
+        gradient on θ_S is ``−(weight_g·g + weight_u·u)`` (``1, λ`` for the loss −J − λM): g follows from it;
+        both enter the momentum buffers."""
         if not self.track_momentum:
             return
-        gs = {name: -(p.grad.detach().float() if p.grad is not None else torch.zeros_like(u[name])) - lam * u[name]
-              for name, p in zip(self.names, self.params)}
+        gs = {name: (-(p.grad.detach().float() if p.grad is not None else torch.zeros_like(u[name]))
+                     - weight_u * u[name]) / weight_g for name, p in zip(self.names, self.params)}
         if not all(bool(torch.isfinite(t).all()) for t in (*gs.values(), *u.values())):
             return  # a skipped step: it does not enter the optimizer's momentum either
         self.count += 1
@@ -68,11 +69,12 @@ class GradientRecorder:
         c = 1 - self.beta1 ** self.count
         return {k: v / c for k, v in self.m_g.items()}, {k: v / c for k, v in self.m_u.items()}
 
-    def check(self, g: dict[str, Tensor], u: dict[str, Tensor], lam: float) -> dict[str, float]:
-        """Identity 3: relative max deviation of the received ``.grad`` from ``−(g + λ·u)``."""
+    def check(self, g: dict[str, Tensor], u: dict[str, Tensor], weight_g: float, weight_u: float) -> dict[str, float]:
+        """Identity 3: relative max deviation of the received ``.grad`` from ``−(weight_g·g + weight_u·u)``
+        (``1, λ`` for the loss −J − λM; a rule's own weights where it replaced the update on θ_S)."""
         worst, scale = 0.0, 0.0
         for name, p in zip(self.names, self.params):
-            expected = -(g[name] + lam * u[name]).double()
+            expected = -(weight_g * g[name] + weight_u * u[name]).double()
             got = p.grad.detach().double() if p.grad is not None else torch.zeros_like(expected)
             worst = max(worst, float((got - expected).abs().max()))
             scale = max(scale, float(expected.abs().max()))

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..rl.batch import ObjectiveSpec, RLBatch
-from ..rl.coef import Coefficient
+from ..rl.coef import Coefficient, SharedUpdate
 from .bundle import save_bundle
 from .probe import OptimizerSnapshot, ProbeSettings, run_probe
 from .recorder import GradientRecorder
@@ -55,27 +55,31 @@ class StepDiagnostics:
         return self.recorder.mtp_grad(mtp_objective, self.dist.sum if self.dist.active else None)
 
     def measure(self, step: int, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficient,
-                u: dict[str, Tensor] | None, first_after_rollout: bool) -> dict[str, Any]:
-        """The step's diagnostics record (empty on unscheduled steps)."""
+                u: dict[str, Tensor] | None, first_after_rollout: bool,
+                realised: SharedUpdate | None = None) -> dict[str, Any]:
+        """The step's diagnostics record (empty on unscheduled steps). ``realised``: the update a rule put on θ_S
+        in place of g + λu (``rl/coef.py: shared_update``), whose weights identity 3 and the probe then use."""
+        weights = (1.0, coef.value) if realised is None else (realised.weight_g, realised.weight_u)
         if u is not None:
-            self.recorder.observe(u, coef.value)
+            self.recorder.observe(u, *weights)
         if not self.due(step):
             return {}
         dist = self.dist
         snap = OptimizerSnapshot.capture(self.optimizer, self.shared, self.grad_clip, self.recorder.momentum())
         heldout = self.heldout(step) if self.heldout is not None else None
         settings = self.settings.replace(seed=self.seed * 1_000_003 + step)  # each probe its own bootstrap
-        probe = run_probe(self.model, batch, spec, coef, snap, settings, heldout, dist)
+        realised_weights = None if realised is None else weights
+        probe = run_probe(self.model, batch, spec, coef, snap, settings, heldout, dist, realised_weights)
         rec = {k: v for k, v in probe.record.items() if not isinstance(v, list)}
         if probe.g is not None:
-            rec |= self.recorder.check(probe.g, probe.u, coef.value)
+            rec |= self.recorder.check(probe.g, probe.u, *weights)
         rec["first_after_rollout"] = first_after_rollout
         if self.bundle_dir is not None:  # the global minibatch: `occ probe` recomputes it in one process
             whole = RLBatch.from_tensors(dist.gather_cat(batch.tensors()))
             held = None if heldout is None else RLBatch.from_tensors(dist.gather_cat(heldout.tensors()))
             if dist.main:
                 save_bundle(self.bundle_dir / f"step_{step:06d}", step=step, model=self.model, batch=whole,
-                            spec=spec, coef=coef, optim=snap, settings=settings, heldout=held,
+                            spec=spec, coef=coef, optim=snap, settings=settings, heldout=held, realised=realised_weights,
                             online=probe.record | {"first_after_rollout": first_after_rollout},
                             extra={"first_after_rollout": first_after_rollout, "world": dist.world})
         return rec

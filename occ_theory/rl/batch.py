@@ -92,6 +92,11 @@ class ObjectiveSpec:
             "ce": ("ce", "full"),
             "policy": ("policy", "full"),
             "occ": ("policy", "full"),
+            "oracle": ("policy", "full"),
+            "cosine": ("policy", "full"),
+            "cosine_weighted": ("policy", "full"),
+            "pcgrad": ("policy", "full"),
+            "upgrad": ("policy", "full"),
         }[regime]
         return cls(kind, cut, eps_lo, eps_hi, temperature, kl_coef)
 

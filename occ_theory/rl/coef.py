@@ -1,4 +1,4 @@
-"""The MTP coefficient λ: every rule in one place (THEORY.md sections 3 and 4).
+"""The MTP coefficient λ: every rule in one place (docs/theory.md sections 3 and 4).
 
 A rule reads what it needs from a ``CoefInputs`` and returns a ``Coefficient``: the λ applied and
 the values it used. ``mtp_coef`` is applied here, once:
@@ -9,8 +9,25 @@ the values it used. ``mtp_coef`` is applied here, once:
   the MTP depths (so each depth carries ``c = mtp_coef / D``, as the public implementation does);
 * ``occ`` with ``fisher``: the proxy itself, ``Σ m·A·δ / (η·Σ m·δ²)``, *unscaled*: it is λ*_F of
   the Fisher curvature model, a coefficient in its own right, and ``mtp_coef`` does not enter;
+* ``oracle``: λ*_m of the ``adam_step`` geometry, computed at every step with an HVP
+  (``oracle_lambda``): does calibrating to the true per-step optimum help? Where λ* is undefined
+  (β_m ≥ 0, or u = 0) it applies 0, the detach-equivalent, and counts it (``undefined``);
 
-then, for ``occ``, an optional EMA and clip. A non-finite proxy is applied as 0 and counted.
+then, for ``occ`` and ``oracle``, an optional EMA and clip. A non-finite value is applied as 0
+and counted.
+
+Rules that change the update on θ_S itself (``SHARED_RULES``) keep ``mtp_coef`` in the loss, so
+θ_M trains as under ``policy``; after the backward pass ``shared_update`` replaces the update on
+θ_S, ``g + mtp_coef·u``, by:
+
+* ``cosine`` (Du et al. 2018, "Adapting auxiliary losses using gradient similarity"):
+  ``g + mtp_coef·u`` when cos(g, u) > 0, else ``g``;
+* ``cosine_weighted``: ``g + mtp_coef·max(0, cos(g, u))·u``;
+* ``pcgrad`` (Yu et al. 2020) and ``upgrad`` (Quinton & Rey 2024): torchjd's aggregation of the two
+  loss gradients ``−g`` and ``−mtp_coef·u`` (``pip install ".[surgery]"``).
+
+Each realised update is ``a·g + b·u`` (two-row aggregators stay in the span), so its effective
+coefficient is ``λ_eff = b/a`` [``lambda/effective``].
 
 The log-prob proxies come from globally summed ``(num, den)`` terms
 (``occ_theory.theory.proxies``), so a multi-process run applies the same λ as one process with the
@@ -28,11 +45,13 @@ import torch
 from torch import Tensor
 
 from ..theory import proxies
-from ..theory.params import Params, axpy, mul
+from ..theory.params import Params, axpy, dot, mul, sq_norm
 from ..theory.precond import adam_preconditioner
 from .batch import forward_logprobs, mtp_mask
 
 NAN = float("nan")
+SHARED_RULES = ("cosine", "cosine_weighted", "pcgrad", "upgrad")
+"""Rules that replace the update on θ_S after the backward pass (``shared_update``)."""
 SCALED_PROXIES = ("reference", "least_squares")
 """Proxies whose value is a ratio that ``mtp_coef`` scales (THEORY.md 4a, 4b); ``fisher`` is not."""
 FISHER_FD_STEP = 1e-4
@@ -46,7 +65,7 @@ class Coefficient:
     value: float
     """λ, the coefficient multiplying M in the loss ``−J − λ·M``."""
     rule: str
-    """off | fixed | reference | least_squares | fisher."""
+    """off | fixed | reference | least_squares | fisher | oracle | cosine | cosine_weighted | pcgrad | upgrad."""
     mtp_coef: float
     """The configured ``rl.mtp_coef`` (the base coefficient c for the scaled proxies)."""
     raw: float = NAN
@@ -65,10 +84,12 @@ class Coefficient:
 @dataclass
 class CoefInputs:
     """What a rule may read at one step. ``proxies`` holds each log-prob proxy's unscaled value;
-    ``fisher`` computes the fisher proxy on demand (it costs a backward and two forwards)."""
+    ``fisher`` computes the fisher proxy on demand (it costs a backward and two forwards), ``oracle``
+    λ* of the ``adam_step`` geometry (a gradient and an HVP)."""
 
     proxies: dict[str, float] = field(default_factory=dict)
     fisher: Callable[[], float] | None = None
+    oracle: Callable[[], float] | None = None
 
 
 @dataclass
@@ -80,15 +101,23 @@ class CoefficientRule:
     clip: tuple[float, float] | None = None
     _state: float | None = None
     non_finite: int = 0
+    undefined: int = 0
 
     @property
     def name(self) -> str:
+        if self.regime in ("oracle", *SHARED_RULES):
+            return self.regime
         return {"off": "off", "occ": self.proxy}.get(self.regime, "fixed")
 
     @property
     def needs_mtp_grad(self) -> bool:
-        """Whether the rule needs u = ∇M on θ_S before λ is known."""
-        return self.name == "fisher"
+        """Whether the rule needs u = ∇M on θ_S from the live step."""
+        return self.name in ("fisher", "oracle", *SHARED_RULES)
+
+    @property
+    def edits_shared(self) -> bool:
+        """Whether ``shared_update`` replaces the update on θ_S after the backward pass."""
+        return self.name in SHARED_RULES
 
     def scaled(self, name: str, raw: float) -> float:
         """The λ the proxy ``name`` gives before EMA and clip."""
@@ -98,13 +127,17 @@ class CoefficientRule:
         rule = self.name
         if rule == "off":
             return Coefficient(0.0, rule, self.mtp_coef)
-        if rule == "fixed":
+        if rule == "fixed" or rule in SHARED_RULES:  # shared rules: mtp_coef in the loss, θ_S edited later
             return Coefficient(float(self.mtp_coef), rule, self.mtp_coef)
         inputs = inputs or CoefInputs()
-        if rule == "fisher":
-            if inputs.fisher is None:
-                raise ValueError("the fisher rule needs CoefInputs.fisher")
-            raw = float(inputs.fisher())
+        if rule in ("fisher", "oracle"):
+            compute = inputs.fisher if rule == "fisher" else inputs.oracle
+            if compute is None:
+                raise ValueError(f"the {rule} rule needs CoefInputs.{rule}")
+            raw = float(compute())
+            if rule == "oracle" and math.isnan(raw):
+                self.undefined += 1  # β_m ≥ 0 or u = 0: no finite optimum, apply the detach-equivalent 0
+                raw = 0.0
         elif rule in inputs.proxies:
             raw = float(inputs.proxies[rule])
         else:
@@ -121,10 +154,10 @@ class CoefficientRule:
         return Coefficient(value, rule, self.mtp_coef, raw, self.mtp_coef if rule in SCALED_PROXIES else 1.0)
 
     def state_dict(self) -> dict:
-        return {"state": self._state, "non_finite": self.non_finite}
+        return {"state": self._state, "non_finite": self.non_finite, "undefined": self.undefined}
 
     def load_state_dict(self, sd: dict) -> None:
-        self._state, self.non_finite = sd["state"], sd["non_finite"]
+        self._state, self.non_finite, self.undefined = sd["state"], sd["non_finite"], sd.get("undefined", 0)
 
 
 # ---------------------------------------------------------------- the log-prob proxies
@@ -233,3 +266,89 @@ def fisher_from_optimizer(model: Any, batch: Any, temperature: float, shared: di
     pu = mul(u, adam_preconditioner(state, params, group["betas"][1], group["eps"]))
     dlogp = fisher_delta_fd(lambda p: forward_logprobs(model, batch, temperature, "full", False, p)[0], params, pu)
     return fisher_proxy(batch.advantages, dlogp, batch.response_mask, group["lr"], reduce)
+
+
+# ---------------------------------------------------------------- the oracle
+
+
+def oracle_lambda(model: Any, batch: Any, spec: Any, shared: dict[str, Tensor], optimizer: torch.optim.Optimizer,
+                  u: Params, norms: Any = None, method: str = "rev-rev", reduce: Any = None) -> float:
+    """λ*_m of the ``adam_step`` geometry at the live step (docs/theory.md section 2): the optimum, to second
+    order, of the next AdamW step's Δ(λ) on this minibatch, from g = ∇J, ``u`` (the global MTP gradient on
+    θ_S) and the optimizer's state; NaN when β_m ≥ 0 or u = 0. ``reduce`` sums over processes."""
+    from ..theory.hvp import eager_attention, grad
+    from ..theory.step import adamw_step_directions, decompose_step
+    from .batch import compute_objectives
+
+    params = {k: p.detach() for k, p in shared.items()}
+
+    def J(p: Params) -> Tensor:
+        return compute_objectives(model, batch, spec, params=p, with_mtp=False, norms=norms).rl_objective
+
+    group = optimizer.param_groups[0]
+    state = {k: optimizer.state.get(p, {}) for k, p in shared.items()}
+    has = all("exp_avg" in st for st in state.values())
+    with eager_attention(model):
+        g = grad(J, params)[1]
+        g = reduce(g) if reduce is not None else g
+        s, a = adamw_step_directions(
+            params, g, u, {k: st["exp_avg"] for k, st in state.items()} if has else None,
+            {k: st["exp_avg_sq"] for k, st in state.items()} if has else None,
+            int(next(iter(state.values()))["step"]) if has else 0, group["lr"], group["betas"], group["eps"],
+            group["weight_decay"])
+        return decompose_step(J, params, s, a, method, reduce, geometry="adam_step").lambda_star
+
+
+# ---------------------------------------------------------------- rules that edit the update on θ_S
+
+
+@dataclass(frozen=True)
+class SharedUpdate:
+    """The update a ``SHARED_RULES`` rule realises on θ_S: ``d = a·g + b·u`` (ascent direction of J)."""
+
+    d: Params
+    weight_g: float  # a
+    weight_u: float  # b
+    cosine: float  # cos(g, u)
+
+    @property
+    def lambda_effective(self) -> float:
+        """λ_eff = b/a: the coefficient for which g + λ_eff·u points along d (NaN when a = 0)."""
+        return self.weight_u / self.weight_g if self.weight_g != 0 else NAN
+
+    def record(self) -> dict[str, float]:
+        return {"lambda/effective": self.lambda_effective, "lambda/weight_g": self.weight_g,
+                "lambda/weight_u": self.weight_u, "lambda/cosine": self.cosine}
+
+
+def aggregator(name: str) -> Any:
+    """torchjd's aggregator ``pcgrad`` | ``upgrad``, with a message naming the extra when torchjd is missing."""
+    try:
+        from torchjd.aggregation import PCGrad, UPGrad
+    except ImportError as e:
+        raise ValueError(f"regime {name!r} aggregates the RL and MTP gradients with torchjd: pip install "
+                         "'occ-theory[surgery]' (torchjd with its quadprog projector)") from e
+    return {"pcgrad": PCGrad, "upgrad": UPGrad}[name]()
+
+
+def shared_update(rule: str, g: Params, u: Params, mtp_coef: float) -> SharedUpdate:
+    """The realised update on θ_S of a ``SHARED_RULES`` rule, from g = ∇J and u = ∇M (see the module docstring).
+
+    The surgery rules weight the two loss-gradient rows ``−g`` and ``−mtp_coef·u`` with torchjd's own
+    weighting of their 2×2 Gramian (the aggregators are Gramian-weighted: the result is ``wᵀ`` times
+    the rows), so θ_S is never flattened into a matrix."""
+    gg, uu, gu = (float(x) for x in (sq_norm(g), sq_norm(u), dot(g, u)))
+    cos = gu / math.sqrt(gg * uu) if gg > 0 and uu > 0 else NAN
+    if rule == "cosine":
+        a, b = 1.0, (mtp_coef if cos > 0 else 0.0)
+    elif rule == "cosine_weighted":
+        a, b = 1.0, (mtp_coef * max(0.0, cos) if math.isfinite(cos) else 0.0)
+    elif rule in ("pcgrad", "upgrad"):
+        c = mtp_coef
+        gramian = torch.tensor([[gg, c * gu], [c * gu, c * c * uu]], dtype=torch.float64)
+        with torch.random.fork_rng(devices=[]):  # PCGrad draws a permutation from the global generator
+            w = aggregator(rule).gramian_weighting(gramian)
+        a, b = float(w[0]), c * float(w[1])  # rows −g and −c·u: the descent −(a·g + b·u)
+    else:
+        raise ValueError(f"{rule!r} is not a rule that edits the update on θ_S; those are {SHARED_RULES}")
+    return SharedUpdate({k: a * g[k] + b * u[k] for k in g}, a, b, cos)

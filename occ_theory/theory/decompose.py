@@ -194,8 +194,8 @@ def decompose_geometries(
     batched: bool = False,
 ) -> dict[str, Decomposition]:
     """``decompose`` in several geometries at once (e.g. ``{"sgd": None, "adam": P}``), sharing u, g and
-    the gradient graph of J across the HVPs (``batched``: one vectorised call, see ``grad_and_hvps``;
-    the Fisher JVPs likewise). Each result carries its key as ``geometry`` and g in ``grad_rl``."""
+    the gradient graph of J across the HVPs (``batched``: one vectorised call, see ``grad_and_hvps``);
+    the Fisher JVPs are one vectorised ``jvps`` call. Each result carries its key as ``geometry`` and g in ``grad_rl``."""
     red = reduce or (lambda d: d)
     check_params(params)
     lr = _check_lr(lr)
@@ -214,7 +214,7 @@ def decompose_geometries(
         g, hpus = red(grad(rl_objective, params)[1]), {}
     dlogps = dict.fromkeys(active)
     if logp_fn is not None and active:
-        dlogps = dict(zip(active, jvps(logp_fn, params, [pus[n] for n in active], batched=batched)[1]))
+        dlogps = dict(zip(active, jvps(logp_fn, params, [pus[n] for n in active])[1]))
     g_norm = float(sq_norm(g)) ** 0.5
     u_norm = float(sq_norm(u)) ** 0.5
     gu = float(dot(g, u))

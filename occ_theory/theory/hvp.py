@@ -96,8 +96,10 @@ def grad_and_hvps(
 
     ``batched=True`` computes every ``∇²f·v`` in one vectorised call over the stacked tangents
     (``rev-rev``: ``torch.autograd.grad(..., is_grads_batched=True)``; ``fwd-rev``: ``torch.func.vmap``
-    of the JVP); ``False`` loops over ``vs`` on the same graph. Both give the same numbers; which is
-    faster depends on the model and the device (``occ bench hvp``). ``fd`` ignores ``batched``.
+    of the JVP); ``False`` loops over ``vs`` on the same graph. Both give the same numbers. Looping
+    is the default because it is the faster on CPU: on a 400k-parameter Qwen2 (one thread) rev-rev
+    costs 7.2 gradients for 4 directions looped against 9.4 batched, 15.0 against 19.5 for 8
+    (fwd-rev: 15.4 looped, 12.1 batched for 4). ``fd`` ignores ``batched``.
     """
     if method not in HVP_METHODS:
         raise ValueError(f"unknown HVP method {method!r}; choose one of {HVP_METHODS}")
@@ -172,14 +174,16 @@ def hvp(f: ScalarFn, params: Mapping[str, Tensor], v: Mapping[str, Tensor], meth
 
 def jvp(fn: Callable[[Params], Tensor], params: Mapping[str, Tensor], v: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
     """``(fn(θ), ∂fn(θ)·v)`` for a tensor-valued ``fn`` by one forward-mode pass."""
-    out, (tangent,) = jvps(fn, params, [v])
+    out, (tangent,) = jvps(fn, params, [v], batched=False)
     return out, tangent
 
 
 def jvps(fn: Callable[[Params], Tensor], params: Mapping[str, Tensor], vs: Sequence[Mapping[str, Tensor]],
-         batched: bool = False) -> tuple[Tensor, list[Tensor]]:
-    """``(fn(θ), [∂fn(θ)·v for v in vs])`` by forward mode: one pass per ``v``, or with ``batched=True``
-    one ``torch.func.vmap``-ed pass over the stacked tangents (``fn(θ)`` itself is computed once)."""
+         batched: bool = True) -> tuple[Tensor, list[Tensor]]:
+    """``(fn(θ), [∂fn(θ)·v for v in vs])`` by forward mode: one ``torch.func.vmap``-ed pass over the
+    stacked tangents (``fn(θ)`` itself is computed once), or with ``batched=False`` one pass per ``v``.
+    Vectorised is the default: on CPU it costs 5.5 gradients for 8 tangents against 11.8 looped
+    (a 400k-parameter Qwen2, one thread)."""
     check_params(params)
     base = detached(params)
     vs = [_as_tangent(params, v) for v in vs]

@@ -193,7 +193,7 @@ def decompose_steps(
 
     One gradient graph of J gives ``g`` and ``H·a`` for every geometry (``batched``: in one
     vectorised call, see ``grad_and_hvps``); ``α_m = gᵀa + sᵀ(H a)`` by the symmetry of H. The
-    Fisher products ``δ = ∇l·a`` of all geometries are one ``jvps`` call. ``reduce`` sums g, the
+    Fisher products ``δ = ∇l·a`` of all geometries are one vectorised ``jvps`` call. ``reduce`` sums g, the
     HVPs and the Fisher sums over processes (data parallelism); ``s`` and ``a`` must already be
     the global ones. Each result keeps g in ``grad_rl``.
     """
@@ -212,7 +212,7 @@ def decompose_steps(
         g, has = red(grad(rl_objective, params)[1]), {}
     dlogps = dict.fromkeys(active)
     if logp_fn is not None and active:
-        dlogps = dict(zip(active, jvps(logp_fn, params, [steps[n][1] for n in active], batched=batched)[1]))
+        dlogps = dict(zip(active, jvps(logp_fn, params, [steps[n][1] for n in active])[1]))
     out = {}
     for name, (s, a) in steps.items():
         alpha = alpha1 = beta = 0.0

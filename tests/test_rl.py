@@ -367,6 +367,8 @@ def test_probe_measures_every_geometry_against_the_real_step(ckpt, tmp_path):
         for k in ("alpha_model", "beta_model", "lambda_bal", "alpha_rel_err", "beta_rel_err"):
             assert math.isfinite(rec[f"diag/{geo}/{k}"]), (geo, k)
     assert rec["diag/sgd/corr"] == pytest.approx(rec["diag/grad/corr"], rel=1e-5)  # P = I: C = gᵀu
+    assert rec["diag/sgd/cosine"] == pytest.approx(rec["diag/grad/cos"], rel=1e-5)
+    assert rec["diag/adam/proj"] == pytest.approx(rec["diag/adam/corr"] / rec["diag/adam/pu_norm_sq"], rel=1e-6)
     assert rec["diag/adam/beta_model"] == pytest.approx(rec["diag/adam/curv"] * tr.rc.lr**2, rel=1e-6)
     assert rec["diag/adam_step/a_norm"] < rec["diag/adam/a_norm"]  # the current gradient carries c₁ < 1 of it
     assert rec["diag/lambda_clip_lo"] < 0 < rec["diag/lambda_clip_hi"]

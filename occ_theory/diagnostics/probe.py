@@ -105,11 +105,13 @@ def _dtype(name: str) -> torch.dtype:
 
 GEOMETRIES = ("sgd", "adam", "adam_step", "adam_stationary")
 """The geometries a probe measures (THEORY.md section 2); each one's quantities are logged as ``diag/<geometry>/…``."""
-PAPER_KEYS = ("corr", "cross", "curv", "curv_fisher", "gain_at_optimum", "proj", "pu_norm_sq", "pg_norm")
-"""C, X, Q and the rest of the fixed-P form, for the geometries that have one (``sgd``, ``adam``)."""
+PAPER_KEYS = ("corr", "cross", "curv", "curv_fisher", "gain_at_optimum", "pu_norm_sq", "pg_norm", "cosine")
+"""C, X, Q and the rest of the fixed-P form, for the geometries that have one (``sgd``, ``adam``); ``cosine`` is
+cos(g, u) in P's metric, gᵀPu/√(gᵀPg·uᵀPu)."""
 STEP_KEYS = ("alpha_model", "beta_model", "alpha_first_order", "beta_fisher", "lambda_star", "lambda_star_first_order",
-             "lambda_star_fisher", "lambda_bal", "s_norm", "a_norm")
-"""The general step form θ + s + λ·a, for every geometry."""
+             "lambda_star_fisher", "lambda_bal", "s_norm", "a_norm", "proj")
+"""The general step form θ + s + λ·a, for every geometry (``proj`` = η·gᵀa/‖a‖², which is κ = C/‖Pu‖² for the
+fixed-P geometries)."""
 
 
 def geometry_directions(params: dict[str, Tensor], g: dict[str, Tensor], u: dict[str, Tensor],
@@ -147,13 +149,19 @@ def paper_terms(step: StepDecomposition, lr: float, g: dict[str, Tensor], u: dic
         dlogp=None if step.dlogp is None else step.dlogp / lr, grad_rl=step.grad_rl)
 
 
-def _decomp_record(geometry: str, dec: Decomposition | None, step: StepDecomposition | None) -> dict[str, Any]:
+def _decomp_record(geometry: str, dec: Decomposition | None, step: StepDecomposition | None, lr: float,
+                   g: dict[str, Tensor], u: dict[str, Tensor], dirs: tuple[dict, dict] | None) -> dict[str, Any]:
     prefix = f"diag/{geometry}"
-    keys = STEP_KEYS + (PAPER_KEYS if geometry in ("sgd", "adam") else ())
+    fixed_p = geometry in ("sgd", "adam")
+    keys = STEP_KEYS + (PAPER_KEYS if fixed_p else ())
     if step is None:
         why = "no optimizer state yet (first step)" if geometry != "adam_stationary" else "no momentum buffers"
         return {f"{prefix}/{k}": NAN for k in keys} | {f"{prefix}/concave": None, f"{prefix}/reason": why}
     d = step.as_dict() | (dec.as_dict() if dec is not None else {})
+    d["proj"] = lr * step.alpha_first_order / step.a_norm**2 if step.a_norm > 0 else NAN
+    if fixed_p:  # s = ηPg, a = ηPu: gᵀPg = gᵀs/η, uᵀPu = uᵀa/η
+        gpg, upu = float(dot(g, dirs[0])) / lr, float(dot(u, dirs[1])) / lr
+        d["cosine"] = step.alpha_first_order / lr / (gpg * upu) ** 0.5 if gpg > 0 and upu > 0 else NAN
     return {f"{prefix}/{k}": d[k] for k in keys} | {f"{prefix}/concave": step.concave, f"{prefix}/reason": step.reason}
 
 
@@ -243,7 +251,7 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficie
         out |= module_breakdown(g, u)
         decs = {name: paper_terms(steps[name], lr, g, u) for name in ("sgd", "adam") if name in steps}
         for name in GEOMETRIES:
-            out |= _decomp_record(name, decs.get(name), steps.get(name))
+            out |= _decomp_record(name, decs.get(name), steps.get(name), lr, g, u, dirs.get(name))
         if "adam" in steps:  # the model step is η·P·g; Adam's next step weighs the new gradient by this
             t = float(next(iter(optim.state.values()))["step"])
             out["diag/adam/momentum_weight"] = (1 - optim.betas[0]) / (1 - optim.betas[0] ** (t + 1))

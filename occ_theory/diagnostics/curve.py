@@ -160,7 +160,8 @@ def real_step_curves(J, params: dict[str, Tensor], g: dict[str, Tensor], u: dict
 
     * local: ``|λ| ≤ λ_bal`` of ``adam_step`` (plus 0, negatives and the λ used), where the expansion should
       hold; there also the step without the clip and the ``adam_step`` model's own point θ + s + λ·a (v̂
-      frozen at λ = 0, no clip), whose fitted β's set the clip's and v̂(λ)'s effects apart;
+      frozen at λ = 0, no clip), whose fitted α's and β's set the clip's and v̂(λ)'s effects apart (v̂ moves
+      with λ at first order: at the first step AdamW is a sign step and its real slope is about 0);
     * wide: past the predicted |λ*| of ``adam_step`` (``curve_span``·|λ*|, else ``curve_span``·λ_bal): does
       the real curve have an interior maximum, and where.
 
@@ -192,8 +193,9 @@ def real_step_curves(J, params: dict[str, Tensor], g: dict[str, Tensor], u: dict
             out |= {f"curve/{name}_lams": lams.tolist(), f"curve/{name}_deltas": deltas.tolist(),
                     f"curve/{name}_clipped": clip_active(lams, interval).tolist()}
             out |= {k.replace("fit/", f"diag/curve_real_{kind}/"): v for k, v in fits[name].items()}
-    out["diag/curve_real_local/beta_noclip"] = fits["noclip_local"]["fit/beta"]
-    out["diag/curve_real_local/beta_vhat_frozen"] = fits["frozen_local"]["fit/beta"]
+    for k in ("alpha", "beta"):
+        out[f"diag/curve_real_local/{k}_noclip"] = fits["noclip_local"][f"fit/{k}"]
+        out[f"diag/curve_real_local/{k}_vhat_frozen"] = fits["frozen_local"][f"fit/{k}"]
     out["diag/curve_real_wide/interior_max"] = out["diag/curve_real_wide/lambda_star_inside"]
     alpha, beta = out["diag/curve_real_local/alpha"], out["diag/curve_real_local/beta"]
     lam_fit = out["diag/curve_real_wide/lambda_star"]

@@ -29,10 +29,19 @@ def test_quick_step_and_rollout_write_json_with_ratios_and_targets_and_a_markdow
     assert rows["detach"]["ratio"] is None and rows["detach"]["median_ms"] > 0
 
     rollout = doc["benchmarks"]["rollout"]
-    assert rollout["error"] is None and [r["batch"] for r in rollout["rows"]] == [64, 8]
+    assert rollout["error"] is None
+    contenders = ["hand-written static-KV", "generate dynamic", "generate static"]  # --quick: no compiled one
+    assert [(r["batch"], r["contender"]) for r in rollout["rows"]] == [(b, c) for b in (64, 8) for c in contenders]
     for r in rollout["rows"]:
-        assert r["target"] == ">= 2" and r["ratio"] > 0 and r["ours_tok_s"] > 0 and r["hf_tok_s"] > 0
-        assert 0 < r["ours_tok_per_row"] <= 40 and 0 < r["hf_tok_per_row"] <= 40
+        assert r["tok_s"] > 0 and 0 < r["tok_per_row"] <= 40 and r["first_call_s"] > 0
+        assert (r["ratio"] is None) == (r["contender"] == "hand-written static-KV")
+        assert r["ratio"] is None or r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+    decision = rollout["tables"]["hand-written against the fastest generate"]
+    assert [d["batch"] for d in decision] == [64, 8]
+    for d in decision:
+        assert d["target"] == ">= 1.5" and d["best generate"] in contenders[1:] and isinstance(d["met"], bool)
+        best = next(r for r in rollout["rows"] if (r["batch"], r["contender"]) == (d["batch"], d["best generate"]))
+        assert d["ratio"] == best["ratio"]
 
     md = out.with_suffix(".md").read_text()
     assert "## step" in md and "## rollout" in md and "| contender |" in md and doc["machine"]["cpu"] in md

@@ -49,6 +49,19 @@ def llama_with_biases() -> nn.Module:
     return trunk
 
 
+def smollm2_like() -> nn.Module:
+    """A bare Llama trunk laid out as SmolLM2: tied embeddings, rope_theta 1e5, no biases."""
+    cfg = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, rope_theta=100000.0, tie_word_embeddings=True,
+                      max_position_embeddings=64, attn_implementation="sdpa")
+    torch.manual_seed(1)
+    trunk = LlamaForCausalLM(cfg).double().eval()
+    with torch.no_grad():
+        for p in trunk.parameters():
+            p.normal_(0.0, 0.3)
+    return trunk
+
+
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -185,10 +198,11 @@ def teacher_forced_logits(decoder_cls, trunk: nn.Module, prompt_len: int, ids, m
 
 
 @pytest.mark.parametrize("padded", [True, False])
-@pytest.mark.parametrize("trunk", ["qwen2", "llama", "llama_biases"])
+@pytest.mark.parametrize("trunk", ["qwen2", "llama", "llama_biases", "smollm2_like"])
 def test_static_cache_decoder_logits_equal_the_transformers_forward_at_every_step(trunk, padded):
     """Prefill and steps on (left-padded) prompts, with response columns that later end (mask 0)."""
-    trunk = llama_with_biases() if trunk == "llama_biases" else model_with(vocab=32, family=trunk).trunk
+    special = {"llama_biases": llama_with_biases, "smollm2_like": smollm2_like}
+    trunk = special[trunk]() if trunk in special else model_with(vocab=32, family=trunk).trunk
     assert StaticCacheDecoder.supports(trunk)
     g = torch.Generator().manual_seed(0)
     plen, width = 6, 14
@@ -225,6 +239,26 @@ def test_an_unknown_layer_structure_falls_back_to_the_transformers_forward():
     logp, _ = aligned_logprobs(model, roll.input_ids, roll.attention_mask, temperature=0.7)
     resp = roll.response_mask.bool()
     torch.testing.assert_close(roll.logprobs[resp].double(), logp[resp].detach(), atol=1e-6, rtol=0)
+
+
+def test_a_family_it_does_not_implement_falls_back_and_records_the_full_forward_logprobs():
+    """Qwen3 (q/k norms in attention) is not the Qwen2/Llama layer: refused, sampled through its own forward."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, max_position_embeddings=64, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    trunk = Qwen3ForCausalLM(cfg).double().eval()
+    with torch.no_grad():
+        for p in trunk.parameters():
+            p.normal_(0.0, 0.3)  # q/k norm scales away from 1: a decoder that skipped them would differ
+    assert not StaticCacheDecoder.supports(trunk)
+    roll = generate(trunk, PROMPTS, 10, 0.7, 0.8, eos_id=3, pad_id=PAD, generator=gen(0))
+    mask = roll.attention_mask
+    logits = trunk(input_ids=roll.input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    logp = torch.log_softmax(logits[:, :-1] / 0.7, -1).gather(-1, roll.input_ids[:, 1:, None])[..., 0]
+    resp = roll.response_mask[:, 1:].bool()
+    torch.testing.assert_close(roll.logprobs[:, 1:][resp].double(), logp[resp].detach(), atol=1e-6, rtol=0)
 
 
 def test_a_rotary_table_that_depends_on_the_sequence_length_falls_back():

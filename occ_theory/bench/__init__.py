@@ -7,7 +7,8 @@ Benchmarks (``BENCHMARKS``; each module's docstring says exactly what it measure
 * ``hvp``: one HVP of J against one gradient of J (target ≤ 3);
 * ``step``: one RL optimizer step, occ with each proxy against detach (≤ 1.03) and the fully
   instrumented step against the plain one (≤ 8);
-* ``rollout``: tokens/s of our sampler against ``transformers`` ``generate`` (≥ 2);
+* ``rollout``: tokens/s of our sampler (hand-written static-KV decoder) against ``transformers``
+  ``generate`` with a dynamic cache, a static cache, and a static cache compiled (≥ 1.5 against the fastest);
 * ``trainer``: tokens/s of one full RL step against TRL's ``GRPOTrainer`` (≥ 1.5; skipped
   without TRL);
 * ``scaling``: step time and memory against width, depth, batch, response length; the

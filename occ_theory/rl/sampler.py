@@ -18,7 +18,7 @@ output head is applied to the last position only. Two decoders with the same met
   sequence length, a replaced layer or projection, attention other than sdpa/eager).
 
 The hand-written decoder earns its place on CPU: ``occ bench rollout`` (one thread, the trainer's
-batches of 64 and 8 rows, 40 new tokens) measures it at 1.6–1.8x and 1.9–2.0x the tokens/s of the
+batches of 64 and 8 rows, 40 new tokens) measures it at 1.6–1.8x and 1.9–2.1x the tokens/s of the
 fastest ``transformers`` ``generate`` configuration (dynamic cache, static cache, static cache with
 the decode step compiled); kept while that stays ≥ 1.5x.
 

@@ -26,7 +26,9 @@ from occ_theory.jsonl import RunFileError, read_jsonl
 from occ_theory.names import CONFIG_FILE, EVAL_FILE, METRICS_FILE, PROBES_FILE
 
 FIXED_LAMBDA_REGIMES = ("ce", "policy")
-"""Regimes trained with a fixed λ = ``rl.mtp_coef`` on a loss into θ_S (their arms carry λ)."""
+"""Regimes trained with a fixed λ = ``rl.mtp_coef`` on a loss into θ_S (outcome against λ: claim 7)."""
+COEF_REGIMES = (*FIXED_LAMBDA_REGIMES, "cosine", "cosine_weighted", "pcgrad", "upgrad")
+"""Regimes whose runs differ by ``rl.mtp_coef``: it names their arm."""
 
 
 
@@ -160,17 +162,14 @@ def load_run(path: Path, probes_file: str = PROBES_FILE) -> Run:
 
 def arm_name(regime: str, rl: dict[str, Any]) -> str:
     """What distinguishes runs of one regime: ``occ/<proxy>`` (``occ/reference``), ``<regime>@<mtp_coef>``
-    for the fixed-λ losses (``ce@0.1``, ``policy@0.3``), the bare regime otherwise (``off``, ``detach``);
-    ``+<rule>`` is appended when the config names a coefficient rule ``rl.coef_rule`` other than ``fixed``."""
+    for the regimes whose loss carries ``mtp_coef`` (``ce@0.1``, ``policy@0.3``, ``cosine@0.1``, ``pcgrad@0.1``),
+    the bare regime otherwise (``off``, ``detach``, ``oracle``)."""
     if regime == "occ":
-        arm = f"occ/{rl.get('proxy', 'reference')}"
-    elif regime in FIXED_LAMBDA_REGIMES:
-        coef = rl.get("mtp_coef")
-        arm = f"{regime}@{coef:g}" if isinstance(coef, int | float) else regime
-    else:
-        arm = regime
-    rule = rl.get("coef_rule")
-    return arm + (f"+{rule}" if rule not in (None, "", "fixed") else "")
+        return f"occ/{rl.get('proxy', 'reference')}"
+    coef = rl.get("mtp_coef")
+    if regime in COEF_REGIMES and isinstance(coef, int | float):
+        return f"{regime}@{coef:g}"
+    return regime
 
 
 def _sft_eval(run_dir: Path, init: Any) -> dict[str, Any] | None:

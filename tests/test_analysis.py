@@ -73,8 +73,8 @@ def test_a_relative_rl_init_is_found_from_a_folder_above_the_run(tmp_path):
 @pytest.mark.parametrize("regime, rl, arm", [
     ("detach", {"mtp_coef": 0.1}, "detach"), ("ce", {"mtp_coef": 0.1}, "ce@0.1"), ("policy", {"mtp_coef": 0.03},
     "policy@0.03"), ("occ", {"proxy": "fisher", "mtp_coef": 0.1}, "occ/fisher"),
-    ("occ", {"proxy": "reference", "coef_rule": "fixed"}, "occ/reference"),
-    ("policy", {"mtp_coef": 0.1, "coef_rule": "cosine"}, "policy@0.1+cosine")])
+    ("cosine", {"mtp_coef": 0.1}, "cosine@0.1"),
+    ("oracle", {"mtp_coef": 0.1}, "oracle")])
 def test_arm_names_say_what_distinguishes_runs_of_one_regime(regime, rl, arm):
     assert arm_name(regime, rl) == arm
 

@@ -95,10 +95,10 @@ def test_sigkill_mid_run_then_resume_loses_no_completed_record(ckpt, tmp_path):
     assert len(before) >= 30 and [r["step"] for r in before] == list(range(1, len(before) + 1))
     ckpt_path = latest_checkpoint(run)
     assert ckpt_path is not None and torch.load(ckpt_path, weights_only=True)["step"] >= 2
-    assert not list((run / "checkpoints").glob("*.tmp"))
-    assert main(["rl", "--resume", str(run)]) == 0
+    assert main(["rl", "--resume", str(run)]) == 0  # a kill mid-write leaves only a temporary file, never a torn one
     after = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in after] == list(range(1, 401))
+    assert not list((run / "checkpoints").glob("*.tmp"))  # the resumed run cleared the killed writer's leftovers
 
 
 def test_corrupt_probe_bundle_and_checkpoint_are_named(ckpt, tmp_path, monkeypatch, capsys):

@@ -60,8 +60,8 @@ def test_identity3_check_detects_directions_of_another_batch(ckpt, tmp_path):
     same = run_probe(tr.model, mb, tr.spec, coef, snap, settings)
     wrong = run_probe(tr.model, other, tr.spec, coef, snap, settings)
     recorder = tr.diagnostics.recorder
-    assert recorder.check(same.g, same.u, coef.value)["diag/identity3/rel_err"] < 1e-5
-    assert recorder.check(wrong.g, wrong.u, coef.value)["diag/identity3/rel_err"] > 1e-2
+    assert recorder.check(same.g, same.u, 1.0, coef.value)["diag/identity3/rel_err"] < 1e-5
+    assert recorder.check(wrong.g, wrong.u, 1.0, coef.value)["diag/identity3/rel_err"] > 1e-2
 
 
 def test_identity5_detach_gives_zero_u_zero_terms_and_a_flat_curve(ckpt, tmp_path):
@@ -147,10 +147,10 @@ def test_resume_after_interruption_gives_the_same_metrics(ckpt, tmp_path, monkey
     cut_dir = tmp_path / "cut"
     original = RLTrainer.train_step
 
-    def crash_at_5(self, mb, first_after_rollout):
+    def crash_at_5(self, mb, first_after_rollout, **kw):
         if self.step == 4:  # step 5 is about to run: the checkpoint after rollout 2 (step 4) exists
             raise KeyboardInterrupt
-        return original(self, mb, first_after_rollout)
+        return original(self, mb, first_after_rollout, **kw)
 
     monkeypatch.setattr(RLTrainer, "train_step", crash_at_5)
     with pytest.raises(KeyboardInterrupt):

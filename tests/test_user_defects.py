@@ -146,8 +146,8 @@ def test_sigterm_mid_rollout_checkpoints_the_rest_of_the_rollout(ckpt, tmp_path,
     cfg = rl_config(ckpt, "occ", "diag.every=0", "rl.steps=6", "rl.minibatches=2")
     original = RLTrainer.train_step
 
-    def step(self, mb, first_after_rollout):
-        rec = original(self, mb, first_after_rollout)
+    def step(self, mb, first_after_rollout, **kw):
+        rec = original(self, mb, first_after_rollout, **kw)
         if self.step == 3:  # the first minibatch of the second rollout: one minibatch is left
             os.kill(os.getpid(), signal.SIGTERM)
         return rec

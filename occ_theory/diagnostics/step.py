@@ -55,8 +55,8 @@ class StepDiagnostics:
         return self.recorder.mtp_grad(mtp_objective, self.dist.sum if self.dist.active else None)
 
     def measure(self, step: int, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficient,
-                u: dict[str, Tensor] | None, first_after_rollout: bool,
-                realised: SharedUpdate | None = None) -> dict[str, Any]:
+                u: dict[str, Tensor] | None, realised: SharedUpdate | None = None, *, first_after_rollout: bool,
+                minibatch_index: int | None = None) -> dict[str, Any]:
         """The step's diagnostics record (empty on unscheduled steps). ``realised``: the update a rule put on θ_S
         in place of g + λu (``rl/coef.py: shared_update``), whose weights identity 3 and the probe then use."""
         weights = (1.0, coef.value) if realised is None else (realised.weight_g, realised.weight_u)
@@ -73,15 +73,15 @@ class StepDiagnostics:
         rec = {k: v for k, v in probe.record.items() if not isinstance(v, list)}
         if probe.g is not None:
             rec |= self.recorder.check(probe.g, probe.u, *weights)
-        rec["first_after_rollout"] = first_after_rollout
+        where = {"first_after_rollout": first_after_rollout, "minibatch_index": minibatch_index}
+        rec |= where
         if self.bundle_dir is not None:  # the global minibatch: `occ probe` recomputes it in one process
             whole = RLBatch.from_tensors(dist.gather_cat(batch.tensors()))
             held = None if heldout is None else RLBatch.from_tensors(dist.gather_cat(heldout.tensors()))
             if dist.main:
                 save_bundle(self.bundle_dir / f"step_{step:06d}", step=step, model=self.model, batch=whole,
                             spec=spec, coef=coef, optim=snap, settings=settings, heldout=held, realised=realised_weights,
-                            online=probe.record | {"first_after_rollout": first_after_rollout},
-                            extra={"first_after_rollout": first_after_rollout, "world": dist.world})
+                            online=probe.record | where, extra=where | {"world": dist.world})
         return rec
 
     def state_dict(self) -> dict[str, Any]:

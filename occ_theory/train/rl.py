@@ -36,7 +36,7 @@ import torch
 
 from ..atomic import atomic_torch_save, atomic_write_text
 from ..diagnostics.step import StepDiagnostics
-from ..errors import Diverged, Interrupted, RunStopped
+from ..errors import BadStepsError, Diverged, Interrupted
 from ..jsonl import read_jsonl
 from ..models import load_model, load_tokenizer, save_model
 from ..rl.advantages import group_advantages
@@ -53,24 +53,23 @@ from ..rl.coef import (
     Coefficient,
     CoefficientRule,
     CoefInputs,
+    SharedUpdate,
     fisher_from_optimizer,
     logprob_proxies,
+    oracle_lambda,
     proxy_record,
+    shared_update,
 )
 from ..rl.objectives import entropy_from_logits, mtp_objective
 from ..rl.sampler import NonFiniteLogitsError, generate
 from .config import Config, load_config
 from .dist import Dist, init_from_env
 from .evaluate import decode_response, prompt_ids
-from .guard import StopSignals, params_finite
+from .guard import StepGuard, StopSignals, params_finite
 from .logging import MetricsWriter, Progress
 from .run import RunContext, check_user_data, evaluate_run, problem_stream, training_tasks
 
 CKPT_RE = re.compile(r"^step_(\d{6,})\.pt$")
-
-
-class BadStepsError(RunStopped):
-    """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 class RLTrainer:
@@ -121,8 +120,7 @@ class RLTrainer:
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
         self.rollouts = 0
-        self.bad_in_row = 0
-        self.bad_total = 0
+        self.guard = StepGuard(rc.max_bad_steps, "rl.max_bad_steps")
 
     # ------------------------------------------------------------------ rollout
 
@@ -178,15 +176,18 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ one optimizer step
 
-    def coefficient(self, mb: RLBatch, obj: Objectives, u: dict[str, torch.Tensor] | None) -> tuple[Coefficient,
-                                                                                                   dict[str, Any]]:
+    def coefficient(self, mb: RLBatch, obj: Objectives, u: dict[str, torch.Tensor] | None, norms: Norms | None
+                    ) -> tuple[Coefficient, dict[str, Any]]:
         """λ from the run's rule (``rl/coef.py``) and the log-prob proxies' record (every step)."""
         dist = self.dist
         raw, stats = logprob_proxies(obj.logp.detach().float(), mb.old_logp, [q.detach().float() for q in obj.mtp_logp],
                                      mb.response_mask, mb.prompt_len, mb.attention_mask,
                                      dist.sum_terms if dist.active else None)
-        inputs = CoefInputs(raw, fisher=lambda: fisher_from_optimizer(self.model, mb, self.rc.temperature, self.shared,
-                                                                      self.optimizer, u, dist.sum))
+        inputs = CoefInputs(
+            raw, fisher=lambda: fisher_from_optimizer(self.model, mb, self.rc.temperature, self.shared, self.optimizer,
+                                                      u, dist.sum),
+            oracle=lambda: oracle_lambda(self.model, mb, self.spec, self.shared, self.optimizer, u, norms,
+                                         self.cfg.diag.hvp_method, dist.sum if dist.active else None))
         coef = self.rule(inputs)
         if coef.rule == "fisher":
             raw["fisher"] = coef.raw
@@ -205,8 +206,9 @@ class RLTrainer:
                               for k, q in enumerate(obj.mtp_logp, start=1)]).mean()
         return -obj.rl_objective - folded
 
-    def train_step(self, mb: RLBatch, first_after_rollout: bool) -> dict[str, Any]:
-        """One optimizer step: objectives → coefficient → loss → backward → (diagnostics) → clip → step → log."""
+    def train_step(self, mb: RLBatch, first_after_rollout: bool, minibatch_index: int | None = None) -> dict[str, Any]:
+        """One optimizer step: objectives → coefficient → loss → backward → (diagnostics) → clip → step → log.
+        ``minibatch_index``: which minibatch of its rollout ``mb`` is (0 = the first after the rollout)."""
         self.step += 1
         t0 = time.perf_counter()
         dist, diag = self.dist, self.diagnostics
@@ -215,14 +217,17 @@ class RLTrainer:
         with self.ctx.autocast():
             obj = compute_objectives(self.model, mb, self.spec, norms=norms)
         u = diag.mtp_grad(obj.mtp) if diag.needs_mtp_grad or self.rule.needs_mtp_grad else None
-        coef, rec = self.coefficient(mb, obj, u)
+        coef, rec = self.coefficient(mb, obj, u, norms)
         loss = self.loss(mb, obj, coef.value, norms)
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         dist.sum_grads(self.trainable)  # every process now holds the gradient of the global batch
+        realised = self.edit_shared_update(u, coef) if self.rule.edits_shared else None
         td = time.perf_counter()
-        rec = diag.measure(self.step, mb, self.spec, coef, u, first_after_rollout) | rec  # the applied values win
+        rec = diag.measure(self.step, mb, self.spec, coef, u, realised,  # the applied values win
+                           first_after_rollout=first_after_rollout, minibatch_index=minibatch_index) | rec
+        rec |= realised.record() if realised is not None else {}
         diag_s = time.perf_counter() - td
 
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.rc.grad_clip or float("inf"))
@@ -230,20 +235,25 @@ class RLTrainer:
         finite = bool(torch.isfinite(totals["loss"])) and bool(torch.isfinite(norm))
         self.take_step(finite)
         step_s = time.perf_counter() - t0
-        return rec | self.step_record(mb, obj, coef, totals, norm, finite, norms, first_after_rollout, step_s, diag_s)
+        return rec | self.step_record(mb, obj, coef, totals, norm, finite, norms, first_after_rollout, minibatch_index,
+                                      step_s, diag_s)
+
+    def edit_shared_update(self, u: dict[str, torch.Tensor], coef: Coefficient) -> SharedUpdate:
+        """Replace the update on θ_S by the rule's own (``rl/coef.py: shared_update``); g = −∇L − λ·u."""
+        grads = {k: p.grad.detach().float() if p.grad is not None else torch.zeros_like(u[k])
+                 for k, p in self.shared.items()}
+        g = {k: -grads[k] - coef.value * u[k] for k in grads}
+        realised = shared_update(coef.rule, g, u, coef.value)
+        for k, p in self.shared.items():
+            p.grad = (-realised.d[k]).to(p.dtype)
+        return realised
 
     def take_step(self, finite: bool) -> None:
         """The optimizer step, or a skipped one (counted; too many in a row stop the run)."""
-        if finite:
+        if self.guard.check(finite, self.step):
             self.optimizer.step()
-            self.bad_in_row = 0
-            return
-        self.optimizer.zero_grad(set_to_none=True)
-        self.bad_in_row += 1
-        self.bad_total += 1
-        if self.bad_in_row >= self.rc.max_bad_steps:
-            raise BadStepsError(f"{self.bad_in_row} consecutive steps had a non-finite loss or gradient "
-                                f"(rl.max_bad_steps = {self.rc.max_bad_steps}); stopped at step {self.step}")
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
 
     def totals(self, loss: torch.Tensor, obj: Objectives) -> dict[str, torch.Tensor]:
         """Loss and objectives of the global batch (summed over processes)."""
@@ -254,19 +264,20 @@ class RLTrainer:
 
     def step_record(self, mb: RLBatch, obj: Objectives, coef: Coefficient, totals: dict[str, torch.Tensor],
                     norm: torch.Tensor, finite: bool, norms: Norms | None, first_after_rollout: bool,
-                    step_s: float, diag_s: float) -> dict[str, Any]:
+                    minibatch_index: int | None, step_s: float, diag_s: float) -> dict[str, Any]:
         dist, mask = self.dist, mb.response_mask
         n_tok = float(norms.rl) if norms is not None else float(mask.sum())
         local = torch.tensor([obj.surrogate.clip_frac, obj.surrogate.ratio_mean, entropy_from_logits(obj.logits, mask)])
         clip_frac, ratio_mean, entropy = (float(x) for x in dist.sum({"v": local})["v"] / dist.world)
         rec = {
             "step": self.step, "rollout": self.rollouts, "first_after_rollout": first_after_rollout,
+            "minibatch_index": minibatch_index,
             "lambda/used": coef.value, "lambda/rule": coef.rule,
             "lambda/convention": self.rc.occ_convention if self.rc.regime == "occ" else "objective",
-            "lambda/non_finite_total": self.rule.non_finite,
+            "lambda/non_finite_total": self.rule.non_finite, "lambda/undefined_total": self.rule.undefined,
             "rl/loss": float(totals["loss"]), "rl/objective": float(totals["rl"]), "rl/clip_frac": clip_frac,
             "rl/ratio_mean": ratio_mean, "rl/entropy": entropy,
-            "rl/grad_norm": float(norm), "rl/skipped": not finite, "rl/bad_steps_total": self.bad_total,
+            "rl/grad_norm": float(norm), "rl/skipped": not finite, "rl/bad_steps_total": self.guard.total,
             "perf/step_s": step_s, "perf/train_s": step_s - diag_s, "perf/diag_s": diag_s,
             "perf/train_tokens_per_s": n_tok / max(step_s - diag_s, 1e-9),
         }
@@ -351,7 +362,7 @@ class RLTrainer:
                 batches, ro_rec = self.pending["batches"], self.pending["record"]
                 while self.pending["next"] < len(batches) and self.step < rc.steps:
                     i = self.pending["next"]
-                    rec = self.train_step(batches[i], first_after_rollout=i == 0) | ro_rec
+                    rec = self.train_step(batches[i], first_after_rollout=i == 0, minibatch_index=i) | ro_rec
                     self.pending["next"] = i + 1
                     if rc.eval_every and self.step % rc.eval_every == 0:
                         res = self.evaluate(rc.eval_size, 0)
@@ -395,7 +406,7 @@ class RLTrainer:
         return {"format": "occ_theory.rl_checkpoint", "step": self.step, "rollouts": self.rollouts,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "rule": self.rule.state_dict(), "diagnostics": self.diagnostics.state_dict(), "rngs": rngs, "shuffle_gen": self.shuffle_gen.get_state(),
-                "bad_in_row": self.bad_in_row, "bad_total": self.bad_total}
+                "bad_in_row": self.guard.in_row, "bad_total": self.guard.total}
 
     def save_checkpoint(self) -> Path:
         d = self.ctx.run_dir / "checkpoints"
@@ -436,7 +447,7 @@ class RLTrainer:
                             "record": p["record"], "next": p["next"]}
         self.shuffle_gen.set_state(st["shuffle_gen"])
         self.step, self.rollouts = st["step"], st["rollouts"]
-        self.bad_in_row, self.bad_total = st["bad_in_row"], st["bad_total"]
+        self.guard.in_row, self.guard.total = st["bad_in_row"], st["bad_total"]
 
 
 def _checkpoints(d: Path) -> list[Path]:
@@ -506,6 +517,9 @@ def resume_rl(run_dir: Path) -> Path:
     dist = init_from_env(ctx.device)
     ctx = replace(ctx, main=dist.main)
     trainer = RLTrainer(cfg, ctx, dist)
+    if dist.main:  # a writer killed mid-write leaves its temporary file (never a torn checkpoint): clear them
+        for leftover in (run_dir / "checkpoints").glob(".step_*.tmp"):
+            leftover.unlink()
     if ckpt is None:
         ctx.log("no checkpoint yet: restarting from the initial model")
         if dist.main:

@@ -144,40 +144,22 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
-
-    from .atomic import atomic_write_text, check_output_file
-    from .models import load_model, load_tokenizer
     from .train.config import load_config
     from .train.evaluate import format_table
-    from .train.run import evaluate_run, resolve_device, set_threads
+    from .train.run import evaluate_checkpoint
 
-    cfg = load_config(args.config, args.overrides)
-    out = args.json or Path(args.checkpoint) / "eval.json"
-    check_output_file(out, "--json")
-    set_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    model, tok = load_model(args.checkpoint, device=device), load_tokenizer(args.checkpoint)
-    ec = cfg.eval
-    res = evaluate_run(model, tok, cfg, ec.size, ec.samples, autocast_dtype=torch_bf16_if_cuda(device),
-                       progress="eval")
-    if not res:
-        raise ValueError(f"config key 'task.user_data': {cfg.task.user_data} has no held-out problem to evaluate")
-    atomic_write_text(out, json.dumps(res, indent=2))
+    res, out = evaluate_checkpoint(args.checkpoint, load_config(args.config, args.overrides), args.json, "eval")
     print(format_table(res))
     print(f"written {out}")
     return 0
 
 
-def torch_bf16_if_cuda(device):
-    import torch
-
-    return torch.bfloat16 if device.type == "cuda" else None
-
-
 def _figures_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories (or folders of runs)")
-    p.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default: figures/)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: report/ in the runs' common parent folder)")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty folder that is not this report's (its stale report files go)")
     p.add_argument("--pdf", action="store_true", help="also write PDF versions")
     p.add_argument("--probes", default="probes.parquet", metavar="NAME",
                    help="probe file to read in each run, e.g. one written by occ probe --set ... --out NAME")
@@ -188,8 +170,9 @@ def _figures(args: argparse.Namespace) -> int:
 
     from .atomic import check_output_dir
 
-    check_output_dir(args.out, "--out")
-    print(write_report(args.run_dirs, args.out, pdf=args.pdf, probes_file=args.probes))
+    if args.out is not None:
+        check_output_dir(args.out, "--out")
+    print(write_report(args.run_dirs, args.out, pdf=args.pdf, probes_file=args.probes, force=args.force))
     return 0
 
 

@@ -1,7 +1,8 @@
 """``occ quickstart``: the whole pipeline at tiny scale, minutes on a laptop CPU.
 
-SFT with MTP → RL in each regime (probes every few steps) → ``occ probe`` on every run →
-held-out evaluation (written by each RL run) → ``occ figures``. The settings are the tiny
+SFT with MTP → held-out evaluation of the SFT checkpoint (the baseline every gain is measured from) →
+RL in each regime (probes every few steps; each run evaluates itself) → ``occ probe`` on every run →
+``occ figures``. The settings are the tiny
 configuration with shorter schedules; every stage prints progress.
 """
 
@@ -17,7 +18,7 @@ SFT_SETTINGS = [
     "name=quickstart", "model.family=qwen2", "model.hidden_size=128", "model.intermediate_size=384",
     "model.num_layers=4", "model.num_heads=4", "model.num_kv_heads=2", "model.max_position_embeddings=128",
     "model.mtp_depths=1", "task.weights=[2,1,1,1,1]", "sft.steps=1200", "sft.batch_size=64", "sft.lr=3e-3",
-    "sft.warmup=50", "sft.eval_every=0", "sft.eval_size=48",
+    "sft.warmup=50", "sft.eval_every=0", "sft.eval_size=48", "eval.size=64", "eval.samples=2",
 ]
 RL_SETTINGS = [
     "name=quickstart", "rl.steps=60", "rl.prompts_per_rollout=8", "rl.group_size=8", "rl.minibatches=4",
@@ -35,6 +36,7 @@ def quickstart(out: Path, figures: Path | None, regimes: list[str], seed: int = 
 
     from .diagnostics.offline import recompute_run
     from .train.rl import run_rl
+    from .train.run import evaluate_checkpoint
     from .train.sft import run_sft
 
     bad = [r for r in regimes if r not in REGIMES]
@@ -47,7 +49,9 @@ def quickstart(out: Path, figures: Path | None, regimes: list[str], seed: int = 
     t0 = time.perf_counter()
     n = 2 + 2 * len(regimes) + 1
     _stage(1, n, "SFT with MTP (tiny model)", t0)
-    ckpt = run_sft(load_config(None, [*SFT_SETTINGS, f"seed={seed}"]), out_dir=out / "sft")
+    sft_cfg = load_config(None, [*SFT_SETTINGS, f"seed={seed}"])
+    ckpt = run_sft(sft_cfg, out_dir=out / "sft")
+    evaluate_checkpoint(ckpt, sft_cfg)  # the same eval settings as the RL runs'
     runs = []
     for i, regime in enumerate(regimes):
         _stage(2 + i, n, f"RL regime {regime}", t0)

@@ -7,6 +7,8 @@ REGIMES=${REGIMES:-"off detach ce policy occ"}
 SEEDS=${SEEDS:-"0 1 2"}
 mkdir -p "$OUT"
 [ -f "$OUT/sft/checkpoint/occ_model.json" ] || occ sft --config tiny --out "$OUT/sft"
+# the SFT checkpoint's held-out accuracy, with the RL runs' eval settings: the baseline of every gain
+[ -f "$OUT/sft/checkpoint/eval.json" ] || occ eval "$OUT/sft/checkpoint" --config reference
 for seed in $SEEDS; do
   for regime in $REGIMES; do
     run="$OUT/${regime}__${seed}"
@@ -21,5 +23,6 @@ for seed in $SEEDS; do
       occ probe "$run" --set diag.grid_cap=1 --out probes_cap1.parquet; fi
   done
 done
-occ figures "$OUT" --out figures
-occ figures "$OUT" --probes probes_cap1.parquet --out figures/grid_cap1
+# figures/ is the committed reference report: --force replaces it (figures/calibration/ is kept)
+occ figures "$OUT" --out figures --force
+occ figures "$OUT" --probes probes_cap1.parquet --out figures/grid_cap1 --force

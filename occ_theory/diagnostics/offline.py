@@ -31,7 +31,7 @@ from ..atomic import atomic_write_bytes, check_output_file
 from ..models import load_model
 from ..names import ONLINE_FILE, PROBES_FILE
 from ..progress import Progress
-from ..train.run import set_threads
+from ..runtime import set_threads
 from .bundle import load_bundle, probe_from_bundle
 from .probe import ProbeSettings
 

@@ -4,7 +4,6 @@ its checks (a user dataset must fit the model's context), the held-out evaluatio
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,25 +14,11 @@ import numpy as np
 import torch
 
 from ..atomic import check_output_dir
+from ..names import EVAL_FILE
+from ..runtime import resolve_device, set_threads
 from ..tasks import SUITES, Problem, Task, UserTask, get_task, train_stream
 from .config import Config, dump_config
 from .evaluate import evaluate_sets, prompt_ids, suite_sets
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("config key 'device': cuda was asked for but no CUDA device is available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per process under torchrun
-        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return torch.device(name)
-
-
-def set_threads(threads: int) -> None:
-    """torch's CPU threads: ``threads`` > 0 sets them (config key ``threads``); 0 leaves torch's default."""
-    if threads > 0:
-        torch.set_num_threads(threads)
 
 
 def default_run_name(cfg: Config, kind: str) -> str:
@@ -165,6 +150,29 @@ def evaluate_run(model: torch.nn.Module, tokenizer: Any, cfg: Config, size: int,
     result["settings"] = {"data": cfg.task.user_data or "suites", "size": size, "samples": samples,
                           "temperature": ec.temperature, "max_new_tokens": ec.max_new_tokens, "seed": ec.seed}
     return result
+
+
+def evaluate_checkpoint(checkpoint: Path, cfg: Config, out: Path | None = None, progress: str | None = None
+                        ) -> tuple[dict[str, Any], Path]:
+    """``occ eval``: the held-out evaluation of a saved checkpoint with ``cfg``'s ``eval`` settings, written
+    atomically to ``out`` (default ``CHECKPOINT/eval.json``; checked before any work); returns it and the path."""
+    import json
+
+    from ..atomic import atomic_write_text, check_output_file
+    from ..models import load_model, load_tokenizer
+
+    out = Path(out) if out is not None else Path(checkpoint) / EVAL_FILE
+    check_output_file(out, "--json")
+    set_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    model, tok = load_model(checkpoint, device=device), load_tokenizer(checkpoint)
+    ec = cfg.eval
+    res = evaluate_run(model, tok, cfg, ec.size, ec.samples, progress=progress,
+                       autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    if not res:
+        raise ValueError(f"config key 'task.user_data': {cfg.task.user_data} has no held-out problem to evaluate")
+    atomic_write_text(out, json.dumps(res, indent=2))
+    return res, out
 
 
 def problem_stream(cfg: Config, rng: np.random.Generator, tasks: list[Task] | None = None) -> Any:

@@ -21,7 +21,11 @@ def test_quick_step_and_rollout_write_json_with_ratios_and_targets_and_a_markdow
     step = doc["benchmarks"]["step"]
     assert step["error"] is None and step["memory"]["peak_rss_mb"] > 0
     rows = {r["contender"]: r for r in step["rows"]}
-    assert set(rows) == {"detach", "occ/reference", "occ/least_squares", "occ/fisher", "policy", "policy+diagnostics"}
+    geometry = "one more geometry (4 geometries vs 3 geometries)"
+    assert set(rows) == {"detach", "occ/reference", "occ/least_squares", "occ/fisher", "policy", "policy+diagnostics",
+                         geometry, "run, no probes", "run + probes every 4"}
+    assert rows[geometry]["target"] == "<= 1" and rows[geometry]["ratio"] > 0
+    assert rows["run + probes every 4"]["vs"] == "run, no probes" and rows["run + probes every 4"]["ratio"] > 1
     for name in ("occ/reference", "occ/least_squares", "occ/fisher"):
         assert rows[name]["vs"] == "detach" and rows[name]["target"] == "<= 1.03"
         assert rows[name]["ratio"] > 0 and isinstance(rows[name]["met"], bool)

@@ -6,9 +6,13 @@ one trainer per contender loaded from the same checkpoint. Two interleaved group
 
 * ``detach`` and ``occ`` with each proxy (``reference``, ``least_squares``, ``fisher``): the ratio
   occ/detach is the paper's "negligible cost" claim (target ≤ 1.03);
-* ``policy`` plain and ``policy`` with the diagnostics forced on every step (gradient recorder,
-  decomposition in SGD and Adam geometry, an 8-point λ-curve; no bootstrap, Taylor halvings or
-  probe bundles): target ≤ 8.
+* ``policy`` plain and ``policy`` with the diagnostics forced on every step (momentum buffers, the
+  four geometries with Q_F from one gradient graph, identity 3, an 8-point λ-curve; no bootstrap,
+  Taylor halvings, real-step curves or probe bundles): target ≤ 8;
+* the marginal cost of one more geometry (``decompose_steps`` with four geometries against three,
+  in gradients of J): target ≤ 1;
+* a whole ``policy`` run (40 steps; 8 with ``--quick``) with probes every 25 steps (4) (default probe settings, bundles,
+  real-step curves) against the same run without probes, side by side: target ≤ 1.5.
 
 Two warm-up steps first, so Adam has state and the Adam-geometry decomposition runs. Every call
 is a real step: each trainer's model moves on, all by the same number of steps.
@@ -29,6 +33,8 @@ from .profiling import describe_ops, describe_phases, phase_times, top_ops
 OCC_PROXIES = ("reference", "least_squares", "fisher")
 OCC_TARGET = 1.03
 DIAG_TARGET = 8.0
+GEOMETRY_TARGET = 1.0
+RUN_TARGET = 1.5
 
 
 def bench_step(repeats: int, threads: int, quick: bool = False) -> BenchResult:
@@ -51,6 +57,8 @@ def bench_step(repeats: int, threads: int, quick: bool = False) -> BenchResult:
         b = interleave({k: step(t) for k, t in diag.items()}, rounds=repeats, warmup=2, progress="step/diag")
         rows = [_row(k, s, a["detach"] if k != "detach" else None, "detach", OCC_TARGET) for k, s in a.items()]
         rows += [_row(k, s, b["policy"] if k != "policy" else None, "policy", DIAG_TARGET) for k, s in b.items()]
+        rows.append(_geometry_row(diag["policy"], mb, 2 if quick else repeats))
+        rows += _run_rows(ckpt, d, threads, 1 if quick else max(1, repeats // 3), *((8, 4) if quick else (40, 25)))
         res.rows = rows
         res.notes += _notes(mb, b["policy+diagnostics"])
         missed = {r["contender"]: r for r in rows if r["met"] is False}
@@ -78,6 +86,62 @@ def _row(name: str, s: Samples, base: Samples | None, base_name: str, goal: floa
     return row
 
 
+def _geometry_row(tr: Any, mb: Any, rounds: int) -> dict[str, Any]:
+    """decompose_steps on the minibatch with 1–4 geometries and one gradient of J, interleaved; the
+    marginal cost of the fourth geometry in gradients."""
+    from ..diagnostics.probe import OptimizerSnapshot, geometry_directions, shared_params
+    from ..rl.batch import compute_objectives
+    from ..theory import eager_attention, grad
+    from ..theory.step import decompose_steps
+
+    params = shared_params(tr.model)
+
+    def J(p):
+        return compute_objectives(tr.model, mb, tr.spec, params=p, with_mtp=False).rl_objective
+
+    with eager_attention(tr.model):
+        g = grad(J, params)[1]
+        u = grad(lambda p: compute_objectives(tr.model, mb, tr.spec, params=p).mtp, params)[1]
+        snap = OptimizerSnapshot.capture(tr.optimizer, tr.shared, tr.rc.grad_clip, (g, u))  # u's EMA stands in
+        dirs = geometry_directions(params, g, u, snap)
+        names = list(dirs)
+        fns = {"grad": lambda: grad(J, params)}
+        fns |= {f"{k} geometries": (lambda k=k: decompose_steps(J, params, {n: dirs[n] for n in names[:k]},
+                                                                 tr.cfg.diag.hvp_method))
+                for k in range(1, len(names) + 1)}
+        s = interleave(fns, rounds=rounds, warmup=1, memory=False, progress="step/geometries")
+    top, below = f"{len(names)} geometries", f"{len(names) - 1} geometries"
+    marginal = (s[top].median_s - s[below].median_s) / s["grad"].median_s
+    return {"contender": f"one more geometry ({top} vs {below})", "regime": "policy", "proxy": None,
+            "diagnostics": True, "median_ms": 1e3 * (s[top].median_s - s[below].median_s), "spread": None,
+            "calls": rounds, "rss_delta_mb": None, "vs": f"grad of J ({1e3 * s['grad'].median_s:.0f} ms)",
+            **target(marginal, "<=", GEOMETRY_TARGET), "ratio_min": None, "ratio_max": None}
+
+
+def _run_rows(ckpt: Path, d: Path, threads: int, rounds: int, steps: int, every: int) -> list[dict[str, Any]]:
+    """Whole runs of ``steps`` steps with and without probes every ``every`` steps, timed back to back."""
+    import shutil
+
+    from ..train.config import load_config
+    from ..train.rl import run_rl
+
+    base = [f"rl.init={ckpt}", "rl.regime=policy", f"rl.steps={steps}", f"threads={threads}", "rl.eval_every=0",
+            "eval.size=1", "eval.samples=1"]
+    probed = f"run + probes every {every}"
+    variants = {"run, no probes": ["diag.every=0", "diag.first=false"],
+                probed: [f"diag.every={every}", "diag.curve_real_step=true"]}
+
+    def run(name: str) -> Any:
+        out = d / "runs" / name.replace(" ", "_")
+        shutil.rmtree(out, ignore_errors=True)
+        return lambda: run_rl(load_config(None, [*base, *variants[name]]), out_dir=out)
+
+    s = interleave({k: run(k) for k in variants}, rounds=rounds, warmup=0, memory=False, progress="step/run")
+    plain = s["run, no probes"]
+    return [_row("run, no probes", plain, None, "", RUN_TARGET) | {"regime": "policy"},
+            _row(probed, s[probed], plain, "run, no probes", RUN_TARGET) | {"regime": "policy"}]
+
+
 def _notes(mb: Any, diag: Samples) -> list[str]:
     recs = [v for v in diag.values if isinstance(v, dict)]
     diag_ms = statistics.median(1e3 * r["perf/diag_s"] for r in recs) if recs else math.nan
@@ -95,19 +159,18 @@ def _notes(mb: Any, diag: Samples) -> list[str]:
 
 FISHER_PHASES = {
     "u = ∇M (torch.autograd.grad on the live graph)": "torch.autograd:grad",
-    "fisher_coefficient": "occ_theory.train.rl:RLTrainer.fisher_coefficient",
-    "of it the two forwards of the finite difference": "occ_theory.train.rl:forward_logprobs",
-    "optimizer snapshot": "occ_theory.train.rl:OptimizerSnapshot.capture",
+    "the fisher rule": "occ_theory.train.rl:fisher_from_optimizer",
+    "of it the two forwards of the finite difference": "occ_theory.rl.coef:forward_logprobs",
 }
 DIAG_PHASES = {
-    "recorder.record (g, u on the live graph)": "occ_theory.diagnostics.recorder:GradientRecorder.record",
-    "run_probe": "occ_theory.train.rl:run_probe",
-    "of it u = grad(M) again, functionally": "occ_theory.diagnostics.probe:grad",
-    "decompose (both geometries)": "occ_theory.diagnostics.probe:decompose_geometries",
-    "of it grad_and_hvps (one graph, two HVPs)": "occ_theory.theory.decompose:grad_and_hvps",
-    "of it the JVPs for Q_F": "occ_theory.theory.decompose:jvp",
+    "u = ∇M on the live graph (momentum buffers)": "occ_theory.diagnostics.recorder:GradientRecorder.mtp_grad",
+    "run_probe": "occ_theory.diagnostics.step:run_probe",
+    "of it g and u, functionally": "occ_theory.diagnostics.probe:grad",
+    "decompose_steps (four geometries, one graph)": "occ_theory.diagnostics.probe:decompose_steps",
+    "of it grad_and_hvps": "occ_theory.theory.step:grad_and_hvps",
+    "of it the JVPs for β_F": "occ_theory.theory.step:jvps",
     "curve": "occ_theory.diagnostics.probe:measure_curve",
-    "recorder.check + breakdown": "occ_theory.diagnostics.recorder:GradientRecorder.breakdown",
+    "identity 3": "occ_theory.diagnostics.recorder:GradientRecorder.check",
 }
 
 
@@ -150,5 +213,6 @@ def _explain_diagnostics(fn: Any, row: dict[str, Any], plain: Samples, calls: in
     phases = phase_times(fn, DIAG_PHASES, calls)
     return (f"policy+diagnostics misses ({row['ratio']:.1f}× the plain step's {1e3 * plain.median_s:.0f} ms). "
             f"Profile per step (inclusive; 'of it' phases are inside the one above): {describe_phases(phases)}. "
-            "The floor: two HVPs of J (one per geometry; rev-rev costs ~3 gradients each even on a shared "
-            "graph), one JVP per geometry for Q_F, the recorder's two backwards, and the curve's 9 forwards.")
+            "The floor: one gradient graph of J with four HVPs (one per geometry), one JVP per geometry for "
+            "β_F, u and g functionally, u again on the live graph for the momentum buffers, and the curve's "
+            "forwards.")

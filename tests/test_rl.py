@@ -375,3 +375,18 @@ def test_probe_measures_every_geometry_against_the_real_step(ckpt, tmp_path):
     for k in ("alpha", "beta", "r2", "beta_noclip", "beta_vhat_frozen"):
         assert math.isfinite(rec[f"diag/curve_real_local/{k}"]), k
     assert isinstance(rec["diag/curve_real_wide/interior_max"], bool)
+
+
+def test_lr_warmup_ramps_linearly_and_survives_a_checkpoint(ckpt, tmp_path):
+    tr = _trainer(ckpt, tmp_path, "detach", "rl.warmup_steps=4", "rl.lr=1e-4", "diag.every=0", "diag.first=false")
+    batch, _ = tr.rollout()
+    mbs = [with_signal(tr, m) for m in batch.split(4)]
+    lrs = [tr.train_step(mb, first_after_rollout=False)["rl/lr"] for mb in mbs[:2]]
+    state = tr.checkpoint_state()
+    other = _trainer(ckpt, tmp_path / "b", "detach", "rl.warmup_steps=4", "rl.lr=1e-4", "diag.every=0",
+                     "diag.first=false")
+    path = tmp_path / "ck.pt"
+    torch.save(state, path)
+    other.load_checkpoint(path)
+    lrs += [other.train_step(mb, first_after_rollout=False)["rl/lr"] for mb in mbs[2:]]
+    assert lrs == pytest.approx([2.5e-5, 5e-5, 7.5e-5, 1e-4], rel=1e-12)

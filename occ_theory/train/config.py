@@ -132,7 +132,10 @@ class RLConfig(Settings):
     top_p: typing.Annotated[Float, Field(gt=0, le=1)] = 1.0
     """Nucleus sampling threshold, in (0, 1]."""
     lr: PositiveFloat = 1e-5
-    """AdamW learning rate (constant)."""
+    """AdamW learning rate (constant after the warm-up)."""
+    warmup_steps: NonNegativeInt = 0
+    """Linear learning-rate warm-up over this many optimizer steps, from lr/warmup_steps to lr (0: none): Adam's
+    first steps are sign-like, so a warm-up keeps them from undoing SFT."""
     betas: tuple[Beta, Beta] = (0.9, 0.999)
     """AdamW betas, each in [0, 1)."""
     adam_eps: NonNegativeFloat = 1e-8

@@ -102,6 +102,9 @@ class RLTrainer:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=rc.lr, betas=rc.betas, eps=rc.adam_eps,
                                            weight_decay=rc.weight_decay)
+        warm = rc.warmup_steps
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda i: min(1.0, (i + 1) / warm) if warm
+                                                          else 1.0)
         shared = set(self.model.shared_param_names())
         self.shared = {k: p for k, p in self.model.named_parameters() if k in shared}
         self.ref_model = None
@@ -212,6 +215,7 @@ class RLTrainer:
         self.step += 1
         t0 = time.perf_counter()
         dist, diag = self.dist, self.diagnostics
+        lr = self.optimizer.param_groups[0]["lr"]  # this step's (the warm-up moves it after the step)
         self.model.train()
         norms = Norms.of(mb, self.model.num_mtp, dist.sum) if dist.active else None  # global token counts
         with self.ctx.autocast():
@@ -236,7 +240,7 @@ class RLTrainer:
         self.take_step(finite)
         step_s = time.perf_counter() - t0
         return rec | self.step_record(mb, obj, coef, totals, norm, finite, norms, first_after_rollout, minibatch_index,
-                                      step_s, diag_s)
+                                      lr, step_s, diag_s)
 
     def edit_shared_update(self, u: dict[str, torch.Tensor], coef: Coefficient) -> SharedUpdate:
         """Replace the update on θ_S by the rule's own (``rl/coef.py: shared_update``); g = −∇L − λ·u."""
@@ -252,6 +256,7 @@ class RLTrainer:
         """The optimizer step, or a skipped one (counted; too many in a row stop the run)."""
         if self.guard.check(finite, self.step):
             self.optimizer.step()
+            self.lr_schedule.step()
         else:
             self.optimizer.zero_grad(set_to_none=True)
 
@@ -264,7 +269,7 @@ class RLTrainer:
 
     def step_record(self, mb: RLBatch, obj: Objectives, coef: Coefficient, totals: dict[str, torch.Tensor],
                     norm: torch.Tensor, finite: bool, norms: Norms | None, first_after_rollout: bool,
-                    minibatch_index: int | None, step_s: float, diag_s: float) -> dict[str, Any]:
+                    minibatch_index: int | None, lr: float, step_s: float, diag_s: float) -> dict[str, Any]:
         dist, mask = self.dist, mb.response_mask
         n_tok = float(norms.rl) if norms is not None else float(mask.sum())
         local = torch.tensor([obj.surrogate.clip_frac, obj.surrogate.ratio_mean, entropy_from_logits(obj.logits, mask)])
@@ -278,7 +283,7 @@ class RLTrainer:
             "rl/loss": float(totals["loss"]), "rl/objective": float(totals["rl"]), "rl/clip_frac": clip_frac,
             "rl/ratio_mean": ratio_mean, "rl/entropy": entropy,
             "rl/grad_norm": float(norm), "rl/skipped": not finite, "rl/bad_steps_total": self.guard.total,
-            "perf/step_s": step_s, "perf/train_s": step_s - diag_s, "perf/diag_s": diag_s,
+            "rl/lr": lr, "perf/step_s": step_s, "perf/train_s": step_s - diag_s, "perf/diag_s": diag_s,
             "perf/train_tokens_per_s": n_tok / max(step_s - diag_s, 1e-9),
         }
         if obj.kl is not None:
@@ -405,6 +410,7 @@ class RLTrainer:
                                  "sample_gen": self.sample_gen.get_state().cpu(), "pending": pending})
         return {"format": "occ_theory.rl_checkpoint", "step": self.step, "rollouts": self.rollouts,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "lr_schedule": self.lr_schedule.state_dict(),
                 "rule": self.rule.state_dict(), "diagnostics": self.diagnostics.state_dict(), "rngs": rngs, "shuffle_gen": self.shuffle_gen.get_state(),
                 "bad_in_row": self.guard.in_row, "bad_total": self.guard.total}
 
@@ -429,6 +435,8 @@ class RLTrainer:
         try:
             self.model.load_state_dict(st["model"])
             self.optimizer.load_state_dict(st["optimizer"])
+            if "lr_schedule" in st:  # checkpoints before the warm-up setting have none (constant lr)
+                self.lr_schedule.load_state_dict(st["lr_schedule"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise ValueError(f"checkpoint {path} does not match this run's model or optimizer: {e}") from e
         self.rule.load_state_dict(st["rule"])

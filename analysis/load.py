@@ -31,8 +31,6 @@ COEF_REGIMES = (*FIXED_LAMBDA_REGIMES, "cosine", "cosine_weighted", "pcgrad", "u
 """Regimes whose runs differ by ``rl.mtp_coef``: it names their arm."""
 
 
-
-
 @dataclass
 class Run:
     """One loaded run directory. ``name`` is the directory's name (config ``name`` is not unique)."""

@@ -65,6 +65,18 @@ def held_out_accuracy(metrics: pd.DataFrame) -> pd.Series:
     return acc
 
 
+
+def _mean_series(ax, frame: pd.DataFrame, lines: list[tuple[str, str, str, str]]) -> bool:
+    """Each ``(label, column, colour, linestyle)`` as its mean over runs against the step; a symlog axis when
+    the values span signs and decades (returns whether it was used)."""
+    values: list[float] = []
+    for name, col, c, ls in lines:
+        sp = spread(frame.assign(_v=numeric(frame, col)), "step", "_v")
+        if not sp.empty:
+            ax.plot(sp["step"], sp["mean"], color=c, ls=ls, marker="o", ms=3, lw=1.2, label=name)
+            values += list(sp["mean"])
+    return symlog_if_mixed(ax, values)
+
 @figure("F1 reward over training", "run", "regime", "step", "reward/mean")
 def f1_reward(metrics: pd.DataFrame, out: Path, pdf: bool = False, smooth: int | None = None) -> Path:
     """Rolling-mean reward (window ``smooth``, default 1/20 of the run) per regime, mean and min–max
@@ -255,13 +267,8 @@ def f4_proxies(probes: pd.DataFrame, out: Path, pdf: bool = False) -> Path:
     fig = new_figure(13, 3.2 * len(shown) + 0.6)
     axes = fig.subplot_mosaic([[f"ts{i}", "scatter"] for i in range(len(shown))], width_ratios=[1.6, 1])
     for i, regime in enumerate(shown):
-        ax, r, values = axes[f"ts{i}"], d[d["regime"] == regime], []
-        for name, col, c, ls in series:
-            sp = spread(r.assign(_v=numeric(r, col)), "step", "_v")
-            if not sp.empty:
-                ax.plot(sp["step"], sp["mean"], color=c, ls=ls, marker="o", ms=3, lw=1.2, label=name)
-                values += list(sp["mean"])
-        scale = " (symlog)" if symlog_if_mixed(ax, values) else ""
+        ax, r = axes[f"ts{i}"], d[d["regime"] == regime]
+        scale = " (symlog)" if _mean_series(ax, r, series) else ""
         ax.set(xlabel="optimizer step", ylabel="coefficient" + scale, title=f"{regime}: proxies and λ* over training")
         ax.title.set_color(regime_color(regime))
         ax.legend(fontsize=7, ncol=2)
@@ -434,15 +441,9 @@ def f8_geometries(probes: pd.DataFrame, out: Path, pdf: bool = False) -> Path:
     for row_axes, regime in zip(axes, shown):
         r = d[d["regime"] == regime]
         for ax, coef in zip(row_axes, ("alpha", "beta")):
-            values = []
             lines = [("real step", REAL_LOCAL + coef, "black", "-")]
             lines += [(g, geo_key(g, f"{coef}_model"), GEOMETRY_COLORS[g], "--") for g in GEOMETRIES]
-            for name, col, c, ls in lines:
-                sp = spread(r.assign(_v=numeric(r, col)), "step", "_v")
-                if not sp.empty:
-                    ax.plot(sp["step"], sp["mean"], color=c, ls=ls, marker="o", ms=3, lw=1.2, label=name)
-                    values += list(sp["mean"])
-            scale = " (symlog)" if symlog_if_mixed(ax, values) else ""
+            scale = " (symlog)" if _mean_series(ax, r, lines) else ""
             ax.axhline(0, color="0.7", lw=0.5)
             sym = "α" if coef == "alpha" else "β"
             ax.set(xlabel="optimizer step", ylabel=sym + scale, title=f"{regime}: predicted {sym}_m vs the real step's {sym}")

@@ -210,9 +210,9 @@ def test_left_padding_leaves_every_real_position_unchanged():
 # -- gradient cuts --------------------------------------------------------------------------------
 
 
-def _mtp_grads(model, mtp_grad, ids, mask):
+def _mtp_grads(model, grad_cut, ids, mask):
     model.zero_grad(set_to_none=True)
-    _, mtp = aligned_logprobs(model, ids, mask, mtp_grad=mtp_grad)
+    _, mtp = aligned_logprobs(model, ids, mask, grad_cut=grad_cut)
     loss = sum(finite(x).sum() for x in (mtp if isinstance(mtp, list) else [mtp]))
     loss.backward()
     return {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
@@ -273,11 +273,11 @@ def test_full_sends_mtp_gradient_into_the_trunk(batch):
 
 def test_main_logits_do_not_depend_on_the_gradient_mode(batch):
     model = tiny_model(mtp_depths=1)
-    outs = [model(batch[0], batch[1], mtp_grad=mode) for mode in ("full", "detach", "detach_encoder")]
+    outs = [model(batch[0], batch[1], grad_cut=mode) for mode in ("full", "detach", "detach_encoder")]
     for logits, mtp in outs[1:]:
         assert torch.equal(logits, outs[0][0]) and torch.equal(mtp[0], outs[0][1][0])
-    with pytest.raises(ValueError, match="mtp_grad"):
-        model(batch[0], mtp_grad="stop")
+    with pytest.raises(ValueError, match="grad_cut"):
+        model(batch[0], grad_cut="stop")
 
 
 # -- torch.func -----------------------------------------------------------------------------------

@@ -155,9 +155,9 @@ def test_aligned_logprobs_are_causal_and_aligned_on_a_pretrained_trunk(checkpoin
 # -- gradient cuts --------------------------------------------------------------------------------
 
 
-def _mtp_group_grads(model, mtp_grad, ids, mask):
+def _mtp_group_grads(model, grad_cut, ids, mask):
     model.zero_grad(set_to_none=True)
-    _, mtp = aligned_logprobs(model, ids, mask, mtp_grad=mtp_grad)
+    _, mtp = aligned_logprobs(model, ids, mask, grad_cut=grad_cut)
     torch.where(torch.isnan(mtp), 0.0, mtp).sum().backward()
     norms: dict[str, float] = {}
     for n, p in model.named_parameters():

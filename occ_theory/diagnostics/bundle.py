@@ -56,6 +56,8 @@ def load_bundle(path: Path) -> dict[str, Any]:
         raise ValueError(f"probe bundle {f} is corrupt or unreadable: {type(e).__name__}: {e}") from e
     if not isinstance(payload, dict) or payload.get("format") != "occ_theory.probe":
         raise ValueError(f"{f} is not an occ_theory probe bundle")
+    if isinstance(payload.get("spec"), dict) and "mtp_grad" in payload["spec"]:  # version 1 named the cut mtp_grad
+        payload["spec"]["grad_cut"] = payload["spec"].pop("mtp_grad")
     if "coef" not in payload and {"lam_used", "base_coef"} <= payload.keys():  # version 1 stored the two numbers
         payload["coef"] = Coefficient(float(payload["lam_used"]), "unknown", float(payload["base_coef"])).as_dict()
     missing = [k for k in ("step", "model", "batch", "spec", "optim", "settings", "coef") if k not in payload]

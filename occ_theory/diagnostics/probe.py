@@ -228,7 +228,7 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficie
         return compute_objectives(work, b, spec, params=p, norms=norms).mtp
 
     def logp_fn(p):
-        return forward_logprobs(work, b, spec.temperature, spec.mtp_grad, False, p)[0]
+        return forward_logprobs(work, b, spec.temperature, spec.grad_cut, False, p)[0]
 
     def seq_terms(p):
         return compute_objectives(work, b, spec, params=p, with_mtp=False).seq_rl

@@ -9,7 +9,7 @@ from .config import FAMILIES, MTP_INITS, ModelConfig
 from .io import load_model, read_model_config, save_model
 from .logprobs import align_logprobs, aligned_logprobs, selective_log_softmax
 from .mtp import (
-    MTP_GRAD_MODES,
+    GRAD_CUTS,
     MTPModule,
     OCCModel,
     build_model,
@@ -23,7 +23,7 @@ from .tokenizer import SPECIAL_TOKENS, build_tokenizer, is_character_tokenizer, 
 
 __all__ = [
     "FAMILIES",
-    "MTP_GRAD_MODES",
+    "GRAD_CUTS",
     "MTP_INITS",
     "SPECIAL_TOKENS",
     "MTPModule",

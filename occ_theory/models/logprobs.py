@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .mtp import check_mtp_grad
+from .mtp import check_grad_cut
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -82,7 +82,7 @@ def aligned_logprobs(
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
     temperature: float = 1.0,
-    mtp_grad: str = "full",
+    grad_cut: str = "full",
     with_mtp: bool = True,
 ) -> tuple[Tensor, Tensor | list[Tensor] | None]:
     """``(logp, mtp_logp)``, both (B, T), aligned so that entry ``t`` scores token ``t``.
@@ -91,8 +91,8 @@ def aligned_logprobs(
     and ``None`` for D = 0 or ``with_mtp=False``. Logits are divided by ``temperature`` before the
     softmax. See the module docstring for the NaN convention.
     """
-    check_mtp_grad(mtp_grad)
-    logits, mtp_logits = model(input_ids, attention_mask=attention_mask, mtp_grad=mtp_grad, with_mtp=with_mtp)
+    check_grad_cut(grad_cut)
+    logits, mtp_logits = model(input_ids, attention_mask=attention_mask, grad_cut=grad_cut, with_mtp=with_mtp)
     logp, mtp = align_logprobs(logits, mtp_logits, input_ids, temperature)
     if not mtp:
         return logp, None

@@ -12,7 +12,7 @@ so ``logits^k[i]`` predicts token ``i+k+1``. The block uses the trunk's rotary m
 config object (so ``occ_theory.theory.eager_attention(model)`` switches it too) and the causal mask
 of ``transformers.masking_utils.create_causal_mask``.
 
-Gradient cuts (``mtp_grad``), THEORY.md section 1:
+Gradient cuts (``grad_cut``), THEORY.md section 1:
 
 * ``"full"``: the MTP loss reaches every shared parameter it touches.
 * ``"detach"``: the trunk state, the token embeddings and the output head weight enter the MTP
@@ -50,15 +50,15 @@ from transformers.masking_utils import create_causal_mask
 
 from .config import ARCH_FIELDS, FAMILIES, ModelConfig, mismatches
 
-MTP_GRAD_MODES = ("full", "detach", "detach_encoder")
+GRAD_CUTS = ("full", "detach", "detach_encoder")
 _HF_CLASSES = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
                "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
 
 
-def check_mtp_grad(mtp_grad: str) -> str:
-    if mtp_grad not in MTP_GRAD_MODES:
-        raise ValueError(f"mtp_grad must be one of {MTP_GRAD_MODES}, got {mtp_grad!r}")
-    return mtp_grad
+def check_grad_cut(grad_cut: str) -> str:
+    if grad_cut not in GRAD_CUTS:
+        raise ValueError(f"grad_cut must be one of {GRAD_CUTS}, got {grad_cut!r}")
+    return grad_cut
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -157,7 +157,7 @@ class OCCModel(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
-        mtp_grad: str = "full",
+        grad_cut: str = "full",
         with_mtp: bool = True,
     ) -> tuple[Tensor, list[Tensor]]:
         """``(logits, mtp_logits)``.
@@ -167,7 +167,7 @@ class OCCModel(nn.Module):
         Without ``position_ids``, positions come from ``attention_mask`` (``position_ids_from_mask``)
         for the trunk and every MTP depth alike.
         """
-        check_mtp_grad(mtp_grad)
+        check_grad_cut(grad_cut)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -184,7 +184,7 @@ class OCCModel(nn.Module):
         logits = self.trunk.get_output_embeddings()(hidden)  # (B, T, V)
         if not with_mtp:
             return logits, []
-        return logits, self._mtp_logits(hidden, input_ids, mask4d, position_ids, mtp_grad)
+        return logits, self._mtp_logits(hidden, input_ids, mask4d, position_ids, grad_cut)
 
     def _head(self, x: Tensor, detach: bool) -> Tensor:
         head = self.trunk.get_output_embeddings()
@@ -195,9 +195,9 @@ class OCCModel(nn.Module):
         return F.linear(x, weight, bias)
 
     def _mtp_logits(
-        self, hidden: Tensor, input_ids: Tensor, mask4d: Tensor | None, position_ids: Tensor, mtp_grad: str
+        self, hidden: Tensor, input_ids: Tensor, mask4d: Tensor | None, position_ids: Tensor, grad_cut: str
     ) -> list[Tensor]:
-        cut_inputs, cut_head = mtp_grad != "full", mtp_grad == "detach"
+        cut_inputs, cut_head = grad_cut != "full", grad_cut == "detach"
         base = self.trunk.base_model
         embed = self.trunk.get_input_embeddings()
         prev = hidden.detach() if cut_inputs else hidden  # h^0, (B, T, H)

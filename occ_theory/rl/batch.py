@@ -76,7 +76,7 @@ class ObjectiveSpec:
     """Which J and M a regime trains, and how the MTP path is cut (THEORY.md section 1)."""
 
     mtp_kind: str | None  # 'ce' | 'policy' | None (no MTP loss: regime off)
-    mtp_grad: str = "full"  # 'full' | 'detach' | 'detach_encoder'
+    grad_cut: str = "full"  # how the MTP path is cut from θ_S: 'full' | 'detach' | 'detach_encoder'
     eps_lo: float = 0.2
     eps_hi: float = 0.28
     temperature: float = 1.0
@@ -114,13 +114,13 @@ class Objectives:
     seq_rl: Tensor  # (B,) each sequence's summed surrogate terms (J's numerator, for the bootstrap)
 
 
-def forward_logprobs(model: nn.Module, batch: RLBatch, temperature: float, mtp_grad: str, with_mtp: bool,
+def forward_logprobs(model: nn.Module, batch: RLBatch, temperature: float, grad_cut: str, with_mtp: bool,
                      params: dict[str, Tensor] | None = None) -> tuple[Tensor, list[Tensor], Tensor]:
     """``(logp, [mtp_logp per depth], logits)``, aligned as in ``occ_theory.models.aligned_logprobs``."""
     from ..models import align_logprobs
 
     args = (batch.input_ids,)
-    kwargs = {"attention_mask": batch.attention_mask, "mtp_grad": mtp_grad, "with_mtp": with_mtp}
+    kwargs = {"attention_mask": batch.attention_mask, "grad_cut": grad_cut, "with_mtp": with_mtp}
     if params is None:
         logits, mtp_logits = model(*args, **kwargs)
     else:
@@ -163,7 +163,7 @@ def compute_objectives(model: nn.Module, batch: RLBatch, spec: ObjectiveSpec,
     ``norms`` gives the token counts J and M are normalised by (default: this batch's own).
     """
     use_mtp = with_mtp and spec.mtp_kind is not None
-    logp, mtp_logp, logits = forward_logprobs(model, batch, spec.temperature, spec.mtp_grad, use_mtp, params)
+    logp, mtp_logp, logits = forward_logprobs(model, batch, spec.temperature, spec.grad_cut, use_mtp, params)
     mask = batch.response_mask
     rl_denom = None if norms is None else norms.rl
     surr = clipped_surrogate(logp, batch.old_logp, batch.advantages, mask, spec.eps_lo, spec.eps_hi, rl_denom)

@@ -64,7 +64,7 @@ from ..rl.objectives import entropy_from_logits, mtp_objective
 from ..rl.sampler import NonFiniteLogitsError, generate
 from .config import Config, load_config
 from .dist import Dist, init_from_env
-from .evaluate import decode_response, prompt_ids
+from .evaluate import decode_response, prompt_ids, tasks_for
 from .guard import StepGuard, StopSignals, params_finite
 from .logging import MetricsWriter, Progress
 from .run import RunContext, check_user_data, evaluate_run, problem_stream, training_tasks
@@ -114,7 +114,8 @@ class RLTrainer:
         self.diagnostics = StepDiagnostics(self.model, self.optimizer, cfg.diag, total_steps=rc.steps, seed=cfg.seed,
                                            grad_clip=rc.grad_clip, bundle_dir=ctx.run_dir / "probes",
                                            enabled=rc.regime != "off", dist=self.dist, heldout=self.heldout_batch)
-        self.tasks = {t.name: t for t in training_tasks(cfg)}
+        # a pretrained model's tokenizer gets the tasks in natural language (its chat template, "Answer: N")
+        self.tasks = {t.name: t for t in tasks_for(self.tokenizer, training_tasks(cfg))}
         # randomness: every source is a seeded generator whose state is checkpointed (one set per process)
         rank = self.dist.rank
         self.task_rng = np.random.default_rng([cfg.seed, rank, 1])  # not SFT's stream (default_rng(seed))

@@ -2,7 +2,7 @@
 
 Claims 1a/1b (the real-step curve) live in ``claims_curve``, claims 4 and 7 (held-out outcomes) in
 ``outcome``; here are the probe claims 2, 3, 5 and the cost claim 6, and ``evaluate_claims``.
-Judging rules shared by all (THEORY.md section 6) are in ``verdict``: at least ``MIN_RUNS`` runs per
+Judging rules shared by all (docs/theory.md section 6) are in ``verdict``: at least ``MIN_RUNS`` runs per
 arm, run-clustered intervals and p-values, a NaN never counts as support. Every quantity in a
 geometry is read in one geometry (``frames.run_geometry``), never pooled across geometries.
 Every threshold is a module constant, listed in ``THRESHOLDS`` and printed in the report.
@@ -207,7 +207,7 @@ def tracking(pts: pd.DataFrame, truth: str = "fit", value: str = "proxy") -> dic
 
 
 def _reading(probes: pd.DataFrame) -> dict[str, Any]:
-    """THEORY.md section 4's reading of the reference proxy, reported beside claim 5: the head gap (statistics
+    """docs/theory.md section 4's reading of the reference proxy, reported beside claim 5: the head gap (statistics
     of q − l_old against l − l_old), ``proxy/c`` against κ = ``diag/G/proj``, and c against 1/(η·L_eff)
     (``diag/curve/l_eff``) as the median of c·η·L_eff (1 when the reading holds)."""
     d = probes[probes["regime"].isin(["policy", "occ"])]

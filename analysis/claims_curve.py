@@ -1,4 +1,4 @@
-"""Claim 1, judged on the optimizer's real step (THEORY.md sections 2 and 5), split in two.
+"""Claim 1, judged on the optimizer's real step (docs/theory.md sections 2 and 5), split in two.
 
 * 1a, local: on the local grid (|λ| ≤ λ_bal) the real-step Δ(λ) is quadratic (R² ≥ ``LOCAL_R2``)
   and the model's β_m has the sign of the real curve's β, in the best geometry (each reported,

@@ -28,12 +28,12 @@ and the proxies' base coefficient ``c`` (``Run.base_coef``)."""
 SUITES, REGIME_ORDER, PROXIES = names.SUITES, names.REGIMES, names.PROXY_NAMES
 """The six evaluation suites, the regimes and the proxies, in display order (``occ_theory.names``)."""
 GEOMETRIES = ("sgd", "adam", "adam_step", "adam_stationary")
-"""The probe's geometries (THEORY.md section 2, "The optimizer's real step"); keys ``diag/<G>/…``."""
+"""The probe's geometries (docs/theory.md section 2, "The optimizer's real step"); keys ``diag/<G>/…``."""
 RUN_GEOMETRY_ORDER = ("adam_step", "adam", "sgd")
 """The geometry of the step a run takes, most faithful first: ``adam_step`` (the AdamW step itself), the
 fixed-P ``adam`` model (probes without ``adam_step``), ``sgd``."""
 REAL_LOCAL, REAL_WIDE = "diag/curve_real_local/", "diag/curve_real_wide/"
-"""Key prefixes of the real-step curve's fits on the local and the wide λ grid (THEORY.md section 5)."""
+"""Key prefixes of the real-step curve's fits on the local and the wide λ grid (docs/theory.md section 5)."""
 
 
 def require(df: pd.DataFrame, cols: Iterable[str], figure: str) -> None:
@@ -147,7 +147,7 @@ def run_geometry(df: pd.DataFrame, key: str = "lambda_star") -> str:
 
 def lambda_star_fit(df: pd.DataFrame) -> tuple[pd.Series, str]:
     """λ*_fit per row and the column it came from: the wide real-step fit (``diag/curve_real_wide/lambda_star``,
-    the ground truth of THEORY.md section 5) when any row has it, else the model curve's
+    the ground truth of docs/theory.md section 5) when any row has it, else the model curve's
     (``diag/curve/lambda_star``, probes written before the real-step grids). NaN where the curve is not concave."""
     for col in (REAL_WIDE + "lambda_star", "diag/curve/lambda_star"):
         if np.isfinite(numeric(df, col)).any():

@@ -58,7 +58,7 @@ class Run:
     @property
     def base_coef(self) -> float:
         """``c``: ``rl.mtp_coef`` divided by the number of MTP depths (``model.mtp_depths``, default 1), the
-        scale of the ``reference`` and ``least_squares`` proxies (THEORY.md section 4)."""
+        scale of the ``reference`` and ``least_squares`` proxies (docs/theory.md section 4)."""
         model = self.config.get("model") if isinstance(self.config.get("model"), dict) else {}
         coef, depths = self.rl.get("mtp_coef", np.nan), model.get("mtp_depths", 1) or 1
         return float(coef) / float(depths) if isinstance(coef, int | float) else np.nan

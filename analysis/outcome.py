@@ -8,7 +8,7 @@ so (``metric``). A run's accuracy is the mean over suites of its ``eval.json``.
   the policy identically) and its held-out gain over the SFT checkpoint each run started from, on the
   suites RL trained on (``task.suites``), with its seed-to-seed spread (sd over seeds). A gain not
   above its spread is "no learning": claims about what helps or hurts learning (4 and 7) are then
-  ``inconclusive: no learning`` (THEORY.md section 6). Without the SFT checkpoint's ``eval.json``
+  ``inconclusive: no learning`` (docs/theory.md section 6). Without the SFT checkpoint's ``eval.json``
   (``occ eval CHECKPOINT``) learning cannot be checked, and those claims are inconclusive.
 * Claim 4, non-inferiority of OCC against detach (``off`` when no detach arm), paired by seed.
 * Claim 7, final accuracy against a fixed λ per MTP loss (ce, policy), the baseline standing at λ = 0.

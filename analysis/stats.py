@@ -1,4 +1,4 @@
-"""Small statistics the claims and figures share (THEORY.md section 6, "How a claim is judged").
+"""Small statistics the claims and figures share (docs/theory.md section 6, "How a claim is judged").
 
 The unit of replication is the run: every interval or p-value that pools probes of several runs
 comes from ``cluster_bootstrap`` (whole runs resampled with replacement). Rank correlations and

@@ -1,4 +1,4 @@
-"""What a claim returns, and the judging rules every claim shares (THEORY.md section 6).
+"""What a claim returns, and the judging rules every claim shares (docs/theory.md section 6).
 
 * The unit of replication is the run: a claim needs ``MIN_RUNS`` runs in each arm it reads, and
   every interval pooling probes is a run-level cluster bootstrap (``stats.cluster_bootstrap``).

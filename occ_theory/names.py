@@ -15,7 +15,7 @@ sets its coefficient (``occ_theory.rl.coef``)."""
 REGIMES: tuple[str, ...] = get_args(Regime)
 
 Proxy = Literal["reference", "least_squares", "fisher"]
-"""OCC proxies of λ* (THEORY.md section 4), in display order."""
+"""OCC proxies of λ* (docs/theory.md section 4), in display order."""
 PROXY_NAMES: tuple[str, ...] = get_args(Proxy)
 
 SUITES: tuple[str, ...] = ("addition", "signed", "multiplication", "linear", "countdown", "length_gen")

@@ -1,4 +1,4 @@
-"""Each verdict rule of THEORY.md section 6 on synthetic frames built so that the verdict is known."""
+"""Each verdict rule of docs/theory.md section 6 on synthetic frames built so that the verdict is known."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The identities of THEORY.md section 2, against brute force in float64."""
+"""The identities of docs/theory.md section 2, against brute force in float64."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The measured-curve fit Δ(λ) ≈ α·λ + ½·β·λ² and the λ grid (THEORY.md section 5)."""
+"""The measured-curve fit Δ(λ) ≈ α·λ + ½·β·λ² and the λ grid (docs/theory.md section 5)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The OCC proxies (THEORY.md section 4) against hand-computed examples."""
+"""The OCC proxies (docs/theory.md section 4) against hand-computed examples."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The optimizer's real step (THEORY.md section 2): θ⁺(λ) = θ + s + λ·a, against brute force in float64."""
+"""The optimizer's real step (docs/theory.md section 2): θ⁺(λ) = θ + s + λ·a, against brute force in float64."""
 
 import itertools
 import math

@@ -1,4 +1,4 @@
-"""The measured curve Δ(λ) of a probe (THEORY.md section 5) and the Taylor residual (identity 2).
+"""The measured curve Δ(λ) of a probe (docs/theory.md section 5) and the Taylor residual (identity 2).
 
 ``measure_curve`` evaluates J along the model update η·P·(g + λu) on a λ grid (``grid_half_width``),
 fits the quadratic, bootstraps it over sequences, and optionally scores a held-out batch;
@@ -34,7 +34,7 @@ NAN = float("nan")
 
 
 def grid_half_width(dec: Decomposition, span: float, cap: float) -> tuple[float | None, bool]:
-    """Half-width of the curve's λ grid: ``span``·|λ*| (THEORY.md section 5), but never past the λ at
+    """Half-width of the curve's λ grid: ``span``·|λ*| (docs/theory.md section 5), but never past the λ at
     which the MTP step is ``cap`` times the RL step (‖λ·Pu‖ = cap·‖Pg‖), where no second-order
     expansion can hold and the clipped surrogate saturates. Without a finite λ* the default range is
     that step-aware ±cap·‖Pg‖/‖Pu‖. Returns (None, False) when no step size is known (the caller
@@ -156,7 +156,7 @@ def real_step_curves(J, params: dict[str, Tensor], g: dict[str, Tensor], u: dict
                      u_mtp_only: dict[str, Tensor], geometries: dict[str, StepDecomposition],
                      step_dirs: tuple[dict[str, Tensor], dict[str, Tensor]], lam_used: float, settings: Any,
                      optim: Any, sums=None) -> dict[str, Any]:
-    """The ground truth of THEORY.md sections 2 and 5: Δ(λ) under the optimizer's real step, on two grids.
+    """The ground truth of docs/theory.md sections 2 and 5: Δ(λ) under the optimizer's real step, on two grids.
 
     * local: ``|λ| ≤ λ_bal`` of ``adam_step`` (plus 0, negatives and the λ used), where the expansion should
       hold; there also the step without the clip and the ``adam_step`` model's own point θ + s + λ·a (v̂

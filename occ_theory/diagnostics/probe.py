@@ -1,7 +1,7 @@
 """One probe: every decomposition quantity at one optimizer step, online or from a saved bundle.
 
 ``run_probe`` takes the model *before* the step, the minibatch of the step, the coefficient the
-run applied and the optimizer's state, and measures (THEORY.md sections 2, 4, 5):
+run applied and the optimizer's state, and measures (docs/theory.md sections 2, 4, 5):
 
 * the decomposition C, X, Q, λ*, λ*₁, Q_F, κ, ‖Pu‖² in SGD geometry (P = I) and in the
   optimizer's own geometry (Adam: ``P = 1/(sqrt(v̂)+ε)`` from its state, held fixed; absent on
@@ -104,7 +104,7 @@ def _dtype(name: str) -> torch.dtype:
 
 
 GEOMETRIES = ("sgd", "adam", "adam_step", "adam_stationary")
-"""The geometries a probe measures (THEORY.md section 2); each one's quantities are logged as ``diag/<geometry>/…``."""
+"""The geometries a probe measures (docs/theory.md section 2); each one's quantities are logged as ``diag/<geometry>/…``."""
 PAPER_KEYS = ("corr", "cross", "curv", "curv_fisher", "gain_at_optimum", "pu_norm_sq", "pg_norm", "cosine")
 """C, X, Q and the rest of the fixed-P form, for the geometries that have one (``sgd``, ``adam``); ``cosine`` is
 cos(g, u) in P's metric, gᵀPu/√(gᵀPg·uᵀPu)."""

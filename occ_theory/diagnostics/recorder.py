@@ -3,7 +3,7 @@
 * ``mtp_grad`` takes u from the live graph before the backward pass (one extra backward of M);
   ``observe`` then reads g off the gradient the optimizer received, ``g = −∇L − λ·u`` (the loss is
   ``L = −J − λ·M``), and keeps bias-corrected momentum buffers ``m_g``, ``m_u`` with Adam's β₁: the
-  directions of the ``adam_stationary`` geometry (THEORY.md section 2). Memory: two θ_S-sized
+  directions of the ``adam_stationary`` geometry (docs/theory.md section 2). Memory: two θ_S-sized
   buffers, only in runs that track them.
 * ``check`` compares the gradient the optimizer received with ``−(g + λ·u)`` for the g and u a probe
   measured functionally (identity 3): a mismatch means the probe measures other objectives than the

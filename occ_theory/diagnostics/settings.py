@@ -43,7 +43,7 @@ class ProbeFields(Settings):
     taylor_halvings: NonNegativeInt = 3
     """Identity 2 on the live model: measure the Taylor residual at η, η/2, ... (this many halvings; 0: off)."""
     grid_cap: NonNegativeFloat = 0.0
-    """0 (default): the grid of THEORY.md section 5, out to curve_span × |λ*|. > 0: the grid stops where the MTP
+    """0 (default): the grid of docs/theory.md section 5, out to curve_span × |λ*|. > 0: the grid stops where the MTP
     step reaches grid_cap × the RL step (‖λ·Pu‖ = cap·‖Pg‖), and spans exactly that without a finite λ*."""
 
     @model_validator(mode="after")

@@ -1,4 +1,4 @@
-"""Aligned log-probabilities of the main head [logp] and of the MTP modules [mtp_logp] (THEORY.md §1).
+"""Aligned log-probabilities of the main head [logp] and of the MTP modules [mtp_logp] (docs/theory.md §1).
 
 Convention: entry ``t`` of every (B, T) tensor scores token ``t`` of ``input_ids``.
 

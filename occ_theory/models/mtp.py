@@ -12,7 +12,7 @@ so ``logits^k[i]`` predicts token ``i+k+1``. The block uses the trunk's rotary m
 config object (so ``occ_theory.theory.eager_attention(model)`` switches it too) and the causal mask
 of ``transformers.masking_utils.create_causal_mask``.
 
-Gradient cuts (``grad_cut``), THEORY.md section 1:
+Gradient cuts (``grad_cut``), docs/theory.md section 1:
 
 * ``"full"``: the MTP loss reaches every shared parameter it touches.
 * ``"detach"``: the trunk state, the token embeddings and the output head weight enter the MTP

@@ -73,7 +73,7 @@ class RLBatch:
 
 @dataclass(frozen=True)
 class ObjectiveSpec:
-    """Which J and M a regime trains, and how the MTP path is cut (THEORY.md section 1)."""
+    """Which J and M a regime trains, and how the MTP path is cut (docs/theory.md section 1)."""
 
     mtp_kind: str | None  # 'ce' | 'policy' | None (no MTP loss: regime off)
     grad_cut: str = "full"  # how the MTP path is cut from θ_S: 'full' | 'detach' | 'detach_encoder'

@@ -53,7 +53,7 @@ NAN = float("nan")
 SHARED_RULES = ("cosine", "cosine_weighted", "pcgrad", "upgrad")
 """Rules that replace the update on θ_S after the backward pass (``shared_update``)."""
 SCALED_PROXIES = ("reference", "least_squares")
-"""Proxies whose value is a ratio that ``mtp_coef`` scales (THEORY.md 4a, 4b); ``fisher`` is not."""
+"""Proxies whose value is a ratio that ``mtp_coef`` scales (docs/theory.md 4a, 4b); ``fisher`` is not."""
 FISHER_FD_STEP = 1e-4
 """Largest parameter change of the central difference behind the fisher proxy's δ."""
 
@@ -244,7 +244,7 @@ def fisher_delta_fd(logp_at: Callable[[Params], Tensor], params: Params, directi
 
 
 def fisher_proxy(advantages: Tensor, dlogp: Tensor | None, mask: Tensor, lr: float, reduce: Any = None) -> float:
-    """The fisher proxy, unscaled: ``Σ m·A·δ / (η·Σ m·δ²)`` (THEORY.md 4c); 0 when δ = 0 (or None).
+    """The fisher proxy, unscaled: ``Σ m·A·δ / (η·Σ m·δ²)`` (docs/theory.md 4c); 0 when δ = 0 (or None).
     ``reduce`` sums the two terms over processes."""
     if dlogp is None:
         dlogp = torch.zeros_like(mask, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""The RL objective J and the MTP objective M (THEORY.md section 1), both to maximise.
+"""The RL objective J and the MTP objective M (docs/theory.md section 1), both to maximise.
 
 Pure functions over (B, T) log-prob tensors and a response mask; positions where the mask is 0
 are ignored even when they hold NaN (e.g. MTP positions with no prediction).

@@ -2,7 +2,7 @@
 curve, the proxies.
 
 Knows nothing of models or trainers; point it at any PyTorch model through closures over
-``torch.func.functional_call``. See THEORY.md for every symbol.
+``torch.func.functional_call``. See docs/theory.md for every symbol.
 """
 
 from . import proxies

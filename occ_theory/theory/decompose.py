@@ -1,4 +1,4 @@
-"""The per-step effect of an MTP loss on the RL objective (THEORY.md section 2).
+"""The per-step effect of an MTP loss on the RL objective (docs/theory.md section 2).
 
 The update is modelled as ``θ⁺(λ) = θ + η·P·(g + λ·u)`` with ``g = ∇J`` [g_rl], ``u = ∇M``
 [g_mtp] and a fixed diagonal preconditioner ``P`` [precond]. Then

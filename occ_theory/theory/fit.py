@@ -1,4 +1,4 @@
-"""The measured curve (THEORY.md section 5): ``Δ(λ) ≈ α·λ + ½·β·λ²`` through the origin.
+"""The measured curve (docs/theory.md section 5): ``Δ(λ) ≈ α·λ + ½·β·λ²`` through the origin.
 
 Pure functions over numpy arrays; the figures and the claim verdicts import them directly.
 """

@@ -1,4 +1,4 @@
-"""Adam's diagonal preconditioner ``P = 1/(sqrt(v̂)+ε)`` (THEORY.md section 2, geometry ``adam``)."""
+"""Adam's diagonal preconditioner ``P = 1/(sqrt(v̂)+ε)`` (docs/theory.md section 2, geometry ``adam``)."""
 
 from __future__ import annotations
 

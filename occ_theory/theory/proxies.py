@@ -1,4 +1,4 @@
-"""Online estimates of the optimal MTP coefficient (THEORY.md section 4), from log-probabilities.
+"""Online estimates of the optimal MTP coefficient (docs/theory.md section 4), from log-probabilities.
 
 Every proxy takes (B, T) tensors and returns the coefficient that multiplies the MTP objective,
 as a float. None needs an extra backward pass. Each is the ratio of two sums, exposed by a

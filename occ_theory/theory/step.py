@@ -1,4 +1,4 @@
-"""The optimizer's real step (THEORY.md section 2): every geometry in one form.
+"""The optimizer's real step (docs/theory.md section 2): every geometry in one form.
 
 A step is written ``θ⁺(λ) = θ + s + λ·a``: ``s`` [the λ-free part] and ``a`` [its λ-direction]. Then
 

@@ -107,7 +107,7 @@ class RLConfig(Settings):
     """λ for detach/ce/policy; the base coefficient c multiplying the proxy for occ; the coefficient that cosine,
     cosine_weighted, pcgrad and upgrad gate, weigh or aggregate (oracle ignores it)."""
     proxy: Proxy = "reference"
-    """OCC proxy: reference | least_squares | fisher (THEORY.md section 4)."""
+    """OCC proxy: reference | least_squares | fisher (docs/theory.md section 4)."""
     coef_ema: typing.Annotated[Float, Field(ge=0, lt=1)] = 0.0
     """EMA factor of the occ and oracle coefficients, in [0, 1) (0: none)."""
     coef_clip: tuple[Float, Float] | None = None

@@ -10,7 +10,7 @@ Variant implemented (GRPO with DAPO's loss), per rollout batch:
    the first update after a rollout has ``l = l_old`` exactly;
 4. one AdamW step per minibatch on ``L = −J − λ·M`` (+ ``kl_coef``·k3-KL to the initial policy,
    off by default): ``J`` the token-mean clipped surrogate (ε_lo, ε_hi), ``M`` the regime's MTP
-   objective (THEORY.md section 1), ``λ`` the regime's coefficient (``rl/coef.py``); gradient
+   objective (docs/theory.md section 1), ``λ`` the regime's coefficient (``rl/coef.py``); gradient
    clipping on the global norm. A step whose loss or gradient is not finite is skipped.
 
 Left out: value functions, entropy bonus, dynamic sampling / over-long filtering, reference-model

@@ -195,6 +195,10 @@ def test_eager_attention_refuses_active_dropout():
             pass
     with eager_attention(model.eval()):
         pass
+    from occ_theory.models import exact_float64
+
+    with pytest.raises(ValueError, match=r"model\.eval\(\) first"), exact_float64(model.train()):
+        pass
     head = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(0.5))
     with pytest.raises(ValueError, match=r"model\.eval\(\) first.*'1'.*p=0\.5"):
         check_dropout(head)

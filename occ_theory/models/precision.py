@@ -62,7 +62,11 @@ def _is_rms_norm(module: nn.Module) -> bool:
 
 @contextmanager
 def exact_float64(*modules: nn.Module) -> Iterator[None]:
-    """Eager attention and RMSNorm without float32 rounding for float64 models, inside the block."""
+    """Eager attention and RMSNorm without float32 rounding for float64 models, inside the block; like
+    ``eager_attention`` it refuses active dropout (``model.eval()`` first)."""
+    from ..theory.hvp import check_dropout
+
+    check_dropout(*modules)
     configs, norms, seen = [], [], set()
     for module in modules:
         for sub in module.modules():

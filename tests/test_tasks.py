@@ -514,7 +514,7 @@ def test_load_user_dataset_reads_the_jsonl_fixture():
     assert problems[0].prompt == "What is 6*7?\n" and problems[0].target == "#42"
     assert problems[2].target == "999+235=1234#1234"
     assert {p.suite for p in problems} == {"user"}
-    assert problems[4].meta == {"source": str(DATA / "user_tasks.jsonl"), "index": 4}
+    assert problems[4].meta == {"source": str(DATA / "user_tasks.jsonl"), "index": 4, "where": "line 6"}
     task = UserTask(problems)
     for p in problems:
         assert task.reward(p, p.target) == 1.0

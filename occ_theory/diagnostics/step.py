@@ -30,10 +30,11 @@ from .schedule import Schedule
 
 
 class StepDiagnostics:
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, diag: Any, *, total_steps: int,
-                 seed: int, grad_clip: float, bundle_dir: Path | None, enabled: bool, dist: Any,
+    def __init__(self, model: nn.Module, shared: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, diag: Any,
+                 *, total_steps: int, seed: int, grad_clip: float, bundle_dir: Path | None, enabled: bool, dist: Any,
                  heldout: Callable[[int], RLBatch] | None = None):
-        self.model, self.optimizer, self.dist = model, optimizer, dist
+        """``shared``: the model's θ_S by name (the trainer's dict)."""
+        self.model, self.shared, self.optimizer, self.dist = model, shared, optimizer, dist
         self.schedule = Schedule(total_steps, diag.every, diag.at, diag.log_spaced, diag.first) if enabled else None
         self.settings = ProbeSettings.from_diag(diag, seed)
         self.seed, self.grad_clip = seed, grad_clip
@@ -41,7 +42,6 @@ class StepDiagnostics:
         self.heldout = heldout if diag.curve_heldout else None
         beta1 = optimizer.param_groups[0].get("betas", (0.9, 0.999))[0]
         self.recorder = GradientRecorder(model, beta1, track_momentum=enabled and bool(self.schedule.steps))
-        self.shared = {k: p for k, p in model.named_parameters() if k in set(model.shared_param_names())}
 
     def due(self, step: int) -> bool:
         return self.schedule is not None and step in self.schedule

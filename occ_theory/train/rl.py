@@ -111,8 +111,8 @@ class RLTrainer:
         if rc.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.rule = CoefficientRule(rc.regime, rc.mtp_coef, rc.proxy, rc.coef_ema, rc.coef_clip)
-        self.diagnostics = StepDiagnostics(self.model, self.optimizer, cfg.diag, total_steps=rc.steps, seed=cfg.seed,
-                                           grad_clip=rc.grad_clip, bundle_dir=ctx.run_dir / "probes",
+        self.diagnostics = StepDiagnostics(self.model, self.shared, self.optimizer, cfg.diag, total_steps=rc.steps,
+                                           seed=cfg.seed, grad_clip=rc.grad_clip, bundle_dir=ctx.run_dir / "probes",
                                            enabled=rc.regime != "off", dist=self.dist, heldout=self.heldout_batch)
         # a pretrained model's tokenizer gets the tasks in natural language (its chat template, "Answer: N")
         self.tasks = {t.name: t for t in tasks_for(self.tokenizer, training_tasks(cfg))}

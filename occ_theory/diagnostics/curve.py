@@ -162,7 +162,7 @@ def real_step_curves(J, params: dict[str, Tensor], g: dict[str, Tensor], u: dict
       hold; there also the step without the clip and the ``adam_step`` model's own point θ + s + λ·a (v̂
       frozen at λ = 0, no clip), whose fitted α's and β's set the clip's and v̂(λ)'s effects apart (v̂ moves
       with λ at first order: at the first step AdamW is a sign step and its real slope is about 0);
-    * wide: past the predicted |λ*| of ``adam_step`` (``curve_span``·|λ*|, else ``curve_span``·λ_bal): does
+    * wide: past the predicted |λ*| of ``adam_step`` and the local grid (``curve_span``·max(|λ*|, λ_bal)): does
       the real curve have an interior maximum, and where.
 
     Grid points where the gradient clip acts are marked (``lambda_clip`` from ``clip_interval``). Each
@@ -175,8 +175,8 @@ def real_step_curves(J, params: dict[str, Tensor], g: dict[str, Tensor], u: dict
     bal = own.lambda_bal if math.isfinite(own.lambda_bal) and own.lambda_bal > 0 else settings.curve_default
     n = max(settings.curve_points, 3)
     local = lambda_grid(NAN, used=lam_used, n=n, half_width=bal)
-    wide = lambda_grid(own.lambda_star, used=lam_used, n=n, span=settings.curve_span,
-                       half_width=None if math.isfinite(own.lambda_star) else settings.curve_span * bal)
+    star = abs(own.lambda_star) if math.isfinite(own.lambda_star) else 0.0  # never narrower than the local grid
+    wide = lambda_grid(own.lambda_star, used=lam_used, n=n, half_width=settings.curve_span * max(star, bal))
     s, a = step_dirs
     curves = {
         "real_local": (local, lambda lam: real_step_params(params, g, u, lam, optim, lam * lam * u_sq)),

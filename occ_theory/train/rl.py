@@ -205,8 +205,9 @@ class RLTrainer:
         if self.rc.regime != "occ" or self.rc.occ_convention != "advantages":
             return -obj.rl_objective - lam * obj.mtp
         rc = self.rc
-        folded = torch.stack([mtp_objective("policy", q, mb.old_logp, lam * mb.advantages, mtp_mask(mb.response_mask, k, mb.attention_mask),
-                                            rc.eps_lo, rc.eps_hi, None if norms is None else norms.mtp[k - 1])
+        folded = torch.stack([mtp_objective("policy", q, mb.old_logp, lam * mb.advantages,
+                                            mtp_mask(mb.response_mask, k, mb.attention_mask), rc.eps_lo, rc.eps_hi,
+                                            None if norms is None else norms.mtp[k - 1])
                               for k, q in enumerate(obj.mtp_logp, start=1)]).mean()
         return -obj.rl_objective - folded
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import re
 import shutil
 import time
 from dataclasses import replace
@@ -37,7 +36,6 @@ import torch
 from ..atomic import atomic_torch_save, atomic_write_text
 from ..diagnostics.step import StepDiagnostics
 from ..errors import BadStepsError, Diverged, Interrupted
-from ..jsonl import read_jsonl
 from ..models import load_model, load_tokenizer, save_model
 from ..rl.advantages import group_advantages
 from ..rl.batch import (
@@ -62,14 +60,13 @@ from ..rl.coef import (
 )
 from ..rl.objectives import entropy_from_logits, mtp_objective
 from ..rl.sampler import NonFiniteLogitsError, generate
+from .checkpoints import checkpoint_files, latest_checkpoint, truncate_metrics
 from .config import Config, load_config
 from .dist import Dist, init_from_env
 from .evaluate import decode_response, prompt_ids, tasks_for
 from .guard import StepGuard, StopSignals, params_finite
 from .logging import MetricsWriter, Progress
 from .run import RunContext, check_user_data, evaluate_run, problem_stream, training_tasks
-
-CKPT_RE = re.compile(r"^step_(\d{6,})\.pt$")
 
 
 class RLTrainer:
@@ -423,7 +420,7 @@ class RLTrainer:
         if not self.dist.main:
             return path
         atomic_torch_save(state, path)
-        for old in _checkpoints(d)[:-self.rc.keep_checkpoints]:
+        for old in checkpoint_files(d)[:-self.rc.keep_checkpoints]:
             old.unlink()
         return path
 
@@ -458,35 +455,6 @@ class RLTrainer:
         self.shuffle_gen.set_state(st["shuffle_gen"])
         self.step, self.rollouts = st["step"], st["rollouts"]
         self.guard.in_row, self.guard.total = st["bad_in_row"], st["bad_total"]
-
-
-def _checkpoints(d: Path) -> list[Path]:
-    """Checkpoint files of a run, oldest step first (by number, not by name)."""
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CKPT_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    d = Path(run_dir) / "checkpoints"
-    if not d.is_dir():
-        return None
-    found = _checkpoints(d)
-    return found[-1] if found else None
-
-
-def truncate_metrics(run_dir: Path, step: int) -> int:
-    """Keep records with ``step`` <= the checkpoint's; later ones move to ``metrics.orphaned.jsonl``."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    records = read_jsonl(path)
-    keep = [r for r in records if r.get("step", 0) <= step]
-    orphans = [r for r in records if r.get("step", 0) > step]
-    if orphans:
-        with open(Path(run_dir) / "metrics.orphaned.jsonl", "a", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in orphans)
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
-    return len(orphans)
 
 
 def _check_data(trainer: RLTrainer) -> list[str]:

@@ -42,6 +42,7 @@ from ..theory.params import dot, sq_norm
 from ..theory.precond import adam_preconditioner
 from ..theory.step import (
     StepDecomposition,
+    adamw_state_buffers,
     adamw_step_directions,
     decompose_steps,
     fixed_precond_directions,
@@ -125,12 +126,9 @@ def geometry_directions(params: dict[str, Tensor], g: dict[str, Tensor], u: dict
     if precond is not None:
         out["adam"] = fixed_precond_directions(g, u, lr, precond)
     if (optim.kind == "adamw" or (optim.kind == "adam" and optim.weight_decay == 0)):
-        st = optim.state
-        has = bool(st) and all(k in st for k in params)
-        out["adam_step"] = adamw_step_directions(
-            params, g, u, {k: st[k]["exp_avg"] for k in params} if has else None,
-            {k: st[k]["exp_avg_sq"] for k in params} if has else None, int(next(iter(st.values()))["step"]) if has else 0,
-            lr, optim.betas, optim.eps, optim.weight_decay if optim.kind == "adamw" else 0.0)
+        out["adam_step"] = adamw_step_directions(params, g, u, *adamw_state_buffers(params, optim.state), lr,
+                                                 optim.betas, optim.eps,
+                                                 optim.weight_decay if optim.kind == "adamw" else 0.0)
     if precond is not None and optim.momentum is not None:
         out["adam_stationary"] = fixed_precond_directions(optim.momentum["m_g"], optim.momentum["m_u"], lr, precond)
     return out

@@ -277,7 +277,7 @@ def oracle_lambda(model: Any, batch: Any, spec: Any, shared: dict[str, Tensor], 
     order, of the next AdamW step's Δ(λ) on this minibatch, from g = ∇J, ``u`` (the global MTP gradient on
     θ_S) and the optimizer's state; NaN when β_m ≥ 0 or u = 0. ``reduce`` sums over processes."""
     from ..theory.hvp import eager_attention, grad
-    from ..theory.step import adamw_step_directions, decompose_step
+    from ..theory.step import adamw_state_buffers, adamw_step_directions, decompose_step
     from .batch import compute_objectives
 
     params = {k: p.detach() for k, p in shared.items()}
@@ -287,15 +287,11 @@ def oracle_lambda(model: Any, batch: Any, spec: Any, shared: dict[str, Tensor], 
 
     group = optimizer.param_groups[0]
     state = {k: optimizer.state.get(p, {}) for k, p in shared.items()}
-    has = all("exp_avg" in st for st in state.values())
     with eager_attention(model):
         g = grad(J, params)[1]
         g = reduce(g) if reduce is not None else g
-        s, a = adamw_step_directions(
-            params, g, u, {k: st["exp_avg"] for k, st in state.items()} if has else None,
-            {k: st["exp_avg_sq"] for k, st in state.items()} if has else None,
-            int(next(iter(state.values()))["step"]) if has else 0, group["lr"], group["betas"], group["eps"],
-            group["weight_decay"])
+        s, a = adamw_step_directions(params, g, u, *adamw_state_buffers(params, state), group["lr"], group["betas"],
+                                     group["eps"], group["weight_decay"])
         return decompose_step(J, params, s, a, method, reduce, geometry="adam_step").lambda_star
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -177,6 +178,16 @@ def adamw_step_directions(
         s[k] = -lr * weight_decay * theta.detach() - (lr / bc1) * p * (beta1 * m[k].to(theta.dtype) - (1 - beta1) * gk)
         a[k] = (lr * (1 - beta1) / bc1) * p * uk
     return s, a
+
+
+def adamw_state_buffers(params: Mapping[str, Tensor], state: Mapping[str, Mapping[str, Any]]
+                        ) -> tuple[Params | None, Params | None, int]:
+    """``(exp_avg, exp_avg_sq, step)`` for ``adamw_step_directions`` from Adam state keyed like ``params``
+    (``optimizer.state`` by name); ``(None, None, 0)`` before the first step, when any parameter has none."""
+    if not state or not all("exp_avg" in state.get(k, {}) for k in params):
+        return None, None, 0
+    return ({k: state[k]["exp_avg"] for k in params}, {k: state[k]["exp_avg_sq"] for k in params},
+            int(state[next(iter(params))]["step"]))
 
 
 def decompose_steps(

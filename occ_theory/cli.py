@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import Interrupted, RunStopped
+from .names import REGIMES
 
 START_HERE = "New here? Start with `occ quickstart` (the whole pipeline at tiny scale, minutes on a CPU)."
 
@@ -88,7 +89,10 @@ def _models(args: argparse.Namespace) -> int:
 def _rl_args(p: argparse.ArgumentParser) -> None:
     _config_args(p, "tiny_rl")
     p.add_argument("--init", default=None, help="SFT checkpoint directory to start from (sets rl.init)")
-    p.add_argument("--regime", default=None, help="off | detach | detach_encoder | ce | policy | occ (sets rl.regime)")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="start from a pretrained model instead (local HF directory or .gguf file) with fresh MTP "
+                        "modules (the config's model.mtp_depths and mtp_init): sets rl.init=PATH")
+    p.add_argument("--regime", default=None, help=f"{' | '.join(REGIMES)} (sets rl.regime)")
     p.add_argument("--seed", type=_seed, default=None, help="overrides the config's seed")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                    help="continue an interrupted run from its last checkpoint (Ctrl-C and SIGTERM save one), "
@@ -100,14 +104,17 @@ def _rl(args: argparse.Namespace) -> int:
     from .train.rl import resume_rl, run_rl
 
     if args.resume is not None:
-        given = [flag for flag, v in (("--set", args.overrides), ("--init", args.init), ("--regime", args.regime),
-                                      ("--seed", args.seed), ("--out", args.out)) if v]
+        given = [flag for flag, v in (("--set", args.overrides), ("--init", args.init), ("--model", args.model),
+                                      ("--regime", args.regime), ("--seed", args.seed), ("--out", args.out)) if v]
         if given:
             raise ValueError(f"--resume continues a run with its own config.yaml; drop {', '.join(given)}")
         print(resume_rl(args.resume))
         return 0
+    if args.init is not None and args.model is not None:
+        raise ValueError("--init and --model both name the starting model; give one")
     overrides = list(args.overrides)
-    for key, val in (("rl.init", args.init), ("rl.regime", args.regime), ("seed", args.seed)):
+    for key, val in (("rl.init", args.init if args.model is None else args.model), ("rl.regime", args.regime),
+                     ("seed", args.seed)):
         if val is not None:
             overrides.append(f"{key}={val}")
     print(run_rl(load_config(args.config, overrides), out_dir=args.out))
@@ -125,19 +132,26 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
                    help="go on past a missing or corrupt bundle (named on stderr) instead of stopping there")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: the run's config key threads)")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="the model the bundles' weights load into, when RUN_DIR/init is gone (e.g. deleted to save "
+                        "disk): the run's pretrained model or SFT checkpoint")
 
 
 def _probe(args: argparse.Namespace) -> int:
     from .diagnostics.offline import plan_run, run_job
 
-    jobs = [plan_run(d, steps=args.steps, overrides=args.overrides, out_name=args.out) for d in args.run_dirs]
+    jobs = [plan_run(d, steps=args.steps, overrides=args.overrides, out_name=args.out, model=args.model)
+            for d in args.run_dirs]
     for job in jobs:  # every run checked before the first is computed
         print(run_job(job, skip_bad=args.skip_bad, threads=args.threads))
     return 0
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", type=Path, help="a checkpoint directory (an SFT checkpoint, or a run's final/)")
+    p.add_argument("checkpoint", type=Path, nargs="?", default=None,
+                   help="a checkpoint directory (an SFT checkpoint, or a run's final/)")
+    p.add_argument("--model", type=Path, default=None, metavar="PATH",
+                   help="evaluate a pretrained model instead (local HF directory or .gguf file); needs --json")
     p.add_argument("--config", default=None, help="config whose eval/task sections apply (default: built-in)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", type=Path, default=None, help="where to write the JSON (default: CHECKPOINT/eval.json)")
@@ -148,7 +162,12 @@ def _eval(args: argparse.Namespace) -> int:
     from .train.evaluate import format_table
     from .train.run import evaluate_checkpoint
 
-    res, out = evaluate_checkpoint(args.checkpoint, load_config(args.config, args.overrides), args.json, "eval")
+    if (args.checkpoint is None) == (args.model is None):
+        raise ValueError("give one model to evaluate: a CHECKPOINT directory or --model PATH")
+    if args.model is not None and args.json is None:
+        raise ValueError("--model: say where the results go with --json FILE (nothing is written beside the model)")
+    res, out = evaluate_checkpoint(args.checkpoint or args.model, load_config(args.config, args.overrides),
+                                   args.json, "eval")
     print(format_table(res))
     print(f"written {out}")
     return 0

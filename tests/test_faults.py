@@ -17,6 +17,7 @@ import occ_theory.rl.batch as batch_mod
 from analysis.load import read_jsonl
 from occ_theory.cli import main
 from occ_theory.errors import RunStopped
+from occ_theory.models import load_model
 from occ_theory.train import rl as rl_mod
 from occ_theory.train.rl import RLTrainer, latest_checkpoint, run_rl
 from occ_theory.train.run import RunContext
@@ -52,7 +53,7 @@ def test_non_finite_step_is_skipped_counted_and_the_run_continues(ckpt, tmp_path
     recs = read_jsonl(run / "metrics.jsonl")
     assert [r["rl/skipped"] for r in recs] == [False, True, False, False]
     assert recs[-1]["rl/bad_steps_total"] == 1
-    model = rl_mod.load_model(run / "final")
+    model = load_model(run / "final")
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -32,6 +34,7 @@ from transformers import (
 
 from occ_theory.models import (
     aligned_logprobs,
+    build_tokenizer,
     load_model,
     load_pretrained,
     load_tokenizer,
@@ -310,6 +313,76 @@ def test_one_rl_step_with_a_probe_from_a_tokenizer_without_bos(checkpoints, tmp_
     run = run_rl(cfg, out_dir=tmp_path / "rl")
     assert (run / "probes" / "step_000001" / "bundle.pt").is_file()
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+
+
+def _rl_args(out, *extra):
+    return ["rl", "--config", "tiny_rl", "--regime", "ce", "--out", str(out), "--set", "rl.steps=1",
+            "--set", "rl.prompts_per_rollout=2", "--set", "rl.group_size=2", "--set", "rl.minibatches=1",
+            "--set", "rl.max_new_tokens=4", "--set", "diag.every=1", "--set", "diag.curve_points=3",
+            "--set", "diag.bootstrap=0", "--set", "diag.taylor_halvings=0", "--set", "eval.size=1",
+            "--set", "eval.samples=1", "--set", "eval.max_new_tokens=4", "--set", "task.suites=[addition]",
+            "--set", "threads=1", "--set", "device=cpu", "--set", "model.mtp_init=fresh", *extra]
+
+
+def test_rl_eval_and_probe_take_a_pretrained_model_with_model(checkpoints, tmp_path, capsys):
+    """occ rl --model starts RL from a plain HF directory (fresh MTP modules), occ eval --model evaluates one,
+    and occ probe --model reruns the bundles into it when the run's init/ is gone, to the same numbers."""
+    import pandas as pd
+
+    from occ_theory.cli import main
+
+    hf = checkpoints["qwen2"]
+    assert main(_rl_args(tmp_path / "rl", "--model", hf)) == 0
+    run = tmp_path / "rl"
+    start = load_model(run / "init")  # the saved start is the HF trunk with fresh MTP modules
+    ref, _ = load_pretrained(hf, mtp_init="fresh", seed=0)
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in start.state_dict().items())
+    assert main(["probe", str(run), "--out", "a.parquet"]) == 0
+    shutil.rmtree(run / "init")
+    assert main(["probe", str(run), "--out", "b.parquet"]) == 2
+    assert "occ probe --model" in capsys.readouterr().err
+    assert main(["probe", str(run), "--out", "b.parquet", "--model", hf]) == 0
+    a, b = pd.read_parquet(run / "a.parquet"), pd.read_parquet(run / "b.parquet")
+    num = [c for c in a.columns if c.startswith("diag/") and pd.api.types.is_float_dtype(a[c])]
+    assert num and np.allclose(a[num].to_numpy(), b[num].to_numpy(), equal_nan=True)
+    assert main(["probe", str(run), "--out", "c.parquet", "--model", checkpoints["llama"]]) == 2
+    assert "do not fit" in capsys.readouterr().err
+
+    out = tmp_path / "eval.json"
+    base = ["eval", "--set", "eval.size=2", "--set", "eval.samples=1", "--set", "eval.max_new_tokens=4",
+            "--set", "threads=1", "--set", "device=cpu"]
+    assert main([*base, "--model", hf, "--json", str(out)]) == 0
+    assert set(json.loads(out.read_text())["suites"]) >= {"addition", "linear"}
+    for bad, says in (([*base, "--model", hf], "--json"), (base, "one model"),
+                      ([*base, str(run / "final"), "--model", hf, "--json", str(out)], "one model"),
+                      (_rl_args(tmp_path / "x", "--model", hf, "--init", str(run / "final")), "give one")):
+        assert main(bad) == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_user_data_is_asked_in_words_and_evaluated_for_a_pretrained_model(checkpoints, tmp_path):
+    """A pretrained model's user task is a ChatTask around the UserTask: its held-out split is still found
+    (it was dropped before), asked with the answer-format instruction, and scored on free text."""
+    from occ_theory.tasks import UserTask
+    from occ_theory.tasks.chat import INSTRUCTION, ChatTask
+    from occ_theory.train.config import load_config
+    from occ_theory.train.evaluate import tasks_for
+    from occ_theory.train.run import eval_sets
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)}) + "\n"
+                            for i in range(60)))
+    cfg = load_config(None, [f"task.user_data={data}"])
+    tok = load_tokenizer(checkpoints["qwen2"])
+    user = UserTask.from_file(data)
+    for tasks in (None, tasks_for(tok, [user])):  # occ eval's path, and the trainers' wrapped tasks
+        [(name, (task, problems))] = eval_sets(cfg, tok, 100, tasks).items()
+        assert name == "user" and isinstance(task, ChatTask) and task.task.name == "user"
+        assert [p.meta["symbolic_prompt"] for p in problems] == [p.prompt for p in user.held_out(100)]
+        assert all(p.prompt.endswith(INSTRUCTION) for p in problems)
+        assert task.evaluate(problems[0], f"Let me add.\nAnswer: {problems[0].answer}")
+    char = eval_sets(cfg, build_tokenizer(), 100)  # the character-level path keeps the UserTask itself
+    assert [type(t) for t, _ in char.values()] == [UserTask]
 
 
 # -- natural-language tasks -------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from ..atomic import atomic_write_bytes, check_output_file
-from ..models import load_model
+from ..models import load_any
 from ..names import ONLINE_FILE, PROBES_FILE
 from ..progress import Progress
 from ..runtime import set_threads
@@ -55,6 +55,8 @@ class ProbeJob:
     changed: dict[str, Any] | None
     cfg: dict[str, Any]
     out: Path
+    model: Path
+    """The model the bundles' weights load into: ``run_dir/init`` unless ``occ probe --model`` names one."""
 
 
 def _step(bundle: Path) -> int:
@@ -62,10 +64,10 @@ def _step(bundle: Path) -> int:
 
 
 def plan_run(run_dir: Path, steps: list[int] | None = None, overrides: list[str] | None = None,
-             out_name: str = PROBES_FILE) -> ProbeJob:
+             out_name: str = PROBES_FILE, model: str | Path | None = None) -> ProbeJob:
     """Validate a recomputation of ``run_dir``: the run, ``steps`` (default all), the ``overrides``
-    (``diag.<field>=value``, which need an ``out_name`` of their own) and that ``run_dir/out_name`` can be
-    written."""
+    (``diag.<field>=value``, which need an ``out_name`` of their own), the model the bundles load into
+    (``model``, default ``run_dir/init``) and that ``run_dir/out_name`` can be written."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
@@ -87,9 +89,13 @@ def plan_run(run_dir: Path, steps: list[int] | None = None, overrides: list[str]
             raise ValueError(f"--steps: {run_dir} has no probe bundle at step {', '.join(map(str, missing))}; "
                              f"its probe steps are {', '.join(map(str, sorted(have)))}")
         bundles = [have[s] for s in sorted(set(steps))]
+    model = Path(model) if model is not None else run_dir / "init"
+    if not model.exists():
+        raise ValueError(f"{run_dir}: the model its probe bundles load into, {model}, is missing "
+                         "(occ probe --model PATH names the run's starting model)")
     out = run_dir / out_name
     check_output_file(out, "occ probe --out")
-    return ProbeJob(run_dir, bundles, changed, cfg, out)
+    return ProbeJob(run_dir, bundles, changed, cfg, out, model)
 
 
 def run_job(job: ProbeJob, skip_bad: bool = False, threads: int | None = None) -> Path:
@@ -99,7 +105,9 @@ def run_job(job: ProbeJob, skip_bad: bool = False, threads: int | None = None) -
     bundle. ``skip_bad`` goes on past bad bundles, writes the output without them and names them on stderr."""
 
     set_threads(int(job.cfg.get("threads") or 0) if threads is None else threads)
-    model = load_model(job.run_dir / "init")
+    mc = job.cfg.get("model") or {}
+    model = load_any(job.model, mc.get("mtp_depths", 1), mc.get("mtp_init", "copy_last"),
+                     seed=job.cfg.get("seed", 0))[0]
     rl = job.cfg.get("rl", {})
     rows, bad = [], []
     progress = Progress(f"probe {job.run_dir.name}", len(job.bundles))

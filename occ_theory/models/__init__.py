@@ -18,7 +18,7 @@ from .mtp import (
     position_ids_from_mask,
 )
 from .precision import exact_float64
-from .pretrained import load_pretrained
+from .pretrained import is_checkpoint, load_any, load_pretrained
 from .tokenizer import SPECIAL_TOKENS, build_tokenizer, is_character_tokenizer, load_tokenizer
 
 __all__ = [
@@ -36,6 +36,8 @@ __all__ = [
     "config_from_hf",
     "exact_float64",
     "is_character_tokenizer",
+    "is_checkpoint",
+    "load_any",
     "load_model",
     "load_pretrained",
     "load_tokenizer",

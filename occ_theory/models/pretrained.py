@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .config import ModelConfig
+from .io import META_FILE, load_model
 from .mtp import OCCModel, build_model
 from .tokenizer import load_tokenizer
 
@@ -40,3 +41,27 @@ def load_pretrained(
     tokenizer = load_tokenizer(path)
     model = build_model(ModelConfig(init_from=path, mtp_depths=mtp_depths, mtp_init=mtp_init), tokenizer, seed=seed)
     return (model.to(device) if device is not None else model), tokenizer
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a directory written by ``save_model`` (it holds ``occ_model.json``)."""
+    return os.path.isfile(os.path.join(os.fspath(path), META_FILE))
+
+
+def load_any(
+    path: str | os.PathLike,
+    mtp_depths: int = 1,
+    mtp_init: str = "copy_last",
+    *,
+    seed: int | None = 0,
+    device: str | torch.device | None = None,
+) -> tuple[OCCModel, Any]:
+    """``(model, tokenizer)`` from either a toolkit checkpoint (``save_model``: loaded as saved, its MTP
+    modules trained; ``mtp_depths`` and ``mtp_init`` do not apply) or a pretrained model (``load_pretrained``:
+    fresh MTP modules). What ``occ rl --model``, ``occ eval --model`` and ``occ probe --model`` open."""
+    if is_checkpoint(path):
+        return load_model(path, device=device), load_tokenizer(path)
+    if not os.path.exists(path):
+        raise ValueError(f"no model at {os.fspath(path)}: expected a checkpoint directory, a Hugging Face "
+                         "model directory or a .gguf file")
+    return load_pretrained(path, mtp_depths, mtp_init, seed=seed, device=device)

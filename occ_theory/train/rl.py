@@ -36,7 +36,7 @@ import torch
 from ..atomic import atomic_torch_save, atomic_write_text
 from ..diagnostics.step import StepDiagnostics
 from ..errors import BadStepsError, Diverged, Interrupted
-from ..models import load_model, load_tokenizer, save_model
+from ..models import load_any, save_model
 from ..rl.advantages import group_advantages
 from ..rl.batch import (
     Norms,
@@ -73,7 +73,8 @@ class RLTrainer:
     def __init__(self, cfg: Config, ctx: RunContext, dist: Dist | None = None):
         rc = cfg.rl
         if rc.init is None:
-            raise ValueError("config key 'rl.init': RL needs a starting checkpoint (occ rl --init SFT_CHECKPOINT)")
+            raise ValueError("config key 'rl.init': RL needs a starting model (occ rl --init SFT_CHECKPOINT, "
+                             "or --model PATH for a pretrained model with fresh MTP modules)")
         self.cfg, self.rc, self.ctx = cfg, rc, ctx
         self.dist = dist or Dist()
         world = self.dist.world
@@ -82,9 +83,9 @@ class RLTrainer:
                              f"processes must give each the same number of prompts, and of rows per minibatch")
         self.local_prompts = rc.prompts_per_rollout // world
         self.device = ctx.device
-        init = Path(rc.init)
-        self.tokenizer = load_tokenizer(init)
-        self.model = load_model(init, device=self.device)
+        init = Path(rc.init)  # a checkpoint, or a pretrained model (occ rl --model) with fresh MTP modules
+        self.model, self.tokenizer = load_any(init, cfg.model.mtp_depths, cfg.model.mtp_init, seed=cfg.seed,
+                                              device=self.device)
         vocab = self.model.trunk.get_input_embeddings().num_embeddings
         if len(self.tokenizer) > vocab:
             raise ValueError(f"checkpoint {init}: its tokenizer has {len(self.tokenizer)} tokens but the model's "
@@ -466,8 +467,8 @@ def _check_data(trainer: RLTrainer) -> list[str]:
 
 
 def run_rl(cfg: Config, out_dir: Path | None = None) -> Path:
-    if cfg.rl.init is not None and not Path(cfg.rl.init).is_dir():
-        raise ValueError(f"config key 'rl.init' (--init): no checkpoint directory {cfg.rl.init}")
+    if cfg.rl.init is not None and not (Path(cfg.rl.init).is_dir() or str(cfg.rl.init).endswith(".gguf")):
+        raise ValueError(f"config key 'rl.init' (--init, --model): no checkpoint or model directory {cfg.rl.init}")
     ctx = RunContext.create(cfg, kind=cfg.rl.regime, out_dir=out_dir)
     dist = init_from_env(ctx.device)
     ctx = replace(ctx, main=dist.main)

@@ -17,8 +17,9 @@ from ..atomic import check_output_dir
 from ..names import EVAL_FILE
 from ..runtime import resolve_device, set_threads
 from ..tasks import SUITES, Problem, Task, UserTask, get_task, train_stream
+from ..tasks.chat import ChatTask, natural_problem
 from .config import Config, dump_config
-from .evaluate import evaluate_sets, prompt_ids, suite_sets
+from .evaluate import evaluate_sets, prompt_ids, suite_sets, tasks_for
 
 
 def default_run_name(cfg: Config, kind: str) -> str:
@@ -129,11 +130,17 @@ def check_user_data(tasks: list[Task], tokenizer: Any, context: int, new_tokens:
 def eval_sets(cfg: Config, tokenizer: Any, size: int, tasks: list[Task] | None = None,
               ) -> dict[str, tuple[Task, list[Problem]]]:
     """The held-out sets: the first ``size`` held-out problems of the user data (``UserTask.held_out``),
-    else the six suites' fixed sets (``eval.seed``, ``task.difficulty``)."""
+    else the six suites' fixed sets (``eval.seed``, ``task.difficulty``); both as ``tokenizer``'s model is
+    asked them (a pretrained model's user task is a ``ChatTask`` around the ``UserTask``)."""
     if cfg.task.user_data is None:
         return suite_sets(tokenizer, SUITES, size, cfg.eval.seed, cfg.task.difficulty)
-    users = [t for t in tasks or training_tasks(cfg) if isinstance(t, UserTask)]
-    return {t.name: (t, t.held_out(size)) for t in users if t.held_out(1)}
+    sets = {}
+    for t in tasks if tasks is not None else tasks_for(tokenizer, training_tasks(cfg)):
+        user = t.task if isinstance(t, ChatTask) else t
+        if isinstance(user, UserTask) and user.held_out(1):
+            problems = user.held_out(size)
+            sets[t.name] = (t, [natural_problem(p) for p in problems] if t is not user else problems)
+    return sets
 
 
 def evaluate_run(model: torch.nn.Module, tokenizer: Any, cfg: Config, size: int, samples: int,
@@ -154,18 +161,19 @@ def evaluate_run(model: torch.nn.Module, tokenizer: Any, cfg: Config, size: int,
 
 def evaluate_checkpoint(checkpoint: Path, cfg: Config, out: Path | None = None, progress: str | None = None
                         ) -> tuple[dict[str, Any], Path]:
-    """``occ eval``: the held-out evaluation of a saved checkpoint with ``cfg``'s ``eval`` settings, written
-    atomically to ``out`` (default ``CHECKPOINT/eval.json``; checked before any work); returns it and the path."""
+    """``occ eval``: the held-out evaluation of a saved checkpoint (or of a pretrained model, ``models.load_any``)
+    with ``cfg``'s ``eval`` settings, written atomically to ``out`` (default ``CHECKPOINT/eval.json``; checked
+    before any work); returns it and the path."""
     import json
 
     from ..atomic import atomic_write_text, check_output_file
-    from ..models import load_model, load_tokenizer
+    from ..models import load_any
 
     out = Path(out) if out is not None else Path(checkpoint) / EVAL_FILE
     check_output_file(out, "--json")
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    model, tok = load_model(checkpoint, device=device), load_tokenizer(checkpoint)
+    model, tok = load_any(checkpoint, cfg.model.mtp_depths, cfg.model.mtp_init, seed=cfg.seed, device=device)
     ec = cfg.eval
     res = evaluate_run(model, tok, cfg, ec.size, ec.samples, progress=progress,
                        autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)

@@ -184,7 +184,7 @@ def run_sft(cfg: Config, run_name: str | None = None, out_dir: Path | None = Non
                 if mtp_only:  # the trunk is frozen: its accuracy cannot change, the drafts' agreement can
                     rec |= agreement()
                 else:
-                    res = evaluate_run(model, tokenizer, cfg, sc.eval_size, 0, data, ctx.autocast_dtype)
+                    res = evaluate_run(model, tokenizer, cfg, sc.eval_size, 0, tasks, ctx.autocast_dtype)
                     rec |= {f"eval/{s}/greedy_acc": e["greedy_acc"] for s, e in res.get("suites", {}).items()}
                     if res:
                         rec["eval/mean_greedy_acc"] = res["mean_greedy_acc"]

@@ -1,28 +1,60 @@
 #!/usr/bin/env bash
-# The reference experiment behind figures/: SFT once, RL in each regime for three seeds, probes,
-# figures and the claim table. About an hour on a 2-core CPU. Usage: scripts/reference_experiment.sh [OUT]
+# The reference experiment behind figures/: one tiny SFT checkpoint, then RL at the calibrated point
+# (configs/reference.yaml) in each arm and seed, two runs at a time on one thread each, probes, figures,
+# the claim table and summary.json. Resumable: rerun the same command after an interruption.
+# Usage: scripts/reference_experiment.sh [OUT]
+#   ARMS   arms to run: a regime, regime@mtp_coef or occ/<proxy> (default below)
+#   SEEDS  seeds (default "0 1 2 3"); runs go seed by seed, so a partial experiment has every arm
+#   SFT    the SFT run to start from (default OUT/sft; made with `occ sft --config tiny` when missing)
+#   JOBS   runs at a time (default 2)
+#   FIG    where the report goes (default figures; --force replaces it, figures/calibration/ is kept)
 set -euo pipefail
 OUT=${1:-runs/reference}
-REGIMES=${REGIMES:-"off detach ce policy occ"}
-SEEDS=${SEEDS:-"0 1 2"}
+# detach is the baseline (off trains the policy identically); ce and policy at a λ below and above the
+# logged λ_bal scale (about 0.4 for ce and 2 for policy at this lr); occ with each proxy
+ARMS=${ARMS:-"detach ce@0.1 ce@1 policy@0.3 policy@3 occ/reference occ/least_squares occ/fisher"}
+SEEDS=${SEEDS:-"0 1 2 3"}
+SFT=${SFT:-$OUT/sft}
+JOBS=${JOBS:-2}
+FIG=${FIG:-figures}
 mkdir -p "$OUT"
-[ -f "$OUT/sft/checkpoint/occ_model.json" ] || occ sft --config tiny --out "$OUT/sft"
+[ -f "$SFT/checkpoint/occ_model.json" ] || occ sft --config tiny --out "$SFT"
 # the SFT checkpoint's held-out accuracy, with the RL runs' eval settings: the baseline of every gain
-[ -f "$OUT/sft/checkpoint/eval.json" ] || occ eval "$OUT/sft/checkpoint" --config reference
+[ -f "$SFT/checkpoint/eval.json" ] || occ eval "$SFT/checkpoint" --config reference
+
+run_one() {  # one arm and seed: train (or resume), then the offline probe passes (set -e does not reach a
+  # function called in an && list, hence the explicit returns)
+  local arm=$1 seed=$2 regime extra=()
+  local run="$OUT/${arm//\//-}__$seed"
+  regime=${arm%%[@/]*}
+  case "$arm" in
+    *@*) extra=(--set "rl.mtp_coef=${arm#*@}") ;;
+    */*) extra=(--set "rl.proxy=${arm#*/}") ;;
+  esac
+  if [ ! -f "$run/eval.json" ]; then
+    if [ -f "$run/config.yaml" ]; then occ rl --resume "$run" || return 1
+    else occ rl --config reference --init "$SFT/checkpoint" --regime "$regime" --seed "$seed" "${extra[@]}" --out "$run" \
+      || return 1; fi
+  fi
+  # an interrupted probe pass leaves no probes.parquet (it is written atomically): redo it
+  if [ -d "$run/probes" ] && [ ! -f "$run/probes.parquet" ]; then occ probe "$run" || return 1; fi
+  # the same probes on a grid capped where the MTP step equals the RL step (the local, second-order regime)
+  if [ -d "$run/probes" ] && [ ! -f "$run/probes_cap1.parquet" ]; then
+    occ probe "$run" --set diag.grid_cap=1 --out probes_cap1.parquet || return 1; fi
+}
+
+running=0 failed=0
 for seed in $SEEDS; do
-  for regime in $REGIMES; do
-    run="$OUT/${regime}__${seed}"
-    if [ ! -f "$run/eval.json" ]; then
-      if [ -f "$run/config.yaml" ]; then occ rl --resume "$run"
-      else occ rl --config reference --init "$OUT/sft/checkpoint" --regime "$regime" --seed "$seed" --out "$run"; fi
-    fi
-    # an interrupted probe pass leaves no probes.parquet (it is written atomically): redo it
-    if [ -d "$run/probes" ] && [ ! -f "$run/probes.parquet" ]; then occ probe "$run"; fi
-    # the same probes on a grid capped where the MTP step equals the RL step (the local, second-order regime)
-    if [ -d "$run/probes" ] && [ ! -f "$run/probes_cap1.parquet" ]; then
-      occ probe "$run" --set diag.grid_cap=1 --out probes_cap1.parquet; fi
+  for arm in $ARMS; do
+    log="$OUT/${arm//\//-}__$seed.log"
+    run_one "$arm" "$seed" > "$log" 2>&1 && echo "done $arm seed $seed" || { echo "FAILED $arm seed $seed: see $log"; exit 1; } &
+    running=$((running + 1))
+    if [ "$running" -ge "$JOBS" ]; then wait -n || failed=1; running=$((running - 1)); fi
   done
 done
-# figures/ is the committed reference report: --force replaces it (figures/calibration/ is kept)
-occ figures "$OUT" --out figures --force
-occ figures "$OUT" --probes probes_cap1.parquet --out figures/grid_cap1 --force
+while [ "$running" -gt 0 ]; do wait -n || failed=1; running=$((running - 1)); done
+[ "$failed" = 0 ] || { echo "some runs failed; rerun the same command to resume them" >&2; exit 1; }
+
+occ figures "$OUT" --out "$FIG" --force
+occ figures "$OUT" --probes probes_cap1.parquet --out "$FIG/grid_cap1" --force
+python -m analysis.readme_table "$FIG/summary.json"

@@ -219,7 +219,7 @@ def test_a_bare_name_finds_the_packaged_config_from_any_directory(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     assert {p.stem for p in PACKAGED_CONFIGS.glob("*.yaml")} >= {"tiny", "tiny_rl", "reference", "small"}
     assert load_config("tiny") == load_config("tiny.yaml") == load_config(PACKAGED_CONFIGS / "tiny.yaml")
-    assert load_config("tiny").name == "tiny" and load_config("reference").rl.steps == 400
+    assert load_config("tiny").name == "tiny" and load_config("reference").name == "reference"
     with pytest.raises(FileNotFoundError, match=r"tinny.*tiny, tiny_rl"):
         load_config("tinny")
     (tmp_path / "tiny.yaml").write_text("name: mine\n")  # a real path wins over the packaged name

@@ -10,8 +10,8 @@ import pytest
 from analysis_fixtures import make_study, synthetic_metrics, write_run
 
 from analysis.load import RunFileError
+from analysis.readme_table import BEGIN, END, generated_block, render
 from analysis.readme_table import main as readme_main
-from analysis.readme_table import render
 from analysis.report import MARKER_FILE, SUMMARY_JSON, write_report
 
 
@@ -105,3 +105,25 @@ def test_summary_json_round_trips_into_the_readme_table(report, capsys):
         assert float(cells[-1]) == pytest.approx(entry["mean"]["greedy_acc"]["mean"], abs=5e-4)
     assert f"gained {s['learning']['baseline_gain']:.3f}" in table
     assert readme_main([str(report / SUMMARY_JSON)]) == 0 and capsys.readouterr().out == table
+
+
+def test_the_readme_table_is_spliced_between_its_markers_and_nothing_else_moves(report, tmp_path, capsys):
+    tables = render(json.loads((report / SUMMARY_JSON).read_text()))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\nprose before\n{BEGIN}\nstale table\n{END}\nprose after\n")
+    assert readme_main([str(report / SUMMARY_JSON), str(readme)]) == 0
+    text = readme.read_text()
+    assert generated_block(text) == tables and text.startswith("# title\nprose before\n")
+    assert text.endswith(f"{END}\nprose after\n") and "stale" not in text
+    readme.write_text("no markers\n")
+    assert readme_main([str(report / SUMMARY_JSON), str(readme)]) == 2 and "expected one" in capsys.readouterr().err
+    assert readme.read_text() == "no markers\n"
+
+
+def test_the_committed_readme_holds_the_committed_summary():
+    """The reference section's numbers are figures/summary.json's, rendered, never typed in."""
+    root = Path(__file__).resolve().parents[1]
+    summary = root / "figures" / SUMMARY_JSON
+    if not summary.is_file():
+        pytest.skip("no committed figures/summary.json yet")
+    assert generated_block((root / "README.md").read_text()) == render(json.loads(summary.read_text()))

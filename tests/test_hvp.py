@@ -64,14 +64,28 @@ def test_grad_and_hvps_batched_and_looped_equal_the_explicit_hessian(policy, met
 
 
 def test_jvps_batched_and_looped_equal_the_explicit_jacobian(policy):
-    """δ = ∂l·v for several v (the Fisher's products): one vectorised pass, or one pass per v."""
-    vs = [random_params(gen(s), policy.shapes) for s in (33, 34)]
+    """δ = ∂l·v for several v (the Fisher's products): one vectorised pass, passes of at most two, or one per v."""
+    vs = [random_params(gen(s), policy.shapes) for s in (33, 34, 35)]
     jac = torch.func.jacrev(lambda x: policy.logp(unflatten(x, policy.params)))(flatten(policy.params))  # (B, T, n)
-    for batched in (False, True):
-        out, deltas = jvps(policy.logp, policy.params, vs, batched=batched)
+    for batched, max_batch in ((False, 0), (True, 0), (True, 2), (True, 1)):
+        out, deltas = jvps(policy.logp, policy.params, vs, batched=batched, max_batch=max_batch)
         torch.testing.assert_close(out, policy.logp(policy.params), rtol=0, atol=0)
+        assert len(deltas) == len(vs)
         for v, d in zip(vs, deltas):
             torch.testing.assert_close(d, jac @ flatten(v), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="max_batch"):
+        jvps(policy.logp, policy.params, vs, max_batch=-1)
+
+
+@pytest.mark.parametrize("method", ["fwd-rev", "rev-rev", "fd"])
+def test_grad_and_hvps_project_maps_each_hvp_as_it_is_made(policy, method):
+    """``project(i, H·vᵢ)`` replaces each product (the probe keeps two dot products, not the vector)."""
+    vs = [random_params(gen(s), policy.shapes) for s in (36, 37)]
+    g, hvs = grad_and_hvps(policy.rl_objective, policy.params, vs, method)
+    g2, dots = grad_and_hvps(policy.rl_objective, policy.params, vs, method,
+                             project=lambda i, hv: float(flatten(vs[i]) @ flatten(hv)))
+    assert _max_rel(g2, g) == 0
+    assert dots == [float(flatten(v) @ flatten(hv)) for v, hv in zip(vs, hvs)]
 
 
 def test_hvp_of_linear_function_is_zero_and_unused_params_get_zeros():

@@ -326,7 +326,8 @@ def _rl_args(out, *extra):
 
 def test_rl_eval_and_probe_take_a_pretrained_model_with_model(checkpoints, tmp_path, capsys):
     """occ rl --model starts RL from a plain HF directory (fresh MTP modules), occ eval --model evaluates one,
-    and occ probe --model reruns the bundles into it when the run's init/ is gone, to the same numbers."""
+    and occ probe --model reruns the bundles into it when the run's init/ is gone, to the same numbers;
+    occ probe --online collects the online values into the same table."""
     import pandas as pd
 
     from occ_theory.cli import main
@@ -338,6 +339,15 @@ def test_rl_eval_and_probe_take_a_pretrained_model_with_model(checkpoints, tmp_p
     ref, _ = load_pretrained(hf, mtp_init="fresh", seed=0)
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in start.state_dict().items())
     assert main(["probe", str(run), "--out", "a.parquet"]) == 0
+    assert main(["probe", str(run), "--online", "--out", "o.parquet"]) == 0  # collected, not recomputed
+    a, o = pd.read_parquet(run / "a.parquet"), pd.read_parquet(run / "o.parquet")
+    import subprocess, sys; print(subprocess.run([sys.executable, "/tmp/dbg_on.py", str(run)], capture_output=True, text=True).stdout)
+    assert list(a.columns) == list(o.columns) and list(a.dtypes) == list(o.dtypes)
+    num = [c for c in a.columns if pd.api.types.is_float_dtype(a[c])]
+    assert len(num) > 50 and np.allclose(a[num].to_numpy(), o[num].to_numpy(), rtol=1e-9, equal_nan=True)
+    assert np.allclose(a["curve/deltas"][0], o["curve/deltas"][0], rtol=1e-9)
+    assert main(["probe", str(run), "--online", "--set", "diag.grid_cap=1", "--out", "x.parquet"]) == 2
+    assert "--online collects" in capsys.readouterr().err
     shutil.rmtree(run / "init")
     assert main(["probe", str(run), "--out", "b.parquet"]) == 2
     assert "occ probe --model" in capsys.readouterr().err
@@ -463,3 +473,49 @@ def test_fetch_smollm2_converts_once_and_loads_with_its_chat_template(tmp_path):
     logp, mtp = aligned_logprobs(model, ids)
     assert torch.isfinite(logp[:, 1:]).all() and torch.isfinite(mtp[:, 2:]).all()
     assert logp[0, 1:].mean() > -6  # a trained model: far likelier than uniform (log 1/49152 = -10.8); measured -4.6
+
+
+# -- probe memory controls --------------------------------------------------------------------------
+
+
+def test_row_chunks_and_jvp_batch_give_the_unbounded_probes_numbers(checkpoints):
+    """diag.row_chunk (g, u, HVPs and JVPs one block of rows at a time, normalised by the whole batch's token
+    counts) and diag.jvp_batch (one geometry per forward-mode pass) bound the probe's memory: every quantity of
+    the four geometries, the proxies and the curve equal the one-pass probe's (float64, a tied-head Qwen2)."""
+    import math
+
+    from occ_theory.diagnostics.probe import OptimizerSnapshot, ProbeSettings, run_probe, shared_params
+    from occ_theory.rl.batch import ObjectiveSpec, RLBatch, forward_logprobs
+    from occ_theory.rl.coef import Coefficient
+
+    model, tok = load_pretrained(checkpoints["qwen2"])
+    texts = ["what is 12 plus 30 = 42.", "solve for x 7 = 20.", "the answer is 5 plus 8", "times 3 = 9.",
+             "minus 4 number 13 = 17."]
+    ids, attn = _batch(tok, texts)
+    resp = torch.zeros(ids.shape)
+    resp[:, -4:] = 1.0  # the last four columns are the response of every row
+    g = torch.Generator().manual_seed(5)
+    spec = ObjectiveSpec.for_regime("ce")
+    with torch.no_grad():
+        logp = forward_logprobs(model, RLBatch(ids, attn, resp, torch.zeros(5), torch.zeros(ids.shape)), 1.0,
+                                "full", False)[0]
+    old = torch.where(resp > 0, logp + 0.1 * torch.randn(ids.shape, generator=g), torch.zeros(()))
+    batch = RLBatch(ids, attn, resp, torch.randn(5, generator=g), old)
+    shared = shared_params(model)
+    state = {k: {"step": torch.tensor(3.0), "exp_avg": 1e-3 * torch.randn(p.shape, generator=g),
+                 "exp_avg_sq": 1e-4 * torch.rand(p.shape, generator=g)} for k, p in shared.items()}
+    momentum = tuple({k: 1e-2 * torch.randn(p.shape, generator=g) for k, p in shared.items()} for _ in range(2))
+    snap = OptimizerSnapshot("adamw", 1e-3, (0.9, 0.999), 1e-8, 0.0, state,
+                             momentum={"m_g": momentum[0], "m_u": momentum[1]})
+    base = ProbeSettings(dtype="float64", curve_points=5, bootstrap=0, taylor_halvings=1)
+    coef = Coefficient(0.1, "fixed", 0.1)
+    ref = run_probe(model, batch, spec, coef, snap, base).record
+    assert {f"diag/{geo}/lambda_bal" for geo in ("sgd", "adam", "adam_step", "adam_stationary")} <= ref.keys()
+    assert math.isfinite(ref["diag/adam/curv_fisher"]) and ref["diag/adam/curv"] != 0
+    for rows, directions in ((1, 1), (2, 0), (3, 2)):  # uneven blocks too: 3 + 2 rows
+        got = run_probe(model, batch, spec, coef, snap, base.replace(row_chunk=rows, jvp_batch=directions)).record
+        for k, v in ref.items():
+            if isinstance(v, float) and math.isfinite(v):
+                assert got[k] == pytest.approx(v, rel=1e-9, abs=1e-15), (k, rows, directions)
+            elif not isinstance(v, list):
+                assert got[k] == v or (isinstance(v, float) and math.isnan(got[k])), (k, rows, directions)

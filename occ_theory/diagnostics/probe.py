@@ -199,6 +199,22 @@ def run_probe(model: nn.Module, batch: RLBatch, spec: ObjectiveSpec, coef: Coeff
         work.train(was_training)
 
 
+def row_chunks(batch: RLBatch, rows: int) -> list[RLBatch]:
+    """``batch`` as consecutive blocks of at most ``rows`` rows, every column kept (``rows`` = 0: the batch itself)."""
+    if rows <= 0 or rows >= batch.size:
+        return [batch]
+    return [batch.select(slice(i, i + rows)) for i in range(0, batch.size, rows)]
+
+
+def summed_grad(terms: list, params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """∇ of the sum of scalar functions ``terms`` (row chunks of one objective), one backward pass at a time."""
+    total = grad(terms[0], params)[1]
+    for f in terms[1:]:
+        for k, t in grad(f, params)[1].items():
+            total[k].add_(t)
+    return total
+
+
 def _cast(batch: RLBatch | None, dtype: torch.dtype) -> RLBatch | None:
     if batch is None:
         return None
@@ -217,16 +233,21 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficie
     rule = CoefficientRule("occ", coef.mtp_coef)  # scales each proxy as the run's rule would
     out: dict[str, Any] = {"diag/lr": lr, "diag/dtype": settings.dtype, "diag/hvp_method": settings.hvp_method}
 
-    norms = Norms.of(b, work.num_mtp, sums) if sums is not None else None  # global token counts
+    chunks = row_chunks(b, settings.row_chunk)
+    # the token counts J and M are normalised by: global ones in data parallelism, the batch's own for row chunks
+    norms = Norms.of(b, work.num_mtp, sums) if sums is not None or len(chunks) > 1 else None
 
-    def J(p):
-        return compute_objectives(work, b, spec, params=p, with_mtp=False, norms=norms).rl_objective
+    def J_of(part: RLBatch):
+        return lambda p: compute_objectives(work, part, spec, params=p, with_mtp=False, norms=norms).rl_objective
 
-    def M(p):
-        return compute_objectives(work, b, spec, params=p, norms=norms).mtp
+    def M_of(part: RLBatch):
+        return lambda p: compute_objectives(work, part, spec, params=p, norms=norms).mtp
 
-    def logp_fn(p):
-        return forward_logprobs(work, b, spec.temperature, spec.grad_cut, False, p)[0]
+    def logp_of(part: RLBatch):
+        return lambda p: forward_logprobs(work, part, spec.temperature, spec.grad_cut, False, p)[0]
+
+    J, M = J_of(b), M_of(b)
+    J_terms, M_terms, logp_terms = ([f(c) for c in chunks] for f in (J_of, M_of, logp_of))
 
     def seq_terms(p):
         return compute_objectives(work, b, spec, params=p, with_mtp=False).seq_rl
@@ -242,10 +263,11 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficie
         if spec.mtp_kind is None:
             return Probe(out | {"diag/skipped": "regime has no MTP loss"})
         red = sums or (lambda d: d)
-        u = red(grad(M, params)[1])
-        g = red(grad(J, params)[1])
+        u = red(summed_grad(M_terms, params))
+        g = red(summed_grad(J_terms, params))
         dirs = geometry_directions(params, g, u, optim)
-        steps = decompose_steps(J, params, dirs, settings.hvp_method, sums, logp_fn, mask)
+        steps = decompose_steps(J_terms, params, dirs, settings.hvp_method, sums, logp_terms, mask,
+                                jvp_batch=settings.jvp_batch)
         out |= module_breakdown(g, u)
         decs = {name: paper_terms(steps[name], lr, g, u) for name in ("sgd", "adam") if name in steps}
         for name in GEOMETRIES:

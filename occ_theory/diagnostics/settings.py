@@ -42,6 +42,13 @@ class ProbeFields(Settings):
     """Bootstrap resamples (over sequences) for the fit's intervals (0: none)."""
     taylor_halvings: NonNegativeInt = 3
     """Identity 2 on the live model: measure the Taylor residual at η, η/2, ... (this many halvings; 0: off)."""
+    row_chunk: NonNegativeInt = 0
+    """Rows per backward pass of the probe's g, u, HVPs and JVPs (0: the whole minibatch in one pass). J and M are sums
+    over rows normalised by the minibatch's token counts, so chunks give the same numbers with one chunk's activations
+    in memory (with a large vocabulary, logits of rows × tokens × vocab, differentiated twice)."""
+    jvp_batch: NonNegativeInt = 0
+    """Directions per vectorised JVP (the Fisher's δ = ∇l·a of each geometry; 0: every geometry in one pass, the
+    fastest). Each direction in a pass is a stacked copy of θ_S and of every activation's tangent: 1 holds one."""
     grid_cap: NonNegativeFloat = 0.0
     """0 (default): the grid of docs/theory.md section 5, out to curve_span × |λ*|. > 0: the grid stops where the MTP
     step reaches grid_cap × the RL step (‖λ·Pu‖ = cap·‖Pg‖), and spans exactly that without a finite λ*."""

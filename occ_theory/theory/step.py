@@ -191,47 +191,80 @@ def adamw_state_buffers(params: Mapping[str, Tensor], state: Mapping[str, Mappin
 
 
 def decompose_steps(
-    rl_objective: ScalarFn,
+    rl_objective: ScalarFn | Sequence[ScalarFn],
     params: Mapping[str, Tensor],
     steps: Mapping[str, Directions],
     method: str = "rev-rev",
     reduce: Reduce | None = None,
-    logp_fn: Callable[[Params], Tensor] | None = None,
+    logp_fn: Callable[[Params], Tensor] | Sequence[Callable[[Params], Tensor]] | None = None,
     mask: Tensor | None = None,
     batched: bool = False,
+    jvp_batch: int = 0,
 ) -> dict[str, StepDecomposition]:
     """α_m, β_m (and β_F when ``logp_fn`` and ``mask`` are given) of each geometry ``name: (s, a)``.
 
     One gradient graph of J gives ``g`` and ``H·a`` for every geometry (``batched``: in one
-    vectorised call, see ``grad_and_hvps``); ``α_m = gᵀa + sᵀ(H a)`` by the symmetry of H. The
-    Fisher products ``δ = ∇l·a`` of all geometries are one vectorised ``jvps`` call. ``reduce`` sums g, the
-    HVPs and the Fisher sums over processes (data parallelism); ``s`` and ``a`` must already be
-    the global ones. Each result keeps g in ``grad_rl``.
+    vectorised call, see ``grad_and_hvps``); ``α_m = gᵀa + sᵀ(H a)`` by the symmetry of H, and each
+    HVP is reduced to ``sᵀ(H a)`` and ``aᵀ(H a)`` as soon as it exists. The Fisher products
+    ``δ = ∇l·a`` of all geometries are vectorised ``jvps`` calls (at most ``jvp_batch`` tangents per
+    pass when > 0). ``reduce`` sums g, those dot products and the Fisher sums over processes (data
+    parallelism); ``s`` and ``a`` must already be the global ones. Each result keeps g in ``grad_rl``.
+
+    ``rl_objective`` and ``logp_fn`` may be sequences of equal length, the terms of row chunks of one
+    batch: J is the sum of the objective terms (each normalised by the whole batch's token count) and
+    the log-probs are the terms' rows concatenated in order. Each term gets its own gradient graph, so
+    the peak activation memory is one chunk's; the numbers are those of one call on the whole batch.
     """
     check_params(params)
     if (logp_fn is None) != (mask is None):
         raise ValueError("pass logp_fn and mask together (the Fisher curvature needs both)")
+    terms = [rl_objective] if callable(rl_objective) else list(rl_objective)
+    logp_terms = None if logp_fn is None else [logp_fn] if callable(logp_fn) else list(logp_fn)
+    if not terms or (logp_terms is not None and len(logp_terms) != len(terms)):
+        raise ValueError(f"rl_objective and logp_fn must give the same, non-zero number of row-chunk terms, got "
+                         f"{len(terms)} and {len(logp_terms) if logp_terms is not None else 'none'}")
     for name, (s, a) in steps.items():
         check_alike(params, s, f"s[{name!r}]")
         check_alike(params, a, f"a[{name!r}]")
     red = reduce or (lambda d: d)
     active = [name for name, (_, a) in steps.items() if not is_zero(a)]
+    vs = [steps[n][1] for n in active]
+
+    def curvature(i: int, hv: Params) -> Tensor:  # (sᵀHa, aᵀHa) of direction i; the HVP itself is dropped
+        s, a = steps[active[i]]
+        return torch.stack([dot(s, hv), dot(a, hv)])
+
+    g: Params | None = None
+    curv = None  # (K, 2): sᵀHa, aᵀHa per active geometry, summed over terms
+    for term in terms:
+        if active:
+            g_c, dots = grad_and_hvps(term, params, vs, method, batched=batched, project=curvature)
+            c = torch.stack(dots)
+            curv = c if curv is None else curv + c
+        else:
+            g_c = grad(term, params)[1]
+        if g is None:
+            g = g_c
+        else:
+            for k, t in g.items():
+                t.add_(g_c[k])
+        del g_c
+    g = red(g)
     if active:
-        g, hvs = grad_and_hvps(rl_objective, params, [steps[n][1] for n in active], method, batched=batched)
-        g, has = red(g), dict(zip(active, (red(h) for h in hvs)))
-    else:
-        g, has = red(grad(rl_objective, params)[1]), {}
+        curv = red({"curv": curv})["curv"]
     dlogps = dict.fromkeys(active)
-    if logp_fn is not None and active:
-        dlogps = dict(zip(active, jvps(logp_fn, params, [steps[n][1] for n in active])[1]))
+    if logp_terms is not None and active:
+        parts = [jvps(fn, params, vs, max_batch=jvp_batch)[1] for fn in logp_terms]
+        dlogps = {n: torch.cat([p[i] for p in parts]) for i, n in enumerate(active)}  # (B, T): rows in order
     out = {}
     for name, (s, a) in steps.items():
         alpha = alpha1 = beta = 0.0
         beta_f, dlogp = NAN, None
-        if name in has:
+        if name in dlogps:
+            i = active.index(name)
             alpha1 = float(dot(g, a))
-            alpha = alpha1 + float(dot(s, has[name]))
-            beta = float(dot(a, has[name]))
+            alpha = alpha1 + float(curv[i, 0])
+            beta = float(curv[i, 1])
             dlogp = dlogps[name]
             if dlogp is not None:
                 beta_f = fisher_curvature(dlogp, mask, reduce)

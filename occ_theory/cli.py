@@ -135,13 +135,16 @@ def _probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="PATH",
                    help="the model the bundles' weights load into, when RUN_DIR/init is gone (e.g. deleted to save "
                         "disk): the run's pretrained model or SFT checkpoint")
+    p.add_argument("--online", action="store_true",
+                   help="collect the values the run computed online (probes/step_N/online.json) instead of "
+                        "recomputing them: the same table, in seconds")
 
 
 def _probe(args: argparse.Namespace) -> int:
     from .diagnostics.offline import plan_run, run_job
 
-    jobs = [plan_run(d, steps=args.steps, overrides=args.overrides, out_name=args.out, model=args.model)
-            for d in args.run_dirs]
+    jobs = [plan_run(d, steps=args.steps, overrides=args.overrides, out_name=args.out, model=args.model,
+                     online=args.online) for d in args.run_dirs]
     for job in jobs:  # every run checked before the first is computed
         print(run_job(job, skip_bad=args.skip_bad, threads=args.threads))
     return 0

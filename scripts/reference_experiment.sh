@@ -8,6 +8,7 @@
 #   SFT    the SFT run to start from (default OUT/sft; made with `occ sft --config tiny` when missing)
 #   JOBS   runs at a time (default 2)
 #   FIG    where the report goes (default figures; --force replaces it, figures/calibration/ is kept)
+#   CAP1   1: also recompute every probe on a grid capped at the RL step's size (FIG/grid_cap1)
 set -euo pipefail
 OUT=${1:-runs/reference}
 # detach is the baseline (off trains the policy identically); ce and policy at a λ below and above the
@@ -36,10 +37,10 @@ run_one() {  # one arm and seed: train (or resume), then the offline probe passe
     else occ rl --config reference --init "$SFT/checkpoint" --regime "$regime" --seed "$seed" "${extra[@]}" --out "$run" \
       || return 1; fi
   fi
-  # an interrupted probe pass leaves no probes.parquet (it is written atomically): redo it
-  if [ -d "$run/probes" ] && [ ! -f "$run/probes.parquet" ]; then occ probe "$run" || return 1; fi
-  # the same probes on a grid capped where the MTP step equals the RL step (the local, second-order regime)
-  if [ -d "$run/probes" ] && [ ! -f "$run/probes_cap1.parquet" ]; then
+  # the probes' table: the values the run computed online, collected (occ probe without --online recomputes them)
+  if [ -d "$run/probes" ] && [ ! -f "$run/probes.parquet" ]; then occ probe "$run" --online || return 1; fi
+  # CAP1=1: the same probes recomputed on a grid capped where the MTP step equals the RL step (about 4 min a run)
+  if [ "${CAP1:-0}" = 1 ] && [ -d "$run/probes" ] && [ ! -f "$run/probes_cap1.parquet" ]; then
     occ probe "$run" --set diag.grid_cap=1 --out probes_cap1.parquet || return 1; fi
 }
 
@@ -56,7 +57,7 @@ while [ "$running" -gt 0 ]; do wait -n || failed=1; running=$((running - 1)); do
 [ "$failed" = 0 ] || { echo "some runs failed; rerun the same command to resume them" >&2; exit 1; }
 
 occ figures "$OUT" --out "$FIG" --force
-occ figures "$OUT" --probes probes_cap1.parquet --out "$FIG/grid_cap1" --force
+if [ "${CAP1:-0}" = 1 ]; then occ figures "$OUT" --probes probes_cap1.parquet --out "$FIG/grid_cap1" --force; fi
 # the README's reference tables are generated from the committed summary.json (a test checks they agree)
 if [ "$FIG" = figures ]; then python -m analysis.readme_table figures/summary.json README.md
 else python -m analysis.readme_table "$FIG/summary.json"; fi

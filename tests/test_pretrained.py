@@ -326,7 +326,8 @@ def _rl_args(out, *extra):
 
 def test_rl_eval_and_probe_take_a_pretrained_model_with_model(checkpoints, tmp_path, capsys):
     """occ rl --model starts RL from a plain HF directory (fresh MTP modules), occ eval --model evaluates one,
-    and occ probe --model reruns the bundles into it when the run's init/ is gone, to the same numbers."""
+    and occ probe --model reruns the bundles into it when the run's init/ is gone, to the same numbers;
+    occ probe --online collects the online values into the same table."""
     import pandas as pd
 
     from occ_theory.cli import main
@@ -338,6 +339,14 @@ def test_rl_eval_and_probe_take_a_pretrained_model_with_model(checkpoints, tmp_p
     ref, _ = load_pretrained(hf, mtp_init="fresh", seed=0)
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in start.state_dict().items())
     assert main(["probe", str(run), "--out", "a.parquet"]) == 0
+    assert main(["probe", str(run), "--online", "--out", "o.parquet"]) == 0  # collected, not recomputed
+    a, o = pd.read_parquet(run / "a.parquet"), pd.read_parquet(run / "o.parquet")
+    assert list(a.columns) == list(o.columns) and list(a.dtypes) == list(o.dtypes)
+    num = [c for c in a.columns if pd.api.types.is_float_dtype(a[c])]
+    assert len(num) > 50 and np.allclose(a[num].to_numpy(), o[num].to_numpy(), rtol=1e-9, equal_nan=True)
+    assert np.allclose(a["curve/deltas"][0], o["curve/deltas"][0], rtol=1e-9)
+    assert main(["probe", str(run), "--online", "--set", "diag.grid_cap=1", "--out", "x.parquet"]) == 2
+    assert "--online collects" in capsys.readouterr().err
     shutil.rmtree(run / "init")
     assert main(["probe", str(run), "--out", "b.parquet"]) == 2
     assert "occ probe --model" in capsys.readouterr().err

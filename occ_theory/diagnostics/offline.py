@@ -1,5 +1,7 @@
 """``occ probe RUN_DIR``: recompute every diagnostic from a run's probe bundles into ``probes.parquet``.
 
+``occ probe RUN_DIR --online`` collects the values the run computed online (``probes/step_N/online.json``)
+into the same table without recomputing them: the fast path when only the table is wanted.
 ``occ probe RUN_DIR --set diag.grid_cap=1 --out probes_cap1.parquet`` recomputes them with other
 probe settings (any ``ProbeSettings`` field: the λ grid, the dtype, the HVP method, ...) into a
 file of its own, leaving ``probes.parquet`` (the online values) as it is.
@@ -57,6 +59,8 @@ class ProbeJob:
     out: Path
     model: Path
     """The model the bundles' weights load into: ``run_dir/init`` unless ``occ probe --model`` names one."""
+    online: bool = False
+    """Collect each bundle's ``online.json`` instead of recomputing it."""
 
 
 def _step(bundle: Path) -> int:
@@ -64,10 +68,11 @@ def _step(bundle: Path) -> int:
 
 
 def plan_run(run_dir: Path, steps: list[int] | None = None, overrides: list[str] | None = None,
-             out_name: str = PROBES_FILE, model: str | Path | None = None) -> ProbeJob:
+             out_name: str = PROBES_FILE, model: str | Path | None = None, online: bool = False) -> ProbeJob:
     """Validate a recomputation of ``run_dir``: the run, ``steps`` (default all), the ``overrides``
     (``diag.<field>=value``, which need an ``out_name`` of their own), the model the bundles load into
-    (``model``, default ``run_dir/init``) and that ``run_dir/out_name`` can be written."""
+    (``model``, default ``run_dir/init``) and that ``run_dir/out_name`` can be written. ``online``: collect the
+    online values instead (no model needed; refused with changed settings, which only a recomputation has)."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
@@ -89,13 +94,16 @@ def plan_run(run_dir: Path, steps: list[int] | None = None, overrides: list[str]
             raise ValueError(f"--steps: {run_dir} has no probe bundle at step {', '.join(map(str, missing))}; "
                              f"its probe steps are {', '.join(map(str, sorted(have)))}")
         bundles = [have[s] for s in sorted(set(steps))]
+    if online and overrides:
+        raise ValueError("--online collects the values the run computed with its own settings; "
+                         "changed settings (--set) need a recomputation, without --online")
     model = Path(model) if model is not None else run_dir / "init"
-    if not model.exists():
+    if not online and not model.exists():
         raise ValueError(f"{run_dir}: the model its probe bundles load into, {model}, is missing "
                          "(occ probe --model PATH names the run's starting model)")
     out = run_dir / out_name
     check_output_file(out, "occ probe --out")
-    return ProbeJob(run_dir, bundles, changed, cfg, out, model)
+    return ProbeJob(run_dir, bundles, changed, cfg, out, model, online)
 
 
 def run_job(job: ProbeJob, skip_bad: bool = False, threads: int | None = None) -> Path:
@@ -106,15 +114,22 @@ def run_job(job: ProbeJob, skip_bad: bool = False, threads: int | None = None) -
 
     set_threads(int(job.cfg.get("threads") or 0) if threads is None else threads)
     mc = job.cfg.get("model") or {}
-    model = load_any(job.model, mc.get("mtp_depths", 1), mc.get("mtp_init", "copy_last"),
-                     seed=job.cfg.get("seed", 0))[0]
+    model = None if job.online else load_any(job.model, mc.get("mtp_depths", 1), mc.get("mtp_init", "copy_last"),
+                                             seed=job.cfg.get("seed", 0))[0]
     rl = job.cfg.get("rl", {})
     rows, bad = [], []
     progress = Progress(f"probe {job.run_dir.name}", len(job.bundles))
     for i, b in enumerate(job.bundles, 1):
         try:
             payload = load_bundle(b)
-            res = probe_from_bundle(payload, model, job.changed).record
+            if job.online:
+                online = read_online(b)
+                if online is None:
+                    raise ValueError(f"has no {ONLINE_FILE} (recompute it: occ probe without --online)")
+                res = {k: None if v is None and k.rsplit("/", 1)[-1] in _UNDETERMINED else _from_json(v)
+                       for k, v in online.items()}
+            else:
+                res = probe_from_bundle(payload, model, job.changed).record
             coef = payload["coef"]  # the coefficient the run applied: the bundle is its one source
         except (ValueError, OSError, KeyError, RuntimeError) as e:
             bad.append(f"{b}: {type(e).__name__}: {e}")
@@ -151,6 +166,20 @@ def _write(rows: list[dict[str, Any]], out: Path) -> Path:
     pd.DataFrame(rows).sort_values("step").to_parquet(buf, index=False)
     atomic_write_bytes(out, buf.getvalue())
     return out
+
+
+_UNDETERMINED = frozenset({"concave", "flat", "grid_capped", "interior_max", "lambda_star_inside", "reason",
+                           "geometry"})
+"""The record's flags and labels: None there means undetermined, not a non-finite float."""
+
+
+def _from_json(v: Any) -> Any:
+    """A value of ``online.json`` as the probe computed it: JSON wrote its non-finite floats as null."""
+    if v is None:
+        return float("nan")
+    if isinstance(v, list):
+        return [_from_json(x) for x in v]
+    return v
 
 
 def _cell(v: Any) -> Any:

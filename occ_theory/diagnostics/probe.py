@@ -70,17 +70,21 @@ class OptimizerSnapshot:
 
     @classmethod
     def capture(cls, optimizer: torch.optim.Optimizer, named: dict[str, nn.Parameter], grad_clip: float = 0.0,
-                momentum: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None) -> OptimizerSnapshot:
+                momentum: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None,
+                copy: bool = True) -> OptimizerSnapshot:
+        """The optimizer's state now. ``copy=False`` holds the optimizer's own state tensors and the given
+        momentum buffers instead of copies (four θ_S-sized tensors fewer): only for a snapshot that is done
+        with before the optimizer next steps (the trainer's probe and bundle)."""
         group = optimizer.param_groups[0]
         kind = {"AdamW": "adamw", "Adam": "adam"}.get(type(optimizer).__name__, "sgd")
+        keep = (lambda v: v.detach().clone()) if copy else (lambda v: v.detach())
         state = {}
         for name, p in named.items():
             st = optimizer.state.get(p, {})
             if "exp_avg_sq" in st:
-                state[name] = {k: (v.detach().clone() if isinstance(v, Tensor) else torch.tensor(v))
-                               for k, v in st.items()}
-        mom = None if momentum is None else {"m_g": {k: v.clone() for k, v in momentum[0].items()},
-                                             "m_u": {k: v.clone() for k, v in momentum[1].items()}}
+                state[name] = {k: (keep(v) if isinstance(v, Tensor) else torch.tensor(v)) for k, v in st.items()}
+        mom = None if momentum is None else {"m_g": {k: keep(v) for k, v in momentum[0].items()},
+                                             "m_u": {k: keep(v) for k, v in momentum[1].items()}}
         return cls(kind, float(group["lr"]), tuple(group.get("betas", (0.9, 0.999))), float(group.get("eps", 1e-8)),
                    float(group.get("weight_decay", 0.0)), state, grad_clip, mom)
 
@@ -267,7 +271,7 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficie
         g = red(summed_grad(J_terms, params))
         dirs = geometry_directions(params, g, u, optim)
         steps = decompose_steps(J_terms, params, dirs, settings.hvp_method, sums, logp_terms, mask,
-                                jvp_batch=settings.jvp_batch)
+                                jvp_batch=settings.jvp_batch, grad_rl=g)
         out |= module_breakdown(g, u)
         decs = {name: paper_terms(steps[name], lr, g, u) for name in ("sgd", "adam") if name in steps}
         for name in GEOMETRIES:

@@ -65,7 +65,9 @@ class StepDiagnostics:
         if not self.due(step):
             return {}
         dist = self.dist
-        snap = OptimizerSnapshot.capture(self.optimizer, self.shared, self.grad_clip, self.recorder.momentum())
+        # no copies: the optimizer steps after this returns, and momentum() is the recorder's fresh bias-corrected copy
+        snap = OptimizerSnapshot.capture(self.optimizer, self.shared, self.grad_clip, self.recorder.momentum(),
+                                         copy=False)
         heldout = self.heldout(step) if self.heldout is not None else None
         settings = self.settings.replace(seed=self.seed * 1_000_003 + step)  # each probe its own bootstrap
         realised_weights = None if realised is None else weights

@@ -200,6 +200,7 @@ def decompose_steps(
     mask: Tensor | None = None,
     batched: bool = False,
     jvp_batch: int = 0,
+    grad_rl: Mapping[str, Tensor] | None = None,
 ) -> dict[str, StepDecomposition]:
     """α_m, β_m (and β_F when ``logp_fn`` and ``mask`` are given) of each geometry ``name: (s, a)``.
 
@@ -214,6 +215,7 @@ def decompose_steps(
     batch: J is the sum of the objective terms (each normalised by the whole batch's token count) and
     the log-probs are the terms' rows concatenated in order. Each term gets its own gradient graph, so
     the peak activation memory is one chunk's; the numbers are those of one call on the whole batch.
+    ``grad_rl``: g = ∇J (reduced) when the caller has it already; the graph's own copy is then dropped.
     """
     check_params(params)
     if (logp_fn is None) != (mask is None):
@@ -226,6 +228,8 @@ def decompose_steps(
     for name, (s, a) in steps.items():
         check_alike(params, s, f"s[{name!r}]")
         check_alike(params, a, f"a[{name!r}]")
+    if grad_rl is not None:
+        check_alike(params, grad_rl, "grad_rl")
     red = reduce or (lambda d: d)
     active = [name for name, (_, a) in steps.items() if not is_zero(a)]
     vs = [steps[n][1] for n in active]
@@ -234,22 +238,24 @@ def decompose_steps(
         s, a = steps[active[i]]
         return torch.stack([dot(s, hv), dot(a, hv)])
 
-    g: Params | None = None
+    g: Params | None = None  # Σ of the terms' gradients, the graphs' by-product (unless the caller gave g)
     curv = None  # (K, 2): sᵀHa, aᵀHa per active geometry, summed over terms
     for term in terms:
+        g_c = None
         if active:
             g_c, dots = grad_and_hvps(term, params, vs, method, batched=batched, project=curvature)
             c = torch.stack(dots)
             curv = c if curv is None else curv + c
-        else:
+        elif grad_rl is None:
             g_c = grad(term, params)[1]
-        if g is None:
-            g = g_c
-        else:
-            for k, t in g.items():
-                t.add_(g_c[k])
+        if grad_rl is None:
+            if g is None:
+                g = g_c
+            else:
+                for k, t in g.items():
+                    t.add_(g_c[k])
         del g_c
-    g = red(g)
+    g = red(g) if grad_rl is None else dict(grad_rl)
     if active:
         curv = red({"curv": curv})["curv"]
     dlogps = dict.fromkeys(active)

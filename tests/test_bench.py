@@ -63,6 +63,15 @@ def test_trainer_benchmark_skips_cleanly_without_trl(monkeypatch):
     assert "skipped: TRL is not importable" in common.render(res)
 
 
+def test_pretrained_benchmark_skips_cleanly_without_the_model(tmp_path):
+    s = settings_from(build_parser().parse_args(["bench", "--quick", "pretrained", "--pretrained-dir",
+                                                 str(tmp_path / "absent")]))
+    assert s.argv()[-2:] == ["--pretrained-dir", str(tmp_path / "absent")]
+    res = run_one("pretrained", s)
+    assert res.error is None and res.rows == []
+    assert "occ models fetch smollm2" in res.skipped and "--pretrained-dir" in res.skipped
+
+
 def test_hvp_benchmark_still_gives_both_methods_against_the_gradient():
     from occ_theory.bench.hvp import bench_hvp
 
@@ -78,7 +87,7 @@ def test_settings_reject_unknown_benchmarks_and_sizes_before_any_work():
     with pytest.raises(ValueError, match="--sizes"):
         settings_from(parse(["bench", "--sizes", "huge"]))
     s = settings_from(parse(["bench", "--quick"]))
-    assert s == Settings(("hvp", "step", "rollout", "trainer", "scaling"), 2, ("tiny",), 1, True, 900.0)
+    assert s == Settings(("hvp", "step", "rollout", "trainer", "scaling", "pretrained"), 2, ("tiny",), 1, True, 900.0)
     assert settings_from(parse(["bench"])).repeats == 7
 
 

@@ -1,6 +1,7 @@
 """``occ bench``: the toolkit's costs, each measured side by side with what it is compared to.
 
     occ bench [NAME...] [--json PATH] [--repeats N] [--sizes tiny,small] [--threads N] [--quick]
+              [--pretrained-dir DIR]
 
 Benchmarks (``BENCHMARKS``; each module's docstring says exactly what it measures):
 
@@ -12,7 +13,9 @@ Benchmarks (``BENCHMARKS``; each module's docstring says exactly what it measure
 * ``trainer``: tokens/s of one full RL step against TRL's ``GRPOTrainer`` (≥ 1.5; skipped
   without TRL);
 * ``scaling``: step time and memory against width, depth, batch, response length; the
-  instrumented step against parameter count (log-log slope ≤ 1.15).
+  instrumented step against parameter count (log-log slope ≤ 1.15);
+* ``pretrained``: at 135M parameters (SmolLM2, ``occ models fetch smollm2``; ``--pretrained-dir``): one
+  HVP of J in gradients, and the instrumented step against the plain one (skipped without the model).
 
 Each benchmark runs in its own process (``python -m occ_theory.bench --one NAME``), so the peak
 memory it reports is its own. Contenders are interleaved round-robin after warm-up; medians,
@@ -36,7 +39,7 @@ from typing import Any
 
 from .common import PEAK, BenchResult, LoadMeter, machine, markdown_table, render
 
-BENCHMARKS = ("hvp", "step", "rollout", "trainer", "scaling")
+BENCHMARKS = ("hvp", "step", "rollout", "trainer", "scaling", "pretrained")
 SIZES = ("tiny", "small")
 
 
@@ -48,11 +51,13 @@ class Settings:
     threads: int
     quick: bool
     timeout_s: float
+    pretrained_dir: str | None = None
 
     def argv(self) -> list[str]:
         """The command-line flags that reproduce these settings in a child process."""
         return ["--repeats", str(self.repeats), "--sizes", ",".join(self.sizes), "--threads", str(self.threads),
-                *(["--quick"] if self.quick else [])]
+                *(["--quick"] if self.quick else []),
+                *(["--pretrained-dir", self.pretrained_dir] if self.pretrained_dir else [])]
 
 
 def add_arguments(p) -> None:
@@ -68,6 +73,8 @@ def add_arguments(p) -> None:
                    help="torch CPU threads in every benchmark (default 1: stable timings on a shared machine)")
     p.add_argument("--quick", action="store_true", help="fewer repeats and the smallest sizes (a smoke run)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per benchmark process")
+    p.add_argument("--pretrained-dir", default=None, metavar="DIR",
+                   help="the model of the pretrained benchmark (default: where `occ models fetch smollm2` puts it)")
 
 
 def settings_from(args) -> Settings:
@@ -85,7 +92,8 @@ def settings_from(args) -> Settings:
         raise ValueError(f"--sizes: unknown size(s) {bad}; choose from {list(SIZES)}")
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    return Settings(names, repeats, sizes, args.threads, bool(args.quick), float(args.timeout))
+    return Settings(names, repeats, sizes, args.threads, bool(args.quick), float(args.timeout),
+                    getattr(args, "pretrained_dir", None))
 
 
 # ------------------------------------------------------------------ one benchmark (child process)
@@ -96,6 +104,7 @@ def run_one(name: str, s: Settings) -> BenchResult:
     import torch
 
     from .hvp import bench_hvp
+    from .pretrained import bench_pretrained
     from .rollout import bench_rollout
     from .scaling import bench_scaling
     from .step import bench_step
@@ -108,6 +117,7 @@ def run_one(name: str, s: Settings) -> BenchResult:
         "rollout": lambda: bench_rollout(s.repeats, s.threads, s.quick),
         "trainer": lambda: bench_trainer(s.repeats, s.threads, s.quick),
         "scaling": lambda: bench_scaling(s.repeats, s.threads, s.quick),
+        "pretrained": lambda: bench_pretrained(s.repeats, s.threads, s.quick, s.pretrained_dir),
     }
     load, t0 = LoadMeter(), time.perf_counter()
     try:

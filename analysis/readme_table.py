@@ -65,7 +65,7 @@ def learning_line(learning: dict[str, Any]) -> str:
     verdict = {True: "learned", False: "did not learn (gain within its seed-to-seed spread)", None: "unknown"}[
         learning.get("learned")]
     return (f"Learning: the baseline `{arm}` gained {_num(gain)} held-out {learning.get('metric')} over the SFT "
-            f"checkpoint on the RL suites (seed-to-seed sd {_num(spread)}, {learning.get('seeds')} seeds): {verdict}.")
+            f"checkpoint on the RL suites (seed-to-seed sd {_num(spread)}, {learning.get('seeds')} seed(s)): {verdict}.")
 
 
 def render(summary: dict[str, Any]) -> str:

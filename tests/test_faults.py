@@ -179,6 +179,23 @@ def test_same_seed_gives_the_same_metrics_run_to_run(ckpt, tmp_path, monkeypatch
     assert [r["rl/objective"] for r in c] != [r["rl/objective"] for r in a]  # another seed samples otherwise
 
 
+@pytest.mark.parametrize("regime", ["policy", "oracle"])
+def test_probes_never_change_the_training_they_measure(ckpt, tmp_path, monkeypatch, regime):
+    """A run probed every step (every geometry, the real-step curves, the bundles, which hold the live Adam
+    state) trains to the same weights and metrics as the same run never probed."""
+    inject_random_advantages(monkeypatch)
+    probed = run_rl(rl_config(ckpt, regime, "diag.every=1", "diag.curve_real_step=true", "rl.coef_clip=[-5,5]"),
+                    out_dir=tmp_path / "probed")
+    plain = run_rl(rl_config(ckpt, regime, "diag.every=0", "rl.coef_clip=[-5,5]"), out_dir=tmp_path / "plain")
+    rows = read_jsonl(probed / "metrics.jsonl")
+    assert all("diag/adam_step/lambda_star" in r and "diag/curve_real_local/r2" in r for r in rows[1:])
+    a, b = load_model(probed / "final").state_dict(), load_model(plain / "final").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    keep = ("rl/", "reward/", "lambda/used", "mtp/")
+    pick = [{k: v for k, v in r.items() if k.startswith(keep)} for r in read_jsonl(probed / "metrics.jsonl")]
+    assert pick == [{k: v for k, v in r.items() if k.startswith(keep)} for r in read_jsonl(plain / "metrics.jsonl")]
+
+
 def test_checkpoint_of_another_model_is_refused_on_resume(ckpt, tmp_path, monkeypatch, capsys):
     inject_random_advantages(monkeypatch)
     run = run_rl(rl_config(ckpt, "policy", "diag.every=0", "rl.checkpoint_every=1"), out_dir=tmp_path / "r")

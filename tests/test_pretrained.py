@@ -479,8 +479,9 @@ def test_fetch_smollm2_converts_once_and_loads_with_its_chat_template(tmp_path):
 
 def test_row_chunks_and_jvp_batch_give_the_unbounded_probes_numbers(checkpoints):
     """diag.row_chunk (g, u, HVPs and JVPs one block of rows at a time, normalised by the whole batch's token
-    counts) and diag.jvp_batch (one geometry per forward-mode pass) bound the probe's memory: every quantity of
-    the four geometries, the proxies and the curve equal the one-pass probe's (float64, a tied-head Qwen2)."""
+    counts), diag.jvp_batch (geometries per forward-mode pass) and diag.geometries_per_pass (directions built a
+    group at a time) bound the probe's memory: every quantity of the four geometries, the proxies and the curve
+    equal the one-pass probe's (float64, a tied-head Qwen2)."""
     import math
 
     from occ_theory.diagnostics.probe import OptimizerSnapshot, ProbeSettings, run_probe, shared_params
@@ -511,10 +512,11 @@ def test_row_chunks_and_jvp_batch_give_the_unbounded_probes_numbers(checkpoints)
     ref = run_probe(model, batch, spec, coef, snap, base).record
     assert {f"diag/{geo}/lambda_bal" for geo in ("sgd", "adam", "adam_step", "adam_stationary")} <= ref.keys()
     assert math.isfinite(ref["diag/adam/curv_fisher"]) and ref["diag/adam/curv"] != 0
-    for rows, directions in ((1, 1), (2, 0), (3, 2)):  # uneven blocks too: 3 + 2 rows
-        got = run_probe(model, batch, spec, coef, snap, base.replace(row_chunk=rows, jvp_batch=directions)).record
+    for rows, directions, geometries in ((1, 1, 1), (2, 0, 0), (3, 2, 3)):  # uneven blocks too: 3 + 2 rows
+        bounded = base.replace(row_chunk=rows, jvp_batch=directions, geometries_per_pass=geometries)
+        got = run_probe(model, batch, spec, coef, snap, bounded).record
         for k, v in ref.items():
             if isinstance(v, float) and math.isfinite(v):
-                assert got[k] == pytest.approx(v, rel=1e-9, abs=1e-15), (k, rows, directions)
+                assert got[k] == pytest.approx(v, rel=1e-9, abs=1e-15), (k, rows, directions, geometries)
             elif not isinstance(v, list):
-                assert got[k] == v or (isinstance(v, float) and math.isnan(got[k])), (k, rows, directions)
+                assert got[k] == v or (isinstance(v, float) and math.isnan(got[k])), (k, rows, directions, geometries)

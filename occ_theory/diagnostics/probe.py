@@ -119,21 +119,36 @@ STEP_KEYS = ("alpha_model", "beta_model", "alpha_first_order", "beta_fisher", "l
 fixed-P geometries)."""
 
 
+def geometry_names(params: dict[str, Tensor], optim: OptimizerSnapshot) -> list[str]:
+    """The geometries the optimizer state allows: ``sgd`` always; ``adam`` once Adam has state; ``adam_step``
+    for AdamW (or Adam without weight decay), also on the first step; ``adam_stationary`` when the
+    recorder's momentum buffers are in the snapshot too."""
+    has_state = optim.kind != "sgd" and bool(params) and all(k in optim.state for k in params)
+    names = ["sgd"] + (["adam"] if has_state else [])
+    if optim.kind == "adamw" or (optim.kind == "adam" and optim.weight_decay == 0):
+        names.append("adam_step")
+    if has_state and optim.momentum is not None:
+        names.append("adam_stationary")
+    return names
+
+
 def geometry_directions(params: dict[str, Tensor], g: dict[str, Tensor], u: dict[str, Tensor],
-                        optim: OptimizerSnapshot) -> dict[str, tuple[dict, dict]]:
-    """``(s, a)`` of each geometry the optimizer state allows: ``sgd`` always; ``adam`` once Adam has state;
-    ``adam_step`` for AdamW (or Adam without weight decay), also on the first step; ``adam_stationary``
-    when the recorder's momentum buffers are in the snapshot."""
+                        optim: OptimizerSnapshot, names: list[str] | None = None) -> dict[str, tuple[dict, dict]]:
+    """``(s, a)`` of each geometry in ``names`` (default: every one the optimizer state allows,
+    ``geometry_names``); each is two θ_S-sized tensors."""
     lr = optim.lr
-    precond = optim.preconditioner(params)
-    out = {"sgd": fixed_precond_directions(g, u, lr)}
-    if precond is not None:
+    names = geometry_names(params, optim) if names is None else names
+    precond = optim.preconditioner(params) if {"adam", "adam_stationary"} & set(names) else None
+    out = {}
+    if "sgd" in names:
+        out["sgd"] = fixed_precond_directions(g, u, lr)
+    if "adam" in names and precond is not None:
         out["adam"] = fixed_precond_directions(g, u, lr, precond)
-    if (optim.kind == "adamw" or (optim.kind == "adam" and optim.weight_decay == 0)):
+    if "adam_step" in names:
         out["adam_step"] = adamw_step_directions(params, g, u, *adamw_state_buffers(params, optim.state), lr,
                                                  optim.betas, optim.eps,
                                                  optim.weight_decay if optim.kind == "adamw" else 0.0)
-    if precond is not None and optim.momentum is not None:
+    if "adam_stationary" in names and precond is not None and optim.momentum is not None:
         out["adam_stationary"] = fixed_precond_directions(optim.momentum["m_g"], optim.momentum["m_u"], lr, precond)
     return out
 
@@ -151,8 +166,13 @@ def paper_terms(step: StepDecomposition, lr: float, g: dict[str, Tensor], u: dic
         dlogp=None if step.dlogp is None else step.dlogp / lr, grad_rl=step.grad_rl)
 
 
+def _metric_norms(g: dict[str, Tensor], u: dict[str, Tensor], dirs: tuple[dict, dict], lr: float) -> tuple[float, float]:
+    """gᵀPg and uᵀPu of a fixed-P geometry from its s = ηPg, a = ηPu."""
+    return float(dot(g, dirs[0])) / lr, float(dot(u, dirs[1])) / lr
+
+
 def _decomp_record(geometry: str, dec: Decomposition | None, step: StepDecomposition | None, lr: float,
-                   g: dict[str, Tensor], u: dict[str, Tensor], dirs: tuple[dict, dict] | None) -> dict[str, Any]:
+                   metric: tuple[float, float] | None) -> dict[str, Any]:
     prefix = f"diag/{geometry}"
     fixed_p = geometry in ("sgd", "adam")
     keys = STEP_KEYS + (PAPER_KEYS if fixed_p else ())
@@ -162,7 +182,7 @@ def _decomp_record(geometry: str, dec: Decomposition | None, step: StepDecomposi
     d = step.as_dict() | (dec.as_dict() if dec is not None else {})
     d["proj"] = lr * step.alpha_first_order / step.a_norm**2 if step.a_norm > 0 else NAN
     if fixed_p:  # s = ηPg, a = ηPu: gᵀPg = gᵀs/η, uᵀPu = uᵀa/η
-        gpg, upu = float(dot(g, dirs[0])) / lr, float(dot(u, dirs[1])) / lr
+        gpg, upu = metric
         d["cosine"] = step.alpha_first_order / lr / (gpg * upu) ** 0.5 if gpg > 0 and upu > 0 else NAN
     return {f"{prefix}/{k}": d[k] for k in keys} | {f"{prefix}/concave": step.concave, f"{prefix}/reason": step.reason}
 
@@ -269,13 +289,20 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficie
         red = sums or (lambda d: d)
         u = red(summed_grad(M_terms, params))
         g = red(summed_grad(J_terms, params))
-        dirs = geometry_directions(params, g, u, optim)
-        steps = decompose_steps(J_terms, params, dirs, settings.hvp_method, sums, logp_terms, mask,
-                                jvp_batch=settings.jvp_batch, grad_rl=g)
+        names = geometry_names(params, optim)
+        per_pass = settings.geometries_per_pass or len(names)
+        steps, metric, step_dirs = {}, {}, None  # step_dirs: adam_step's (s, a), for the real-step curves
+        for i in range(0, len(names), per_pass):  # each group's directions are dropped before the next is built
+            dirs = geometry_directions(params, g, u, optim, names[i:i + per_pass])
+            steps |= decompose_steps(J_terms, params, dirs, settings.hvp_method, sums, logp_terms, mask,
+                                     jvp_batch=settings.jvp_batch, grad_rl=g)
+            metric |= {k: _metric_norms(g, u, d, lr) for k, d in dirs.items() if k in ("sgd", "adam")}
+            step_dirs = dirs.get("adam_step", step_dirs)
+            del dirs
         out |= module_breakdown(g, u)
         decs = {name: paper_terms(steps[name], lr, g, u) for name in ("sgd", "adam") if name in steps}
         for name in GEOMETRIES:
-            out |= _decomp_record(name, decs.get(name), steps.get(name), lr, g, u, dirs.get(name))
+            out |= _decomp_record(name, decs.get(name), steps.get(name), lr, metric.get(name))
         if "adam" in steps:  # the model step is η·P·g; Adam's next step weighs the new gradient by this
             t = float(next(iter(optim.state.values()))["step"])
             out["diag/adam/momentum_weight"] = (1 - optim.betas[0]) / (1 - optim.betas[0] ** (t + 1))
@@ -302,7 +329,7 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficie
             out |= measure_curve(J, M, seq_terms, params, g, u, dec, precond, lam_used, mask, settings, hb,
                                  work, spec, sums, gather)
         if real:
-            out |= real_step_curves(J, params, g, u, u_mtp_only, steps, dirs["adam_step"], lam_used, settings, optim,
+            out |= real_step_curves(J, params, g, u, u_mtp_only, steps, step_dirs, lam_used, settings, optim,
                                     sums)
         if realised is not None and optim.kind in ("adam", "adamw"):
             out |= realised_step(J, params, g, u, realised, coef.value, optim, u_mtp_only, sums)

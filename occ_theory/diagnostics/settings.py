@@ -49,6 +49,10 @@ class ProbeFields(Settings):
     jvp_batch: NonNegativeInt = 0
     """Directions per vectorised JVP (the Fisher's δ = ∇l·a of each geometry; 0: every geometry in one pass, the
     fastest). Each direction in a pass is a stacked copy of θ_S and of every activation's tangent: 1 holds one."""
+    geometries_per_pass: NonNegativeInt = 0
+    """Geometries whose directions (s, a) are built and decomposed together (0: all four, sharing one gradient graph
+    per row chunk). Each geometry holds two copies of θ_S: 1 builds one at a time, with one more gradient graph per
+    geometry; the numbers are the same."""
     grid_cap: NonNegativeFloat = 0.0
     """0 (default): the grid of docs/theory.md section 5, out to curve_span × |λ*|. > 0: the grid stops where the MTP
     step reaches grid_cap × the RL step (‖λ·Pu‖ = cap·‖Pg‖), and spans exactly that without a finite λ*."""

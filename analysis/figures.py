@@ -153,7 +153,7 @@ def _num(row: pd.Series, key: str) -> float:
 
 
 def _markers(row: pd.Series, exact: float, fit: float, color: str) -> list[tuple[str, float, str, str]]:
-    marks = [("λ used", row.get("diag/lambda_used", np.nan), "0.5", ":"), ("λ*_m", exact, "black", "--"),
+    marks = [("λ used", row.get("lambda/used", np.nan), "0.5", ":"), ("λ*_m", exact, "black", "--"),
              ("λ*_fit", fit, color, "-")]
     marks += [(f"proxy {p}", row.get(f"lambda/{p}", np.nan), PROXY_COLORS[p], "-.") for p in PROXIES]
     return [(n, float(v), c, ls) for n, v, c, ls in marks if v is not None and np.isfinite(float(v))]

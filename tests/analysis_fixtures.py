@@ -80,7 +80,7 @@ def probe_record(regime: str, step: int, rng: np.random.Generator, minibatches: 
         "stats/l_minus_old/mean": 0.0 if first else 0.01, "diag/curve/l_eff": NAN if flat else 2.0 / LR,
         **{f"diag/{g}/proj": NAN if g != "sgd" and step == 1 else 0.5 * lam_star for g in ("sgd", "adam_step")},
     } | {
-        "step": step, "first_after_rollout": first, "diag/lr": LR, "diag/lambda_used": 0.1,
+        "step": step, "first_after_rollout": first, "diag/lr": LR, "lambda/used": 0.1,
         "diag/sgd/corr": c, "diag/sgd/curv": q, "diag/sgd/lambda_star": lam_star,
         "diag/sgd/cosine": NAN if flat else float(np.clip(c / 0.5, -1, 1)), **adam,
         "diag/curve/geometry": "sgd" if step == 1 else "adam", "diag/curve/flat": flat,
@@ -146,7 +146,7 @@ def synthetic_metrics(regime: str, seed: int, steps: int = 24, diag_every: int =
                                "reward/mean": min(1.0, 0.2 + 0.02 * step + 0.05 * rng.standard_normal()),
                                "reward/std": 0.3, "rl/objective": 0.1, "lambda/used": 0.1,
                                "perf/train_s": s["train_s"] * (1 + 0.01 * rng.standard_normal()),
-                               "perf/diag_s": 0.0, "perf/step_s": s["train_s"]}
+                               "perf/diag_s": 0.02, "perf/step_s": s["train_s"]}  # the recorder: every step
         if step in diagnosed:
             probe = probe_record(regime, step, rng)
             rec |= {k: v for k, v in probe.items() if not isinstance(v, list) and k not in rec}

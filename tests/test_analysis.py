@@ -18,11 +18,12 @@ import pandas as pd
 import pytest
 from analysis_fixtures import make_study, synthetic_metrics, write_run
 
+import analysis
 from analysis import claims as C
 from analysis import figures as F
 from analysis import outcome as O
 from analysis.claims_curve import CLAIM_LOCAL, CLAIM_WIDE
-from analysis.frames import SUITES, eval_frame, metrics_frame, probes_frame, sft_eval_frame
+from analysis.frames import GEOMETRIES, SUITES, eval_frame, metrics_frame, probes_frame, sft_eval_frame
 from analysis.load import RunFileError, arm_name, load_run, load_runs
 from analysis.outcome import held_out_table
 from analysis.report import FIGURES, write_report
@@ -266,10 +267,23 @@ def test_report_end_to_end_on_a_tiny_real_run(tmp_path, monkeypatch):
 
     inject_random_advantages(monkeypatch)
     ck = make_checkpoint(tmp_path / "ck")
-    for regime in ("policy", "occ"):
-        recompute_run(run_rl(rl_config(ck, regime, "rl.steps=4", "diag.every=2"), out_dir=tmp_path / "runs" / regime))
+    for regime in ("policy", "occ", "ce", "detach"):
+        recompute_run(run_rl(rl_config(ck, regime, "rl.steps=4", "diag.every=2", "diag.curve_real_step=true"),
+                             out_dir=tmp_path / "runs" / regime))
     summary = write_report([tmp_path / "runs"], tmp_path / "out")
     text = summary.read_text()
+    # every key the analysis names is one the trainer and the probe really write (a renamed key would
+    # otherwise leave a claim silently without data, as diag/lambda_used once did)
+    runs = load_runs([tmp_path / "runs"])
+    have = set().union(*(set(r.metrics.columns) | set(r.probes.columns) for r in runs))
+    src = "".join(p.read_text() for p in Path(analysis.__file__).parent.glob("*.py"))
+    named = set(re.findall(r'"((?:diag|lambda|perf|curve|stats|reward)/[A-Za-z0-9_/]+[A-Za-z0-9_])"', src))
+    assert named and not sorted(named - have)
+    geo = set(re.findall(r'geo_key\(\w+, "(\w+)"\)', src))  # per geometry: written in at least one
+    assert geo and not sorted(k for k in geo if not any(f"diag/{g}/{k}" in have for g in GEOMETRIES))
+    claims = {c["id"]: c for c in json.loads((tmp_path / "out" / "summary.json").read_text())["claims"]}
+    assert claims["2"]["numbers"]["ce_probes"] > 0
+    assert claims["6"]["numbers"]["occ_runs"] == claims["6"]["numbers"]["detach_runs"] == 1
     assert text.count("| **") == 8 and "| policy | policy@0.1 | 0 | 4 |" in text
     for stem, fn, *_ in FIGURES:  # every figure is drawn or listed as skipped
         assert (tmp_path / "out" / f"{stem}.png").exists() or f"* {fn.TITLE}:" in text

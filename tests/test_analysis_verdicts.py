@@ -199,7 +199,7 @@ def test_claim1_without_the_real_step_columns_is_inconclusive_naming_them():
 def ce_probes(fit, n_runs: int = 3, alpha: float = 1e-4, beta: float = -1e-2, cos_ce: float = 0.05) -> pd.DataFrame:
     """ce probes (λ used 0.1) in the adam_step geometry, step 1 in sgd only; policy probes with cos 0.5."""
     ce = runs_of("ce", n_runs, [1, 2, 3, 4], **{
-        "diag/lambda_used": 0.1, "diag/curve_real_wide/lambda_star": lambda i, s: [fit] * len(s),
+        "lambda/used": 0.1, "diag/curve_real_wide/lambda_star": lambda i, s: [fit] * len(s),
         "diag/adam_step/alpha_model": lambda i, s: [np.nan if t == 1 else alpha for t in s],
         "diag/adam_step/beta_model": lambda i, s: [np.nan if t == 1 else beta for t in s],
         "diag/adam_step/lambda_star": 0.01, "diag/sgd/cosine": cos_ce})
@@ -314,9 +314,11 @@ def test_claim5_with_two_runs_is_inconclusive():
 
 def timings(occ_s: float, n_runs: int = 3) -> pd.DataFrame:
     steps = list(range(1, 7))
-    diag = [0.5 if s == 1 else 0.0 for s in steps]  # the diagnosed step is slow and left out
-    return pd.concat([runs_of("occ", n_runs, steps, **{"perf/train_s": [9.0, *[occ_s] * 5], "perf/diag_s": diag}),
-                      runs_of("detach", n_runs, steps, **{"perf/train_s": [9.0, *[0.010] * 5], "perf/diag_s": diag})],
+    # the probed step (a probe record: diag/lr) is slow and left out; the recorder's bookkeeping runs every step
+    diag = {"perf/diag_s": [0.5 if s == 1 else 0.02 for s in steps], "diag/lr": [1e-3 if s == 1 else np.nan
+                                                                                  for s in steps]}
+    return pd.concat([runs_of("occ", n_runs, steps, **{"perf/train_s": [9.0, *[occ_s] * 5]}, **diag),
+                      runs_of("detach", n_runs, steps, **{"perf/train_s": [9.0, *[0.010] * 5]}, **diag)],
                      ignore_index=True)
 
 

@@ -167,8 +167,11 @@ def _eval(args: argparse.Namespace) -> int:
 
     if (args.checkpoint is None) == (args.model is None):
         raise ValueError("give one model to evaluate: a CHECKPOINT directory or --model PATH")
-    if args.model is not None and args.json is None:
-        raise ValueError("--model: say where the results go with --json FILE (nothing is written beside the model)")
+    from .models import is_checkpoint
+
+    if args.json is None and not is_checkpoint(args.checkpoint or args.model):
+        raise ValueError("a pretrained model (not a toolkit checkpoint): say where the results go with --json FILE "
+                         "(nothing is written beside the model)")
     res, out = evaluate_checkpoint(args.checkpoint or args.model, load_config(args.config, args.overrides),
                                    args.json, "eval")
     print(format_table(res))

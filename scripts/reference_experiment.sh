@@ -48,7 +48,7 @@ running=0 failed=0
 for seed in $SEEDS; do
   for arm in $ARMS; do
     log="$OUT/${arm//\//-}__$seed.log"
-    run_one "$arm" "$seed" > "$log" 2>&1 && echo "done $arm seed $seed" || { echo "FAILED $arm seed $seed: see $log"; exit 1; } &
+    run_one "$arm" "$seed" >> "$log" 2>&1 && echo "done $arm seed $seed" || { echo "FAILED $arm seed $seed: see $log"; exit 1; } &
     running=$((running + 1))
     if [ "$running" -ge "$JOBS" ]; then wait -n || failed=1; running=$((running - 1)); fi
   done

@@ -87,7 +87,8 @@ def test_settings_reject_unknown_benchmarks_and_sizes_before_any_work():
     with pytest.raises(ValueError, match="--sizes"):
         settings_from(parse(["bench", "--sizes", "huge"]))
     s = settings_from(parse(["bench", "--quick"]))
-    assert s == Settings(("hvp", "step", "rollout", "trainer", "scaling", "pretrained"), 2, ("tiny",), 1, True, 900.0)
+    assert s == Settings(("hvp", "step", "rollout", "trainer", "scaling"), 2, ("tiny",), 1, True, 900.0)  # 135M: named only
+    assert settings_from(parse(["bench", "pretrained"])).names == ("pretrained",)
     assert settings_from(parse(["bench"])).repeats == 7
 
 

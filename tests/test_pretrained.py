@@ -347,6 +347,9 @@ def test_rl_eval_and_probe_take_a_pretrained_model_with_model(checkpoints, tmp_p
     assert np.allclose(a["curve/deltas"][0], o["curve/deltas"][0], rtol=1e-9)
     assert main(["probe", str(run), "--online", "--set", "diag.grid_cap=1", "--out", "x.parquet"]) == 2
     assert "--online collects" in capsys.readouterr().err
+    next((run / "probes").rglob("online.json")).unlink()  # checked before anything is written
+    assert main(["probe", str(run), "--online", "--out", "y.parquet"]) == 2 and not (run / "y.parquet").exists()
+    assert "no online.json" in capsys.readouterr().err
     shutil.rmtree(run / "init")
     assert main(["probe", str(run), "--out", "b.parquet"]) == 2
     assert "occ probe --model" in capsys.readouterr().err
@@ -362,7 +365,8 @@ def test_rl_eval_and_probe_take_a_pretrained_model_with_model(checkpoints, tmp_p
             "--set", "threads=1", "--set", "device=cpu"]
     assert main([*base, "--model", hf, "--json", str(out)]) == 0
     assert set(json.loads(out.read_text())["suites"]) >= {"addition", "linear"}
-    for bad, says in (([*base, "--model", hf], "--json"), (base, "one model"),
+    for bad, says in (([*base, "--model", hf], "--json"), ([*base, hf], "--json"), (base, "one model"),
+                      ([*base, str(run), "--json", str(tmp_path / "e.json")], "neither a toolkit checkpoint"),
                       ([*base, str(run / "final"), "--model", hf, "--json", str(out)], "one model"),
                       (_rl_args(tmp_path / "x", "--model", hf, "--init", str(run / "final")), "give one")):
         assert main(bad) == 2 and says in capsys.readouterr().err

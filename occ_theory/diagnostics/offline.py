@@ -97,6 +97,9 @@ def plan_run(run_dir: Path, steps: list[int] | None = None, overrides: list[str]
     if online and overrides:
         raise ValueError("--online collects the values the run computed with its own settings; "
                          "changed settings (--set) need a recomputation, without --online")
+    if online and (lacking := [b.name for b in bundles if read_online(b) is None]):
+        raise ValueError(f"--online: {run_dir} has no {ONLINE_FILE} in probe bundle(s) {', '.join(lacking)}; "
+                         "recompute them without --online")
     model = Path(model) if model is not None else run_dir / "init"
     if not online and not model.exists():
         raise ValueError(f"{run_dir}: the model its probe bundles load into, {model}, is missing "

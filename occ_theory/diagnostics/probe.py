@@ -233,9 +233,8 @@ def row_chunks(batch: RLBatch, rows: int) -> list[RLBatch]:
 def summed_grad(terms: list, params: dict[str, Tensor]) -> dict[str, Tensor]:
     """∇ of the sum of scalar functions ``terms`` (row chunks of one objective), one backward pass at a time."""
     total = grad(terms[0], params)[1]
-    for f in terms[1:]:
-        for k, t in grad(f, params)[1].items():
-            total[k].add_(t)
+    for f in terms[1:]:  # out of place: autograd may return one tensor (or a broadcast view) for several inputs
+        total = {k: total[k] + t for k, t in grad(f, params)[1].items()}
     return total
 
 

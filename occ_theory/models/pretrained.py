@@ -61,7 +61,8 @@ def load_any(
     fresh MTP modules). What ``occ rl --model``, ``occ eval --model`` and ``occ probe --model`` open."""
     if is_checkpoint(path):
         return load_model(path, device=device), load_tokenizer(path)
-    if not os.path.exists(path):
-        raise ValueError(f"no model at {os.fspath(path)}: expected a checkpoint directory, a Hugging Face "
-                         "model directory or a .gguf file")
+    where = os.fspath(path)
+    if not (os.path.isfile(os.path.join(where, "config.json")) or (os.path.isfile(where) and where.endswith(".gguf"))):
+        raise ValueError(f"{where} is neither a toolkit checkpoint (no {META_FILE}; a run's is RUN/checkpoint or "
+                         "RUN/final) nor a Hugging Face model directory (no config.json) nor a .gguf file")
     return load_pretrained(path, mtp_depths, mtp_init, seed=seed, device=device)

@@ -249,11 +249,8 @@ def decompose_steps(
         elif grad_rl is None:
             g_c = grad(term, params)[1]
         if grad_rl is None:
-            if g is None:
-                g = g_c
-            else:
-                for k, t in g.items():
-                    t.add_(g_c[k])
+            # out of place: autograd may return one tensor (or a broadcast view) for several inputs
+            g = g_c if g is None else {k: t + g_c[k] for k, t in g.items()}
         del g_c
     g = red(g) if grad_rl is None else dict(grad_rl)
     if active:

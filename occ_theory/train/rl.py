@@ -467,8 +467,8 @@ def _check_data(trainer: RLTrainer) -> list[str]:
 
 
 def run_rl(cfg: Config, out_dir: Path | None = None) -> Path:
-    if cfg.rl.init is not None and not (Path(cfg.rl.init).is_dir() or str(cfg.rl.init).endswith(".gguf")):
-        raise ValueError(f"config key 'rl.init' (--init, --model): no checkpoint or model directory {cfg.rl.init}")
+    if cfg.rl.init is not None and not Path(cfg.rl.init).exists():  # what kind of model it is, load_any judges
+        raise ValueError(f"config key 'rl.init' (--init, --model): nothing at {cfg.rl.init}")
     ctx = RunContext.create(cfg, kind=cfg.rl.regime, out_dir=out_dir)
     dist = init_from_env(ctx.device)
     ctx = replace(ctx, main=dist.main)

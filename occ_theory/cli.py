@@ -169,10 +169,13 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError("give one model to evaluate: a CHECKPOINT directory or --model PATH")
     from .models import is_checkpoint
 
-    if args.json is None and not is_checkpoint(args.checkpoint or args.model):
+    path = args.checkpoint or args.model
+    if not path.exists():
+        raise ValueError(f"{'CHECKPOINT' if args.model is None else '--model'} {path} does not exist")
+    if args.json is None and not is_checkpoint(path):
         raise ValueError("a pretrained model (not a toolkit checkpoint): say where the results go with --json FILE "
                          "(nothing is written beside the model)")
-    res, out = evaluate_checkpoint(args.checkpoint or args.model, load_config(args.config, args.overrides),
+    res, out = evaluate_checkpoint(path, load_config(args.config, args.overrides),
                                    args.json, "eval")
     print(format_table(res))
     print(f"written {out}")

@@ -368,6 +368,8 @@ def test_rl_eval_and_probe_take_a_pretrained_model_with_model(checkpoints, tmp_p
     for bad, says in (([*base, "--model", hf], "--json"), ([*base, hf], "--json"), (base, "one model"),
                       ([*base, str(run), "--json", str(tmp_path / "e.json")], "neither a toolkit checkpoint"),
                       ([*base, str(run / "final"), "--model", hf, "--json", str(out)], "one model"),
+                      ([*base, str(tmp_path / "gone")], "gone does not exist"),
+                      ([*base, "--model", str(tmp_path / "gone.gguf")], "gone.gguf does not exist"),
                       (_rl_args(tmp_path / "x", "--model", hf, "--init", str(run / "final")), "give one")):
         assert main(bad) == 2 and says in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
@@ -484,8 +486,8 @@ def test_fetch_smollm2_converts_once_and_loads_with_its_chat_template(tmp_path):
 def test_row_chunks_and_jvp_batch_give_the_unbounded_probes_numbers(checkpoints):
     """diag.row_chunk (g, u, HVPs and JVPs one block of rows at a time, normalised by the whole batch's token
     counts), diag.jvp_batch (geometries per forward-mode pass) and diag.geometries_per_pass (directions built a
-    group at a time) bound the probe's memory: every quantity of the four geometries, the proxies and the curve
-    equal the one-pass probe's (float64, a tied-head Qwen2)."""
+    group at a time) bound the probe's memory: every quantity of the four geometries, the proxies, the curve and
+    the real-step curves under an active clip equal the one-pass probe's (float64, a tied-head Qwen2)."""
     import math
 
     from occ_theory.diagnostics.probe import OptimizerSnapshot, ProbeSettings, run_probe, shared_params
@@ -509,11 +511,14 @@ def test_row_chunks_and_jvp_batch_give_the_unbounded_probes_numbers(checkpoints)
     state = {k: {"step": torch.tensor(3.0), "exp_avg": 1e-3 * torch.randn(p.shape, generator=g),
                  "exp_avg_sq": 1e-4 * torch.rand(p.shape, generator=g)} for k, p in shared.items()}
     momentum = tuple({k: 1e-2 * torch.randn(p.shape, generator=g) for k, p in shared.items()} for _ in range(2))
-    snap = OptimizerSnapshot("adamw", 1e-3, (0.9, 0.999), 1e-8, 0.0, state,
+    snap = OptimizerSnapshot("adamw", 1e-3, (0.9, 0.999), 1e-8, 0.0, state, grad_clip=3.0,
                              momentum={"m_g": momentum[0], "m_u": momentum[1]})
-    base = ProbeSettings(dtype="float64", curve_points=5, bootstrap=0, taylor_halvings=1)
+    base = ProbeSettings(dtype="float64", curve_points=5, bootstrap=0, taylor_halvings=1, curve_real_step=True)
     coef = Coefficient(0.1, "fixed", 0.1)
     ref = run_probe(model, batch, spec, coef, snap, base).record
+    # the real step's clip sees λ·∇_{θ_M}M, computed in row chunks too
+    # (its interval is finite and the wide real-step curve crosses it)
+    assert math.isfinite(ref["diag/lambda_clip_lo"]) and len(set(ref["curve/real_wide_clipped"])) == 2
     assert {f"diag/{geo}/lambda_bal" for geo in ("sgd", "adam", "adam_step", "adam_stationary")} <= ref.keys()
     assert math.isfinite(ref["diag/adam/curv_fisher"]) and ref["diag/adam/curv"] != 0
     for rows, directions, geometries in ((1, 1, 1), (2, 0, 0), (3, 2, 3)):  # uneven blocks too: 3 + 2 rows

@@ -302,6 +302,28 @@ def test_real_step_curve_replays_the_optimizer_step_the_run_takes(ckpt, tmp_path
         assert err <= 1e-6 + 1e-4 * float((actual[k] - params[k]).abs().max()), k
 
 
+def test_a_bundle_saves_the_optimizer_state_without_copying_and_loads_it_back(ckpt, tmp_path):
+    """The snapshot's dict holds its own tensors (no deep copy of Adam's state at every bundle), and the
+    bundle, read back memory-mapped, has the same weights, batch and state."""
+    from occ_theory.diagnostics.bundle import load_bundle, save_bundle
+    from occ_theory.diagnostics.probe import OptimizerSnapshot, ProbeSettings
+
+    tr = _trainer(ckpt, tmp_path, "policy", "diag.every=0")
+    batch, _ = tr.rollout()
+    first, second = (with_signal(tr, mb) for mb in batch.split(2))
+    tr.train_step(first, first_after_rollout=False)
+    snap = OptimizerSnapshot.capture(tr.optimizer, tr.shared, tr.rc.grad_clip)
+    d = snap.to_dict()
+    assert d["state"] and all(d["state"][k]["exp_avg_sq"] is snap.state[k]["exp_avg_sq"] for k in snap.state)
+    save_bundle(tmp_path / "b", step=2, model=tr.model, batch=second, spec=tr.spec, coef=tr.rule(), optim=snap,
+                settings=ProbeSettings())
+    back = load_bundle(tmp_path / "b")
+    assert all(torch.equal(v, back["model"][k]) for k, v in tr.model.state_dict().items())
+    assert all(torch.equal(v, back["batch"][k]) for k, v in second.tensors().items())
+    again = OptimizerSnapshot.from_dict(back["optim"])
+    assert again.betas == snap.betas and again.grad_clip == snap.grad_clip
+    assert all(torch.equal(again.state[k][n], snap.state[k][n]) for k in snap.state for n in snap.state[k])
+
 def test_mtp_mask_counts_from_each_rows_first_real_token_under_left_padding():
     """Depth k at position t needs t ≥ first + k + 1: a 1-token prompt left-padded by 3 gives the same M_k
     (D = 2, ce) as the same row unpadded; the positions whose MTP inputs are padding stay out of M and its count."""

@@ -51,7 +51,8 @@ def load_bundle(path: Path) -> dict[str, Any]:
     if not f.is_file():
         raise ValueError(f"probe bundle {path} has no {BUNDLE_FILE}")
     try:
-        payload = torch.load(f, map_location="cpu", weights_only=True)
+        # mmap: tensors are read from the file when used (occ probe --online reads only the small fields)
+        payload = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError on damage
         raise ValueError(f"probe bundle {f} is corrupt or unreadable: {type(e).__name__}: {e}") from e
     if not isinstance(payload, dict) or payload.get("format") != "occ_theory.probe":

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -94,8 +94,8 @@ class OptimizerSnapshot:
             return None
         return adam_preconditioner(self.state, params, self.betas[1], self.eps)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:  # shallow: asdict would deep-copy every state tensor
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OptimizerSnapshot:
@@ -318,11 +318,8 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficie
     if real or realised is not None:
         mtp_names = set(work.mtp_param_names())
         own = {k: p.detach() for k, p in work.named_parameters() if k in mtp_names}
-        if own:
-            def M_own(p):
-                return compute_objectives(work, b, spec, params=p, norms=norms).mtp
-
-            u_mtp_only = red(grad(M_own, own)[1])
+        if own:  # row chunks as for u (M_of takes any subset of the parameters)
+            u_mtp_only = red(summed_grad(M_terms, own))
     with evaluation_numerics(work):
         if settings.curve_points > 0:
             out |= measure_curve(J, M, seq_terms, params, g, u, dec, precond, lam_used, mask, settings, hb,

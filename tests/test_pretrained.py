@@ -529,3 +529,18 @@ def test_row_chunks_and_jvp_batch_give_the_unbounded_probes_numbers(checkpoints)
                 assert got[k] == pytest.approx(v, rel=1e-9, abs=1e-15), (k, rows, directions, geometries)
             elif not isinstance(v, list):
                 assert got[k] == v or (isinstance(v, float) and math.isnan(got[k])), (k, rows, directions, geometries)
+
+
+def test_the_pretrained_benchmark_measures_a_local_model(checkpoints):
+    """``occ bench pretrained --pretrained-dir DIR`` on a tiny Qwen2: an HVP row and an instrumented/plain row
+    with finite positive ratios, the Adam geometry computed on the timed instrumented step."""
+    from occ_theory.bench import run_one, settings_from
+    from occ_theory.cli import build_parser
+
+    s = settings_from(build_parser().parse_args(["bench", "--quick", "--threads", "1", "pretrained",
+                                                 "--pretrained-dir", checkpoints["qwen2"]]))
+    res = run_one("pretrained", s)
+    assert res.skipped is None and res.error is None, res.error
+    assert [r["contender"] for r in res.rows] == ["rev-rev HVP of J", "instrumented ce step"]
+    assert all(r["ratio"] > 0 and r["params"] > 0 and r["rounds"] == 1 for r in res.rows)
+    assert not any("WARNING" in n for n in res.notes) and any("perf/diag_s" in n for n in res.notes)

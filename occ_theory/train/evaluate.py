@@ -37,10 +37,10 @@ def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     return [*bos, *tokenizer.encode(prompt, add_special_tokens=False)]
 
 
-def tasks_for(tokenizer: Any, tasks: list[Task]) -> list[Task]:
+def tasks_for(tokenizer: Any, tasks: list[Task], parse: str = "stated") -> list[Task]:
     """The tasks as ``tokenizer``'s model is asked them: as they are for the character tokenizer,
-    in natural language (``ChatTask``) for any other."""
-    return list(tasks) if is_character_tokenizer(tokenizer) else [ChatTask(t) for t in tasks]
+    in natural language (``ChatTask``, reading answers as ``parse`` says) for any other."""
+    return list(tasks) if is_character_tokenizer(tokenizer) else [ChatTask(t, parse) for t in tasks]
 
 
 def decode_response(tokenizer: Any, ids: list[int]) -> str:
@@ -101,13 +101,13 @@ def score(model: nn.Module, tokenizer: Any, task: Task, problems: list[Problem],
 
 
 def suite_sets(tokenizer: Any, suites: tuple[str, ...] = SUITES, size: int = 200, seed: int = 1234,
-               difficulty: dict[str, dict] | None = None) -> dict[str, tuple[Task, list[Problem]]]:
+               difficulty: dict[str, dict] | None = None, parse: str = "stated") -> dict[str, tuple[Task, list[Problem]]]:
     """Each suite's fixed held-out set of ``size`` problems, as ``tokenizer``'s model is asked them."""
     difficulty = difficulty or {}
     sets = {}
     for suite in suites:
         settings = difficulty.get(suite, {})
-        [task] = tasks_for(tokenizer, [get_task(suite, **settings)])
+        [task] = tasks_for(tokenizer, [get_task(suite, **settings)], parse)
         problems = eval_set(suite, size, seed=seed, **settings)
         if isinstance(task, ChatTask):
             problems = [natural_problem(p) for p in problems]

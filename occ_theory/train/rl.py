@@ -113,7 +113,7 @@ class RLTrainer:
                                            seed=cfg.seed, grad_clip=rc.grad_clip, bundle_dir=ctx.run_dir / "probes",
                                            enabled=rc.regime != "off", dist=self.dist, heldout=self.heldout_batch)
         # a pretrained model's tokenizer gets the tasks in natural language (its chat template, "Answer: N")
-        self.tasks = {t.name: t for t in tasks_for(self.tokenizer, training_tasks(cfg))}
+        self.tasks = {t.name: t for t in tasks_for(self.tokenizer, training_tasks(cfg), cfg.task.parse)}
         # randomness: every source is a seeded generator whose state is checkpointed (one set per process)
         rank = self.dist.rank
         self.task_rng = np.random.default_rng([cfg.seed, rank, 1])  # not SFT's stream (default_rng(seed))

@@ -133,9 +133,9 @@ def eval_sets(cfg: Config, tokenizer: Any, size: int, tasks: list[Task] | None =
     else the six suites' fixed sets (``eval.seed``, ``task.difficulty``); both as ``tokenizer``'s model is
     asked them (a pretrained model's user task is a ``ChatTask`` around the ``UserTask``)."""
     if cfg.task.user_data is None:
-        return suite_sets(tokenizer, SUITES, size, cfg.eval.seed, cfg.task.difficulty)
+        return suite_sets(tokenizer, SUITES, size, cfg.eval.seed, cfg.task.difficulty, cfg.task.parse)
     sets = {}
-    for t in tasks if tasks is not None else tasks_for(tokenizer, training_tasks(cfg)):
+    for t in tasks if tasks is not None else tasks_for(tokenizer, training_tasks(cfg), cfg.task.parse):
         user = t.task if isinstance(t, ChatTask) else t
         if isinstance(user, UserTask) and user.held_out(1):
             problems = user.held_out(size)
@@ -156,6 +156,8 @@ def evaluate_run(model: torch.nn.Module, tokenizer: Any, cfg: Config, size: int,
                            autocast_dtype=autocast_dtype, progress=progress)
     result["settings"] = {"data": cfg.task.user_data or "suites", "size": size, "samples": samples,
                           "temperature": ec.temperature, "max_new_tokens": ec.max_new_tokens, "seed": ec.seed}
+    if cfg.task.parse != "stated":  # answers not stated in the asked format were scored too
+        result["settings"]["parse"] = cfg.task.parse
     return result
 
 

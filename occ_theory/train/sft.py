@@ -126,7 +126,7 @@ def run_sft(cfg: Config, run_name: str | None = None, out_dir: Path | None = Non
     data = training_tasks(cfg)
     warnings = check_user_data(data, tokenizer, model.trunk.config.max_position_embeddings,
                                cfg.eval.max_new_tokens)
-    tasks = tasks_for(tokenizer, data)
+    tasks = tasks_for(tokenizer, data, cfg.task.parse)
     stream = problem_stream(cfg, np.random.default_rng(cfg.seed), tasks)
     sample_gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
     held_rng = np.random.default_rng(cfg.eval.seed)

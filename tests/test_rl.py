@@ -162,6 +162,48 @@ def test_resume_after_interruption_gives_the_same_metrics(ckpt, tmp_path, monkey
     assert _comparable(a) == _comparable(b)
 
 
+
+def test_defer_degenerate_moves_a_probe_off_minibatches_without_advantages_and_resumes(ckpt, tmp_path, monkeypatch):
+    """The first two rollouts (steps 1-4) have all advantages 0 (J ≡ 0). Scheduled at 2, 4, 6, the probes
+    measure C = 0 at 2 and 4; with diag.defer_degenerate the probe due at 2 runs at 5, the first step with
+    a nonzero advantage (saying so), and 6 as scheduled. The deferral pending at step 4 survives an interruption."""
+    from dataclasses import replace
+
+    original = RLTrainer.rollout
+
+    def rollout(self, *args, **kwargs):
+        batch, rec = original(self, *args, **kwargs)
+        gen = torch.Generator().manual_seed(self.rollouts)
+        adv = torch.zeros(batch.size) if self.rollouts < 2 else torch.randn(batch.size, generator=gen)
+        return replace(batch, advantages=adv), rec
+
+    monkeypatch.setattr(RLTrainer, "rollout", rollout)
+    extra = ("rl.steps=6", "diag.every=2", "diag.first=false", "rl.checkpoint_every=1", "diag.curve_points=0")
+    rows = read_jsonl(run_rl(rl_config(ckpt, "ce", *extra), out_dir=tmp_path / "plain") / "metrics.jsonl")
+    assert [r["step"] for r in rows if "diag/lr" in r] == [2, 4, 6]
+    assert rows[1]["diag/sgd/corr"] == 0.0 and rows[5]["diag/sgd/corr"] != 0.0
+
+    deferring = (*extra, "diag.defer_degenerate=true")
+    full = run_rl(rl_config(ckpt, "ce", *deferring), out_dir=tmp_path / "full")
+    rows = read_jsonl(full / "metrics.jsonl")
+    assert [(r["step"], r.get("diag/deferred_from")) for r in rows if "diag/lr" in r] == [(5, 2), (6, None)]
+    assert rows[4]["diag/sgd/corr"] != 0.0
+    assert sorted(p.name for p in (full / "probes").iterdir()) == ["step_000005", "step_000006"]
+
+    cut_dir, step = tmp_path / "cut", RLTrainer.train_step
+
+    def crash_at_5(self, mb, first_after_rollout, **kw):
+        if self.step == 4:  # the checkpoint after rollout 2 holds the deferral pending since step 2
+            raise KeyboardInterrupt
+        return step(self, mb, first_after_rollout, **kw)
+
+    monkeypatch.setattr(RLTrainer, "train_step", crash_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        run_rl(rl_config(ckpt, "ce", *deferring), out_dir=cut_dir)
+    monkeypatch.setattr(RLTrainer, "train_step", step)
+    resume_rl(cut_dir)
+    assert _comparable(read_jsonl(cut_dir / "metrics.jsonl")) == _comparable(rows)
+
 def test_offline_probe_recomputation_equals_online_values(ckpt, tmp_path, monkeypatch):
     inject_random_advantages(monkeypatch)
     run_dir = run_rl(rl_config(ckpt, "policy", "diag.every=2", "rl.steps=4"), out_dir=tmp_path / "p")

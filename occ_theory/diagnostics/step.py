@@ -9,7 +9,8 @@ what it needs and runs at one point of the step). The trainer calls it twice per
 * ``measure`` after the backward pass (gradients summed over processes) and before the clip and
   the optimizer step: the model and the optimizer state are still those before the step. On a
   scheduled step it runs the probe, checks identity 3 against the received gradient and saves the
-  probe bundle.
+  probe bundle. With ``diag.defer_degenerate`` a scheduled step whose minibatch has no nonzero
+  advantage is put off to the next step whose minibatch has one (``diag/deferred_from`` says which).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class StepDiagnostics:
         """``shared``: the model's θ_S by name (the trainer's dict)."""
         self.model, self.shared, self.optimizer, self.dist = model, shared, optimizer, dist
         self.schedule = Schedule(total_steps, diag.every, diag.at, diag.log_spaced, diag.first) if enabled else None
+        self.defer_degenerate = bool(getattr(diag, "defer_degenerate", False))
+        self.deferred: int | None = None  # the scheduled step a degenerate minibatch put off (defer_degenerate)
         self.settings = ProbeSettings.from_diag(diag, seed)
         self.seed, self.grad_clip = seed, grad_clip
         self.bundle_dir = bundle_dir if diag.probes else None
@@ -62,9 +65,13 @@ class StepDiagnostics:
         weights = (1.0, coef.value) if realised is None else (realised.weight_g, realised.weight_u)
         if u is not None:
             self.recorder.observe(u, *weights)
-        if not self.due(step):
+        if not self.due(step) and self.deferred is None:
             return {}
         dist = self.dist
+        if self.defer_degenerate and spec.kl_coef == 0 and not self.has_signal(batch):
+            self.deferred = self.deferred or step
+            return {}
+        deferred_from, self.deferred = self.deferred, None
         # no copies: the optimizer steps after this returns, and momentum() is the recorder's fresh bias-corrected copy
         snap = OptimizerSnapshot.capture(self.optimizer, self.shared, self.grad_clip, self.recorder.momentum(),
                                          copy=False)
@@ -76,6 +83,8 @@ class StepDiagnostics:
         if probe.g is not None:
             rec |= self.recorder.check(probe.g, probe.u, *weights)
         where = {"first_after_rollout": first_after_rollout, "minibatch_index": minibatch_index}
+        if deferred_from is not None:
+            where["diag/deferred_from"] = deferred_from
         rec |= where
         if self.bundle_dir is not None:  # the global minibatch: `occ probe` recomputes it in one process
             whole = RLBatch.from_tensors(dist.gather_cat(batch.tensors()))
@@ -86,8 +95,14 @@ class StepDiagnostics:
                             online=probe.record | where, extra=where | {"world": dist.world})
         return rec
 
+    def has_signal(self, batch: RLBatch) -> bool:
+        """Whether any row of the (global) minibatch has a nonzero advantage."""
+        nonzero = (batch.advantages != 0).sum().to(torch.float64)
+        return float(self.dist.sum({"n": nonzero})["n"]) > 0
+
     def state_dict(self) -> dict[str, Any]:
-        return {"recorder": self.recorder.state_dict()}
+        return {"recorder": self.recorder.state_dict(), "deferred": self.deferred}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.recorder.load_state_dict(sd["recorder"])
+        self.deferred = sd.get("deferred")  # checkpoints before defer_degenerate have none

@@ -194,6 +194,9 @@ class DiagConfig(ProbeFields):
     """Also diagnose this many log-spaced steps over the run (0: none)."""
     first: bool = True
     """Diagnose step 1 too."""
+    defer_degenerate: bool = False
+    """A diagnosis due on a minibatch without a nonzero advantage (and no KL term: J ≡ 0 there, so C = Q = 0
+    and λ* is undefined) moves to the next step whose minibatch has one."""
     probes: bool = True
     """Save a probe bundle (what `occ probe` needs) on every diagnosed step."""
     curve_heldout: bool = False

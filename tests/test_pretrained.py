@@ -474,6 +474,16 @@ def test_a_lenient_parse_reads_the_last_lines_answer(prefix, answer, words, end)
     assert last_line_answer(words) is None and last_line_answer("") is None
 
 
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=60))
+def test_a_lenient_parse_never_raises(text):
+    """Any text (superscript digits included: "x²" once crashed an evaluation) reads as an answer or None."""
+    from occ_theory.tasks.chat import last_line_answer
+
+    assert last_line_answer(text) is None or isinstance(last_line_answer(text), str)
+    assert last_line_answer("x²") is None and last_line_answer("x² = 4") == "x² = 4"
+
+
 @pytest.mark.parametrize("suite", ["addition", "linear", "countdown"])
 def test_task_parse_lenient_scores_an_unstated_answer_and_stated_does_not(suite, checkpoints):
     """``task.parse: lenient`` scores an answer the model did not state as asked (its last line: an equation's

@@ -37,7 +37,7 @@ class StepDiagnostics:
         """``shared``: the model's θ_S by name (the trainer's dict)."""
         self.model, self.shared, self.optimizer, self.dist = model, shared, optimizer, dist
         self.schedule = Schedule(total_steps, diag.every, diag.at, diag.log_spaced, diag.first) if enabled else None
-        self.defer_degenerate = bool(getattr(diag, "defer_degenerate", False))
+        self.defer_degenerate = diag.defer_degenerate
         self.deferred: int | None = None  # the scheduled step a degenerate minibatch put off (defer_degenerate)
         self.settings = ProbeSettings.from_diag(diag, seed)
         self.seed, self.grad_clip = seed, grad_clip

@@ -82,7 +82,7 @@ def last_line_answer(text: str, max_chars: int = MAX_USER_ANSWER_CHARS) -> str |
     """An unstated final answer: the last non-empty line when it is an equation or an arithmetic expression
     (a number included), else that line's last number; None when the text has no line with a digit."""
     lines = [ln.strip(_WRAPPERS).removesuffix(".").strip(_WRAPPERS) for ln in text.splitlines()]
-    lines = [ln for ln in lines if any(c.isdigit() for c in ln)]
+    lines = [ln for ln in lines if _NUMBER.search(ln)]  # str.isdigit would also take "²", which \d does not
     if not lines:
         return None
     last = lines[-1].strip("$ ").strip()

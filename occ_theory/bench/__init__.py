@@ -41,7 +41,7 @@ from .common import PEAK, BenchResult, LoadMeter, machine, markdown_table, rende
 
 BENCHMARKS = ("hvp", "step", "rollout", "trainer", "scaling", "pretrained")
 DEFAULT = BENCHMARKS[:-1]
-"""What a bare ``occ bench`` runs: ``pretrained`` (135M parameters, over 15 GB) runs only when named."""
+"""What a bare ``occ bench`` runs: ``pretrained`` (135M parameters, about 12 GB and 6 min) runs only when named."""
 SIZES = ("tiny", "small")
 
 

@@ -18,6 +18,11 @@ Proxy = Literal["reference", "least_squares", "fisher"]
 """OCC proxies of λ* (docs/theory.md section 4), in display order."""
 PROXY_NAMES: tuple[str, ...] = get_args(Proxy)
 
+Parse = Literal["stated", "lenient"]
+"""How a pretrained model's final answer is read (``occ_theory.tasks.chat``): only as stated, or also from
+the last line when none is stated."""
+PARSES: tuple[str, ...] = get_args(Parse)
+
 SUITES: tuple[str, ...] = ("addition", "signed", "multiplication", "linear", "countdown", "length_gen")
 """The six suites in display order (``occ_theory.tasks.SUITES`` registers them in this order)."""
 

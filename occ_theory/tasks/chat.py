@@ -27,6 +27,7 @@ import re
 
 import numpy as np
 
+from occ_theory.names import PARSES
 from occ_theory.tasks.base import ANSWER_MARK, Problem, Task
 from occ_theory.tasks.user import MAX_USER_ANSWER_CHARS, answers_match, normalise_answer
 
@@ -73,9 +74,6 @@ def _last_boxed(text: str) -> str | None:
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _EXPRESSION = re.compile(r"[\d\s+\-*/().,]+")
-PARSES = ("stated", "lenient")
-"""How a ``ChatTask`` reads the final answer: only as stated (``extract_answer``), or, when none is stated,
-also from the last line (``last_line_answer``)."""
 
 
 def last_line_answer(text: str, max_chars: int = MAX_USER_ANSWER_CHARS) -> str | None:

@@ -21,7 +21,7 @@ from pydantic import Field, InstanceOf, ValidationError, create_model, field_val
 
 from ..diagnostics.settings import ProbeFields
 from ..models.config import ModelConfig
-from ..names import PROXY_NAMES, REGIMES, SUITES, Proxy, Regime
+from ..names import PROXY_NAMES, REGIMES, SUITES, Parse, Proxy, Regime
 from ..validated import (
     FieldError,
     Float,
@@ -51,7 +51,7 @@ class TaskConfig(Settings):
     """Per-suite difficulty settings passed to ``get_task(name, **settings)``."""
     user_data: str | None = None
     """A JSONL/Parquet file of {prompt, answer} records to train and evaluate on instead of the suites."""
-    parse: Literal["stated", "lenient"] = "stated"
+    parse: Parse = "stated"
     """A pretrained model's answers: scored only when stated as asked ("Answer: N" or \\boxed{}), or
     ("lenient") else read from the last line (an equation's right side, an expression, or its last number)."""
 

@@ -36,9 +36,10 @@ def with_signal(trainer, mb: RLBatch, seed: int = 0, noise: float = 0.05) -> RLB
     return replace(mb, advantages=torch.randn(mb.size, generator=g), old_logp=mb.old_logp + noise)
 
 
-def inject_random_advantages(monkeypatch, seed: int = 0) -> None:
+def inject_random_advantages(monkeypatch, seed: int = 0, zero_rollouts: int = 0) -> None:
     """Rollouts of an untrained model all score 0; give them seeded random advantages instead, so every
-    regime has a learning signal (the reward itself is tested with the tasks)."""
+    regime has a learning signal (the reward itself is tested with the tasks). The first ``zero_rollouts``
+    rollouts keep all advantages 0 (no signal at all)."""
     from occ_theory.train.rl import RLTrainer
 
     original = RLTrainer.rollout
@@ -46,6 +47,7 @@ def inject_random_advantages(monkeypatch, seed: int = 0) -> None:
     def rollout(self, *args, **kwargs):
         batch, rec = original(self, *args, **kwargs)
         gen = torch.Generator().manual_seed(seed * 100_003 + self.rollouts)  # a function of the run's state
-        return replace(batch, advantages=torch.randn(batch.size, generator=gen)), rec
+        adv = torch.zeros(batch.size) if self.rollouts < zero_rollouts else torch.randn(batch.size, generator=gen)
+        return replace(batch, advantages=adv), rec
 
     monkeypatch.setattr(RLTrainer, "rollout", rollout)

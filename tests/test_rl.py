@@ -144,22 +144,28 @@ def test_resume_after_interruption_gives_the_same_metrics(ckpt, tmp_path, monkey
     extra = ("rl.steps=6", "rl.checkpoint_every=1", "diag.every=3")
     full = run_rl(rl_config(ckpt, "occ", *extra), out_dir=tmp_path / "full")
 
-    cut_dir = tmp_path / "cut"
+    cut_dir = _interrupted_at_5_then_resumed(rl_config(ckpt, "occ", *extra), tmp_path / "cut", monkeypatch)
+    a, b = read_jsonl(full / "metrics.jsonl"), read_jsonl(cut_dir / "metrics.jsonl")
+    assert _comparable(a) == _comparable(b)
+
+
+def _interrupted_at_5_then_resumed(cfg, cut_dir, monkeypatch):
+    """``cfg`` (two steps a rollout, rl.checkpoint_every=1) run into ``cut_dir``, interrupted as step 5 is
+    about to run (the checkpoint after rollout 2, step 4, exists: records 1-4 are on disk), then resumed."""
     original = RLTrainer.train_step
 
     def crash_at_5(self, mb, first_after_rollout, **kw):
-        if self.step == 4:  # step 5 is about to run: the checkpoint after rollout 2 (step 4) exists
+        if self.step == 4:
             raise KeyboardInterrupt
         return original(self, mb, first_after_rollout, **kw)
 
     monkeypatch.setattr(RLTrainer, "train_step", crash_at_5)
     with pytest.raises(KeyboardInterrupt):
-        run_rl(rl_config(ckpt, "occ", *extra), out_dir=cut_dir)
+        run_rl(cfg, out_dir=cut_dir)
     monkeypatch.setattr(RLTrainer, "train_step", original)
     assert [r["step"] for r in read_jsonl(cut_dir / "metrics.jsonl")] == [1, 2, 3, 4]
     resume_rl(cut_dir)
-    a, b = read_jsonl(full / "metrics.jsonl"), read_jsonl(cut_dir / "metrics.jsonl")
-    assert _comparable(a) == _comparable(b)
+    return cut_dir
 
 
 
@@ -167,17 +173,7 @@ def test_defer_degenerate_moves_a_probe_off_minibatches_without_advantages_and_r
     """The first two rollouts (steps 1-4) have all advantages 0 (J ≡ 0). Scheduled at 2, 4, 6, the probes
     measure C = 0 at 2 and 4; with diag.defer_degenerate the probe due at 2 runs at 5, the first step with
     a nonzero advantage (saying so), and 6 as scheduled. The deferral pending at step 4 survives an interruption."""
-    from dataclasses import replace
-
-    original = RLTrainer.rollout
-
-    def rollout(self, *args, **kwargs):
-        batch, rec = original(self, *args, **kwargs)
-        gen = torch.Generator().manual_seed(self.rollouts)
-        adv = torch.zeros(batch.size) if self.rollouts < 2 else torch.randn(batch.size, generator=gen)
-        return replace(batch, advantages=adv), rec
-
-    monkeypatch.setattr(RLTrainer, "rollout", rollout)
+    inject_random_advantages(monkeypatch, zero_rollouts=2)
     extra = ("rl.steps=6", "diag.every=2", "diag.first=false", "rl.checkpoint_every=1", "diag.curve_points=0")
     rows = read_jsonl(run_rl(rl_config(ckpt, "ce", *extra), out_dir=tmp_path / "plain") / "metrics.jsonl")
     assert [r["step"] for r in rows if "diag/lr" in r] == [2, 4, 6]
@@ -190,19 +186,10 @@ def test_defer_degenerate_moves_a_probe_off_minibatches_without_advantages_and_r
     assert rows[4]["diag/sgd/corr"] != 0.0
     assert sorted(p.name for p in (full / "probes").iterdir()) == ["step_000005", "step_000006"]
 
-    cut_dir, step = tmp_path / "cut", RLTrainer.train_step
-
-    def crash_at_5(self, mb, first_after_rollout, **kw):
-        if self.step == 4:  # the checkpoint after rollout 2 holds the deferral pending since step 2
-            raise KeyboardInterrupt
-        return step(self, mb, first_after_rollout, **kw)
-
-    monkeypatch.setattr(RLTrainer, "train_step", crash_at_5)
-    with pytest.raises(KeyboardInterrupt):
-        run_rl(rl_config(ckpt, "ce", *deferring), out_dir=cut_dir)
-    monkeypatch.setattr(RLTrainer, "train_step", step)
-    resume_rl(cut_dir)
+    # the checkpoint after rollout 2 holds the deferral pending since step 2
+    cut_dir = _interrupted_at_5_then_resumed(rl_config(ckpt, "ce", *deferring), tmp_path / "cut", monkeypatch)
     assert _comparable(read_jsonl(cut_dir / "metrics.jsonl")) == _comparable(rows)
+
 
 def test_offline_probe_recomputation_equals_online_values(ckpt, tmp_path, monkeypatch):
     inject_random_advantages(monkeypatch)

@@ -9,6 +9,8 @@
 #   JOBS   runs at a time (default 2)
 #   FIG    where the report goes (default figures; --force replaces it, figures/calibration/ is kept)
 #   CAP1   1: also recompute every probe on a grid capped at the RL step's size (FIG/grid_cap1)
+#   FINISHED_ONLY  1: run nothing; the report from the runs that finished (eval.json, and probes.parquet when
+#          they probed), e.g. after stopping the experiment part-way
 set -euo pipefail
 OUT=${1:-runs/reference}
 # detach is the baseline (off trains the policy identically); ce and policy at a λ below and above the
@@ -44,20 +46,32 @@ run_one() {  # one arm and seed: train (or resume), then the offline probe passe
     occ probe "$run" --set diag.grid_cap=1 --out probes_cap1.parquet || return 1; fi
 }
 
-running=0 failed=0
-for seed in $SEEDS; do
-  for arm in $ARMS; do
-    log="$OUT/${arm//\//-}__$seed.log"
-    run_one "$arm" "$seed" >> "$log" 2>&1 && echo "done $arm seed $seed" || { echo "FAILED $arm seed $seed: see $log"; exit 1; } &
-    running=$((running + 1))
-    if [ "$running" -ge "$JOBS" ]; then wait -n || failed=1; running=$((running - 1)); fi
+if [ "${FINISHED_ONLY:-0}" = 1 ]; then
+  runs=()
+  for d in "$OUT"/*/; do
+    d=${d%/}
+    [ -f "$d/eval.json" ] && { [ ! -d "$d/probes" ] || [ -f "$d/probes.parquet" ]; } && runs+=("$d")
   done
-done
-while [ "$running" -gt 0 ]; do wait -n || failed=1; running=$((running - 1)); done
-[ "$failed" = 0 ] || { echo "some runs failed; rerun the same command to resume them" >&2; exit 1; }
+  [ "${#runs[@]}" -gt 0 ] || { echo "no finished run in $OUT" >&2; exit 1; }
+  echo "report from ${#runs[@]} finished runs"
+else
+  running=0 failed=0
+  for seed in $SEEDS; do
+    for arm in $ARMS; do
+      log="$OUT/${arm//\//-}__$seed.log"
+      run_one "$arm" "$seed" >> "$log" 2>&1 && echo "done $arm seed $seed" || { echo "FAILED $arm seed $seed: see $log"; exit 1; } &
+      running=$((running + 1))
+      if [ "$running" -ge "$JOBS" ]; then wait -n || failed=1; running=$((running - 1)); fi
+    done
+  done
+  while [ "$running" -gt 0 ]; do wait -n || failed=1; running=$((running - 1)); done
+  [ "$failed" = 0 ] || { echo "some runs failed; rerun the same command to resume them" >&2; exit 1; }
 
-occ figures "$OUT" --out "$FIG" --force
-if [ "${CAP1:-0}" = 1 ]; then occ figures "$OUT" --probes probes_cap1.parquet --out "$FIG/grid_cap1" --force; fi
+  runs=("$OUT")
+fi
+
+occ figures "${runs[@]}" --out "$FIG" --force
+if [ "${CAP1:-0}" = 1 ]; then occ figures "${runs[@]}" --probes probes_cap1.parquet --out "$FIG/grid_cap1" --force; fi
 # the README's reference tables are generated from the committed summary.json (a test checks they agree)
 if [ "$FIG" = figures ]; then python -m analysis.readme_table figures/summary.json README.md
 else python -m analysis.readme_table "$FIG/summary.json"; fi

@@ -141,6 +141,38 @@ def read_eval(path: Path) -> dict[str, Any] | None:
     return data
 
 
+STEP_COST_FILE = "step_cost.json"
+"""``occ cost``'s interleaved step times of an experiment's arms, beside its runs (claim 6)."""
+
+
+def read_step_cost(path: Path) -> dict[str, Any]:
+    """``step_cost.json``: ``{"rounds": N, "arms": {arm: {"times_s": [N seconds]}}, …}``, validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunFileError(f"missing file: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunFileError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("arms"), dict) or not isinstance(data.get("rounds"), int):
+        raise RunFileError(f"{path}: expected an object with 'rounds' (an integer) and an 'arms' mapping")
+    for arm, entry in data["arms"].items():
+        times = entry.get("times_s") if isinstance(entry, dict) else None
+        if (not isinstance(times, list) or len(times) != data["rounds"]
+                or not all(isinstance(t, int | float) and t > 0 for t in times)):
+            raise RunFileError(f"{path}: arm {arm!r} needs 'times_s', {data['rounds']} positive seconds")
+    return data
+
+
+def find_step_cost(paths: Iterable[Path]) -> Path | None:
+    """The ``step_cost.json`` of a folder of runs among ``paths`` (the first found), or None."""
+    for p in paths:
+        p = Path(p)
+        if p.is_dir() and not (p / CONFIG_FILE).is_file() and (p / STEP_COST_FILE).is_file():
+            return p / STEP_COST_FILE
+    return None
+
+
 def load_run(path: Path, probes_file: str = PROBES_FILE) -> Run:
     """Read one run directory (see the module docstring); ``probes_file`` names another
     ``occ probe --out`` file to read instead of ``probes.parquet``."""

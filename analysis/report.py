@@ -44,7 +44,7 @@ from .frames import (
     run_geometry,
     sft_eval_frame,
 )
-from .load import PROBES_FILE, Run, load_runs
+from .load import PROBES_FILE, Run, find_step_cost, load_runs, read_step_cost
 from .outcome import held_out_table
 from .readme_table import held_out_markdown, learning_line
 from .verdict import Verdict
@@ -146,11 +146,15 @@ def _check_out_dir(out_dir: Path, sources: list[str], force: bool) -> set[str]:
 
 
 def write_report(run_dirs: Iterable[Path] | Path, out_dir: Path | None = None, pdf: bool = False,
-                 probes_file: str = PROBES_FILE, force: bool = False) -> Path:
+                 probes_file: str = PROBES_FILE, force: bool = False, step_cost: Path | None = None) -> Path:
     """Load the runs, draw every figure that has data, write ``summary.md`` and ``summary.json``; return the
     path of ``summary.md``. ``out_dir`` None: ``default_out_dir``. ``probes_file``: the ``occ probe --out`` file
     to read in each run (default ``probes.parquet``; another name must exist in at least one run).
-    ``force``: write into a non-empty folder that is not this report's (see the module docstring)."""
+    ``force``: write into a non-empty folder that is not this report's (see the module docstring).
+    ``step_cost``: ``occ cost``'s file, claim 6's design (default: ``step_cost.json`` in a folder of runs given)."""
+    run_dirs = [Path(run_dirs)] if isinstance(run_dirs, str | Path) else [Path(p) for p in run_dirs]
+    step_cost = step_cost if step_cost is not None else find_step_cost(run_dirs)
+    cost = read_step_cost(step_cost) if step_cost is not None else None
     loaded = load_runs(run_dirs, probes_file)
     runs = [r for r in loaded if r.is_rl]
     if not runs:
@@ -172,7 +176,8 @@ def write_report(run_dirs: Iterable[Path] | Path, out_dir: Path | None = None, p
             continue
         drawn.append((fn.TITLE, path.name, caption(frames[frame])))
         written |= {path.name} | ({path.with_suffix(".pdf").name} if pdf else set())
-    summary = build_summary(runs, frames, sft_eval_frame(runs), probes_file)
+    summary = build_summary(runs, frames, sft_eval_frame(runs), probes_file, cost)
+    summary["step_cost"] = None if step_cost is None else str(step_cost)
     text = render_summary(runs, [r for r in loaded if not r.is_rl], summary, drawn, skipped, probes_file)
     atomic_write_text(out_dir / SUMMARY_JSON, json.dumps(json_safe(summary), indent=1, allow_nan=False))
     atomic_write_text(out_dir / SUMMARY_FILE, text)
@@ -184,11 +189,11 @@ def write_report(run_dirs: Iterable[Path] | Path, out_dir: Path | None = None, p
 
 
 def build_summary(runs: list[Run], frames: dict[str, pd.DataFrame], sft_evals: pd.DataFrame,
-                  probes_file: str = PROBES_FILE) -> dict[str, Any]:
+                  probes_file: str = PROBES_FILE, step_cost: dict[str, Any] | None = None) -> dict[str, Any]:
     """What ``summary.json`` holds: ``claims`` (id, claim, verdict, numbers, thresholds, detail), ``thresholds``
     (the rules shared by every claim), ``held_out`` (``outcome.held_out_table``), ``arms`` (arm → seeds),
     ``learning`` (``outcome.learning``), ``runs`` and ``probes_file``."""
-    verdicts, learn = evaluate_claims(frames["metrics"], frames["probes"], frames["evals"], sft_evals)
+    verdicts, learn = evaluate_claims(frames["metrics"], frames["probes"], frames["evals"], sft_evals, step_cost)
     arms = {a: len({r.seed for r in runs if r.arm == a}) for a in arm_order(r.arm for r in runs)}
     return {"claims": [{"id": v.id, "claim": v.claim, "verdict": v.verdict, "numbers": v.numbers,
                         "thresholds": THRESHOLDS.get(v.id, ""), "detail": v.detail} for v in verdicts],

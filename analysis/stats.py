@@ -82,6 +82,20 @@ def interval(boot: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
     return float(np.percentile(b, tail)), float(np.percentile(b, 100 - tail))
 
 
+def median_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, float]:
+    """Distribution-free interval for the median of independent values: the order statistics
+    ``x_(k)`` and ``x_(n+1−k)`` with the largest ``k`` such that P(Binomial(n, ½) < k) ≤ (1 − level)/2
+    (coverage ≥ ``level``); NaN when n is too small for any (n < 6 at 95%)."""
+    x = np.sort(np.asarray(values, dtype=float)[np.isfinite(np.asarray(values, dtype=float))])
+    n = len(x)
+    k = int(stats.binom.ppf((1 - level) / 2, n, 0.5)) if n else 0  # smallest k with P(B ≤ k) ≥ tail
+    while k > 0 and stats.binom.cdf(k - 1, n, 0.5) > (1 - level) / 2:
+        k -= 1
+    if k < 1:
+        return math.nan, math.nan
+    return float(x[k - 1]), float(x[n - k])
+
+
 def p_two_sided(boot: np.ndarray, null: float = 0.0) -> float:
     """Percentile-bootstrap two-sided p-value of ``statistic = null``: twice the smaller share of
     resamples on either side of it, each counted as (k + 1)/(B + 1) so that B resamples never claim

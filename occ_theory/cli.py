@@ -191,6 +191,9 @@ def _figures_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pdf", action="store_true", help="also write PDF versions")
     p.add_argument("--probes", default="probes.parquet", metavar="NAME",
                    help="probe file to read in each run, e.g. one written by occ probe --set ... --out NAME")
+    p.add_argument("--step-cost", type=Path, default=None, metavar="FILE",
+                   help="occ cost's interleaved step times, claim 6's design (default: step_cost.json in a folder "
+                        "of runs given)")
 
 
 def _figures(args: argparse.Namespace) -> int:
@@ -200,7 +203,34 @@ def _figures(args: argparse.Namespace) -> int:
 
     if args.out is not None:
         check_output_dir(args.out, "--out")
-    print(write_report(args.run_dirs, args.out, pdf=args.pdf, probes_file=args.probes, force=args.force))
+    print(write_report(args.run_dirs, args.out, pdf=args.pdf, probes_file=args.probes, force=args.force,
+                       step_cost=args.step_cost))
+    return 0
+
+
+def _cost_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories (or folders of runs)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the JSON file (default: step_cost.json in the runs' common parent folder, where "
+                        "occ figures finds it)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds, one step of each arm a round (default 30)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+
+
+def _cost(args: argparse.Namespace) -> int:
+    from analysis.load import find_run_dirs
+
+    from .atomic import check_output_dir
+    from .bench.cost import DEFAULT_ROUNDS, STEP_COST_FILE, write_step_cost
+
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    out = args.out
+    if out is None:
+        dirs = [d for p in args.run_dirs for d in find_run_dirs(p)]
+        out = Path(os.path.commonpath([str(d.resolve().parent) for d in dirs] or ["."])) / STEP_COST_FILE
+    check_output_dir(out.parent, "--out")
+    print(write_step_cost(args.run_dirs, out, args.rounds or DEFAULT_ROUNDS, args.threads))
     return 0
 
 
@@ -242,6 +272,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "eval": ("greedy pass@1 and sampled mean@k on the six suites (or a config's user data, held out)",
              _eval_args, _eval),
     "figures": ("figures and the claim table from run directories", _figures_args, _figures),
+    "cost": ("one optimizer step of each arm of an experiment, timed interleaved on one minibatch -> "
+             "step_cost.json (claim 6)", _cost_args, _cost),
     "quickstart": ("the whole pipeline at tiny scale: SFT, RL per regime, probes, eval, figures",
                    _quickstart_args, _quickstart),
     "bench": ("benchmarks: HVP cost, step cost, rollout and trainer throughput, scaling", _bench_args, _bench),

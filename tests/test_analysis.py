@@ -24,7 +24,15 @@ from analysis import figures as F
 from analysis import outcome as O
 from analysis.claims_curve import CLAIM_LOCAL, CLAIM_WIDE
 from analysis.frames import GEOMETRIES, SUITES, eval_frame, metrics_frame, probes_frame, sft_eval_frame
-from analysis.load import RunFileError, arm_name, load_run, load_runs
+from analysis.load import (
+    STEP_COST_FILE,
+    RunFileError,
+    arm_name,
+    find_step_cost,
+    load_run,
+    load_runs,
+    read_step_cost,
+)
 from analysis.outcome import held_out_table
 from analysis.report import FIGURES, write_report
 from analysis.stats import loglog_slope
@@ -262,6 +270,7 @@ def test_report_lists_figures_without_data_as_skipped_with_the_reason(tmp_path):
 def test_report_end_to_end_on_a_tiny_real_run(tmp_path, monkeypatch):
     from rl_fixtures import inject_random_advantages, make_checkpoint, rl_config
 
+    from occ_theory.bench.cost import write_step_cost
     from occ_theory.diagnostics.offline import recompute_run
     from occ_theory.train.rl import run_rl
 
@@ -270,6 +279,12 @@ def test_report_end_to_end_on_a_tiny_real_run(tmp_path, monkeypatch):
     for regime in ("policy", "occ", "ce", "detach"):
         recompute_run(run_rl(rl_config(ck, regime, "rl.steps=4", "diag.every=2", "diag.curve_real_step=true"),
                              out_dir=tmp_path / "runs" / regime))
+    # occ cost: one step of each arm, interleaved, beside the runs, where occ figures finds it
+    write_step_cost([tmp_path / "runs"], tmp_path / "runs" / STEP_COST_FILE, rounds=6)
+    cost = read_step_cost(tmp_path / "runs" / STEP_COST_FILE)
+    assert next(iter(cost["arms"])) == "detach" and set(cost["arms"]) == {"detach", "ce@0.1", "policy@0.1",
+                                                                           "occ/reference"}
+    assert cost["minibatch"]["response_tokens"] > 0 and cost["init"] == str(ck)
     summary = write_report([tmp_path / "runs"], tmp_path / "out")
     text = summary.read_text()
     # every key the analysis names is one the trainer and the probe really write (a renamed key would
@@ -283,13 +298,30 @@ def test_report_end_to_end_on_a_tiny_real_run(tmp_path, monkeypatch):
     assert geo and not sorted(k for k in geo if not any(f"diag/{g}/{k}" in have for g in GEOMETRIES))
     claims = {c["id"]: c for c in json.loads((tmp_path / "out" / "summary.json").read_text())["claims"]}
     assert claims["2"]["numbers"]["ce_probes"] > 0
-    assert claims["6"]["numbers"]["occ_runs"] == claims["6"]["numbers"]["detach_runs"] == 1
+    assert claims["6"]["numbers"]["design"] == "interleaved" and claims["6"]["numbers"]["rounds"] == 6
+    assert claims["6"]["numbers"]["separate_runs_ratio"] is None  # one run per arm: no separate-runs ratio
     assert text.count("| **") == 8 and "| policy | policy@0.1 | 0 | 4 |" in text
     for stem, fn, *_ in FIGURES:  # every figure is drawn or listed as skipped
         assert (tmp_path / "out" / f"{stem}.png").exists() or f"* {fn.TITLE}:" in text
     for stem in ("f1_reward", "f2_decomposition", "f3_curves", "f4_proxies", "f5_eval", "f6_module_cosine"):
         assert (tmp_path / "out" / f"{stem}.png").exists()
     assert json.loads((tmp_path / "runs" / "occ" / "eval.json").read_text())["suites"]
+
+
+def test_step_cost_file_is_validated_and_found_beside_the_runs_only(study, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"rounds": 3, "arms": {"detach": {"times_s": [0.1, 0.2]}}}')
+    with pytest.raises(RunFileError, match=r"bad\.json: arm 'detach' needs 'times_s', 3 positive seconds"):
+        read_step_cost(bad)
+    bad.write_text("{")
+    with pytest.raises(RunFileError, match="not valid JSON"):
+        read_step_cost(bad)
+    with pytest.raises(RunFileError, match="missing file"):
+        write_report([study], tmp_path / "out", step_cost=tmp_path / "none.json")
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+    assert find_step_cost([study]) is None and find_step_cost([bad]) is None
+    (tmp_path / STEP_COST_FILE).write_text("{}")
+    assert find_step_cost([study, tmp_path]) == tmp_path / STEP_COST_FILE
 
 
 def test_analysis_never_imports_torch():

@@ -329,6 +329,48 @@ def test_claim6_occ_time_cost_verdicts(data, verdict):
     assert v.verdict == verdict and v.numbers["diagnosed_excluded"] == len(data) // 6  # step 1 of each run
 
 
+def step_cost(ratio: float, rounds: int = 30, noise: float = 0.02, arms=("detach", "occ/reference", "policy@0.3"),
+              seed: int = 0) -> dict:
+    """``occ cost``'s file: per-round step times, every arm but detach ``ratio`` times detach's, with a shared
+    per-round load drift (cancels in a round's ratio) and independent noise of relative size ``noise``."""
+    rng = np.random.default_rng(seed)
+    drift = 0.2 * np.exp(rng.normal(0.0, 0.3, rounds))
+    times = {a: drift * (1.0 if a == "detach" else ratio) * np.exp(rng.normal(0.0, noise, rounds)) for a in arms}
+    return {"rounds": rounds, "arms": {a: {"times_s": t.tolist()} for a, t in times.items()}}
+
+
+@pytest.mark.parametrize("cost, verdict", [
+    (step_cost(1.0), S), (step_cost(1.2), N), (step_cost(1.06), INC),
+    (step_cost(1.0, noise=0.3), INC),  # a median near 1 whose interval reaches past 1.10: no power
+    (step_cost(1.0, rounds=5), INC), (step_cost(1.0, arms=("detach", "occ/fisher")), INC)])
+def test_claim6_interleaved_design_judges_the_per_round_ratio_with_its_interval(cost, verdict):
+    v = C.occ_time_cost(timings(0.0120), cost)  # the separate runs say "not supported"; the interleaved design rules
+    assert v.verdict == verdict and v.numbers["design"] == "interleaved"
+    assert v.numbers["separate_runs_ratio"] == pytest.approx(1.2)
+    if "ratio" in v.numbers:
+        assert v.numbers["ratio_lo"] <= v.numbers["ratio"] <= v.numbers["ratio_hi"] or cost["rounds"] < 6
+
+
+def test_claim6_interleaved_ratio_is_the_median_of_per_round_ratios():
+    cost = {"rounds": 7, "arms": {"detach": {"times_s": [1, 2, 4, 1, 1, 1, 1]},
+                                  "occ/reference": {"times_s": [1.0, 2.2, 4.0, 1.1, 0.9, 1.0, 1.5]},
+                                  "policy@3": {"times_s": [1, 2, 4, 1, 1, 1, 1]}}}
+    v = C.occ_time_cost(timings(0.0101), cost)
+    assert v.numbers["ratio"] == pytest.approx(1.0)  # sorted ratios 0.9 1 1 1 1.1 1.1 1.5: median 1.0, not 11.7/11
+    assert (v.numbers["ratio_lo"], v.numbers["ratio_hi"]) == pytest.approx((0.9, 1.5))  # n = 7: x(1), x(7)
+    assert v.numbers["vs_policy@3/ratio"] == pytest.approx(1.0)
+
+
+def test_median_interval_is_the_binomial_order_statistic_interval_and_covers():
+    from analysis.stats import median_interval
+
+    assert median_interval(np.arange(30.0)) == (9.0, 20.0)  # x(10), x(21) of 1-based order statistics
+    assert all(math.isnan(x) for x in median_interval([1.0, 2.0, 3.0, 4.0, 5.0]))  # 2·0.5^5 > 0.05
+    rng = np.random.default_rng(1)
+    hits = [lo <= math.log(2) <= hi for lo, hi in (median_interval(rng.exponential(size=25)) for _ in range(2000))]
+    assert np.mean(hits) >= 0.94
+
+
 def test_every_claim_is_inconclusive_without_data():
     empty = pd.DataFrame({"run": [], "regime": [], "arm": [], "seed": [], "step": []})
     ev = pd.DataFrame(columns=["run", "regime", "arm", "seed", "mtp_coef", "init", "suite", "trained", "greedy_acc",

@@ -69,7 +69,7 @@ def test_yaml_file_errors_name_the_file(tmp_path):
 
 def test_occ_help_runs():
     out = subprocess.run([sys.executable, "-m", "occ_theory.cli", "--help"], capture_output=True, text=True, check=True)
-    for cmd in ("sft", "rl", "probe", "eval", "figures", "quickstart", "bench"):
+    for cmd in ("sft", "rl", "probe", "eval", "figures", "cost", "quickstart", "bench"):
         assert cmd in out.stdout
 
 
@@ -86,6 +86,8 @@ def test_cli_bad_input_exits_2_with_a_message_and_writes_nothing(tmp_path, capsy
     assert main(["probe", str(tmp_path)]) == 2
     assert main(["probe", str(tmp_path), "--set", "diag.grid_cap=1", "--out", "../escape.parquet"]) == 2
     assert main(["eval", str(tmp_path / "no_ckpt")]) == 2
+    assert main(["cost", str(tmp_path)]) == 2
+    assert "no run directory" in capsys.readouterr().err
     assert not out.exists() or not any(p.name == "metrics.jsonl" for p in out.rglob("*"))
 
 

@@ -1,0 +1,84 @@
+"""``occ cost``: what one optimizer step of each arm of an experiment costs, timed the way a cost is compared.
+
+Separate runs' step times (``perf/train_s``) differ by more than their arms: by how busy the machine was
+while each ran, and by the lengths of the responses each policy came to write. Here every arm's trainer
+is built from its own run's ``config.yaml`` (the lowest seed's; diagnostics off), all from the same
+starting checkpoint (``rl.init``), and each takes real steps on one and the same minibatch (the first
+of a rollout of the first arm, with l_old nudged and random advantages, so that every arm's loss and
+coefficient do real work), called round-robin with the starting arm rotating: load drift hits them
+alike, and round ``i``'s calls ran back to back. The raw per-round times go to ``step_cost.json``
+(``STEP_COST_FILE``); ``analysis.claims.occ_time_cost`` turns them into claim 6's ratios and intervals.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_write_text
+from .common import LoadMeter, interleave, machine
+from .fixtures import DIAG_OFF, rollout_minibatch
+
+STEP_COST_FILE = "step_cost.json"
+DEFAULT_ROUNDS = 30
+
+
+def arm_runs(run_dirs: list[Path]) -> dict[str, Path]:
+    """Arm → the run directory of its lowest seed, for the RL runs among ``run_dirs`` (runs and folders of
+    runs), ``detach`` first when present; ``ValueError`` when they did not all start from one checkpoint."""
+    from analysis.load import load_runs
+
+    runs = sorted((r for r in load_runs(run_dirs) if r.is_rl), key=lambda r: (r.seed, r.name))
+    if not runs:
+        raise ValueError(f"no RL run among {[str(p) for p in run_dirs]}")
+    inits = {str(r.rl.get("init")) for r in runs}
+    if len(inits) != 1:
+        raise ValueError(f"the runs started from different checkpoints (rl.init: {sorted(inits)}); "
+                         "a cost comparison needs one")
+    arms: dict[str, Path] = {}
+    for r in runs:
+        arms.setdefault(r.arm, r.path)
+    return dict(sorted(arms.items(), key=lambda kv: kv[0] != "detach"))
+
+
+def step_cost(run_dirs: list[Path], rounds: int = DEFAULT_ROUNDS, threads: int = 1, warmup: int = 2) -> dict[str, Any]:
+    """Time one optimizer step of every arm of ``run_dirs``, interleaved (module docstring); JSON-ready."""
+    from ..train.config import load_config
+    from ..train.rl import RLTrainer
+    from ..train.run import RunContext
+
+    if rounds < 3:
+        raise ValueError(f"rounds must be >= 3, got {rounds}")
+    arms = arm_runs(run_dirs)
+    init = Path(load_config(next(iter(arms.values())) / "config.yaml").rl.init or "")
+    if not (init / "occ_model.json").is_file():
+        raise ValueError(f"rl.init {init}: not a checkpoint (no occ_model.json); run from where the runs were made")
+    t0, load = time.perf_counter(), LoadMeter()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {}
+        for i, (arm, run) in enumerate(arms.items()):
+            cfg = load_config(run / "config.yaml", ["rl.steps=1000000", f"threads={threads}", *DIAG_OFF])
+            trainers[arm] = RLTrainer(cfg, RunContext.create(cfg, cfg.rl.regime, out_dir=Path(tmp) / str(i)))
+        first = next(iter(trainers.values()))
+        mb = rollout_minibatch(first)
+
+        def step(tr: Any):
+            return lambda: tr.train_step(mb, first_after_rollout=False)
+
+        samples = interleave({a: step(t) for a, t in trainers.items()}, rounds=rounds, warmup=warmup, memory=False,
+                             progress="cost")
+    return {"rounds": rounds, "warmup": warmup, "threads": threads, "init": str(init),
+            "minibatch": {"rows": int(mb.size), "columns": int(mb.input_ids.shape[1]),
+                          "response_tokens": int(mb.response_mask.sum())},
+            "arms": {a: {"run": str(arms[a]), "times_s": s.times} for a, s in samples.items()},
+            "machine": machine(threads), "load": load.report(), "wall_s": time.perf_counter() - t0}
+
+
+def write_step_cost(run_dirs: list[Path], out: Path, rounds: int = DEFAULT_ROUNDS, threads: int = 1) -> Path:
+    """``step_cost`` written to ``out`` (atomically: an interrupted measurement leaves no file)."""
+    result = step_cost(run_dirs, rounds, threads)
+    atomic_write_text(out, json.dumps(result, indent=1))
+    return out

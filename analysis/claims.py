@@ -279,15 +279,15 @@ CLAIM_COST = "6. OCC costs negligible time"
 
 
 def _separate_runs_cost(metrics: pd.DataFrame) -> tuple[float, dict[str, Any], str]:
-    """occ/detach from separate runs: the mean over occ runs of each run's median ``perf/train_s`` over the same
-    for detach runs (NaN with fewer than ``MIN_RUNS`` of either). Probed steps (those with a probe record,
-    ``diag/lr``) are left out: their train time includes the gradient recorder's checks."""
+    """occ/reference over detach from separate runs: the mean over those runs of each run's median
+    ``perf/train_s`` (NaN with fewer than ``MIN_RUNS`` of either). Probed steps (those with a probe record,
+    ``diag/lr``) are left out; the gradient recorder's per-step work (``diag.every`` > 0) stays in."""
     t = numeric(metrics, "perf/train_s")
     probed = np.isfinite(numeric(metrics, "diag/lr"))
     ok = np.isfinite(t) & ~probed
     d = metrics[ok].assign(_t=t[ok])
-    per_run = d.groupby(["regime", "run"])["_t"].median()
-    occ, det = per_run.get("occ", pd.Series(dtype=float)), per_run.get("detach", pd.Series(dtype=float))
+    per_run = d.groupby(["arm", "run"])["_t"].median()
+    occ, det = per_run.get("occ/reference", pd.Series(dtype=float)), per_run.get("detach", pd.Series(dtype=float))
     nums: dict[str, Any] = {"occ_runs": len(occ), "detach_runs": len(det), "diagnosed_excluded": int(probed.sum())}
     if min(len(occ), len(det)) < MIN_RUNS:
         return math.nan, nums, f"needs ≥ {MIN_RUNS} timed runs of both occ ({len(occ)}) and detach ({len(det)})"
@@ -295,18 +295,21 @@ def _separate_runs_cost(metrics: pd.DataFrame) -> tuple[float, dict[str, Any], s
     nums |= {"mean_occ_s": float(occ.mean()), "mean_detach_s": float(det.mean()), "ratio": ratio,
              "ratio_sd_over_runs": float(math.sqrt((occ.std(ddof=1) / occ.mean()) ** 2 +
                                                    (det.std(ddof=1) / det.mean()) ** 2) * ratio)}
-    detail = f"train step occ/detach = {ratio:.3g} (per-run medians of separate runs, {len(occ)} and {len(det)} runs)"
-    pol = per_run.get("policy", pd.Series(dtype=float))
+    detail = (f"train step occ/reference over detach = {ratio:.3g} (per-run medians of separate runs, {len(occ)} and "
+              f"{len(det)} runs)")
+    pol = per_run[per_run.index.get_level_values("arm").str.startswith("policy")]
     if len(pol) >= MIN_RUNS:  # same graph as occ (MTP into the trunk): isolates the cost of calibrating λ
         nums["ratio_occ_policy"] = float(occ.mean() / pol.mean())
-        detail += f"; occ/policy (same graph, fixed λ) = {nums['ratio_occ_policy']:.3g}"
+        detail += f"; occ/reference over policy (same graph, fixed λ) = {nums['ratio_occ_policy']:.3g}"
     return ratio, nums, detail
 
 
 def _interleaved_ratios(cost: dict[str, Any], num: str, den: str) -> tuple[float, float, float, int]:
     """Median and 95% interval over rounds of ``num``'s step time over ``den``'s in the same round."""
     a, b = (np.asarray(cost["arms"][k]["times_s"], dtype=float) for k in (num, den))
-    r = a[: len(b)] / b[: len(a)]
+    if a.shape != b.shape or not (np.all(np.isfinite(a) & (a > 0)) and np.all(np.isfinite(b) & (b > 0))):
+        raise ValueError(f"step cost: {num} and {den} need as many finite positive times ({len(a)} and {len(b)})")
+    r = a / b
     lo, hi = median_interval(r)
     return float(np.median(r)), lo, hi, len(r)
 
@@ -324,7 +327,8 @@ def occ_time_cost(metrics: pd.DataFrame, step_cost: dict[str, Any] | None = None
     if step_cost is None:
         if not math.isfinite(sep_ratio):
             return inconclusive("6", CLAIM_COST, sep_detail, **sep_nums)
-        detail = sep_detail + " (separate runs' step times; `occ cost` times every arm interleaved on one minibatch)"
+        detail = sep_detail + (" (separate runs' step times, which also differ by load, response length and the "
+                               "recorder's work; `occ cost` times every arm interleaved on one minibatch)")
         verdict = (SUPPORTED if sep_ratio <= COST_SUPPORTED else NOT_SUPPORTED if sep_ratio > COST_NOT_SUPPORTED
                    else INCONCLUSIVE)
         return Verdict("6", CLAIM_COST, verdict, sep_nums, detail)
@@ -351,7 +355,8 @@ def occ_time_cost(metrics: pd.DataFrame, step_cost: dict[str, Any] | None = None
     if others:
         detail += "; " + ", ".join(others)
     if math.isfinite(sep_ratio):
-        detail += f"; separate runs' median step times gave {sep_ratio:.3g} (confounded by load and response length)"
+        detail += (f"; separate runs' median step times gave {sep_ratio:.3g} (confounded by load, response length and "
+                   "the gradient recorder's per-step work)")
     if not math.isfinite(hi):
         return inconclusive("6", CLAIM_COST, detail + f"; too few rounds ({n}) for an interval", **nums)
     verdict = (SUPPORTED if ratio <= COST_SUPPORTED and hi <= COST_NOT_SUPPORTED else

@@ -13,6 +13,8 @@ line anywhere else, naming the file and line.
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,19 +160,37 @@ def read_step_cost(path: Path) -> dict[str, Any]:
         raise RunFileError(f"{path}: expected an object with 'rounds' (an integer) and an 'arms' mapping")
     for arm, entry in data["arms"].items():
         times = entry.get("times_s") if isinstance(entry, dict) else None
-        if (not isinstance(times, list) or len(times) != data["rounds"]
-                or not all(isinstance(t, int | float) and t > 0 for t in times)):
-            raise RunFileError(f"{path}: arm {arm!r} needs 'times_s', {data['rounds']} positive seconds")
+        if (not isinstance(times, list) or len(times) != data["rounds"] or not all(
+                isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) and t > 0 for t in times)):
+            raise RunFileError(f"{path}: arm {arm!r} needs 'times_s', {data['rounds']} finite positive seconds")
     return data
 
 
-def find_step_cost(paths: Iterable[Path]) -> Path | None:
-    """The ``step_cost.json`` of a folder of runs among ``paths`` (the first found), or None."""
-    for p in paths:
-        p = Path(p)
-        if p.is_dir() and not (p / CONFIG_FILE).is_file() and (p / STEP_COST_FILE).is_file():
-            return p / STEP_COST_FILE
-    return None
+def common_parent(run_dirs: Iterable[Path]) -> Path:
+    """The run directories' common parent folder (where their report and ``step_cost.json`` go by default)."""
+    parents = [str(Path(d).resolve().parent) for d in run_dirs]
+    if not parents:
+        raise RunFileError("no run directory given")
+    return Path(os.path.commonpath(parents))
+
+
+def step_cost_path(run_dirs: Iterable[Path]) -> Path:
+    """Where an experiment's ``step_cost.json`` lives: in ``common_parent`` (``occ cost`` writes it there by
+    default, ``occ figures`` looks for it there)."""
+    return common_parent(run_dirs) / STEP_COST_FILE
+
+
+def check_step_cost(cost: dict[str, Any], runs: list[Run], path: Path) -> None:
+    """Refuse a ``step_cost.json`` of another experiment: every arm it timed must be an arm of ``runs``, timed
+    from a run among them (``RunFileError`` naming the mismatch)."""
+    arms = {r.arm for r in runs}
+    paths = {str(r.path.resolve()) for r in runs}
+    for arm, entry in cost["arms"].items():
+        if arm not in arms:
+            raise RunFileError(f"{path}: times arm {arm!r}, which none of these runs is (arms: {sorted(arms)})")
+        run = entry.get("run")
+        if isinstance(run, str) and str(Path(run).resolve()) not in paths:
+            raise RunFileError(f"{path}: arm {arm!r} was timed from {run}, which is not among these runs")
 
 
 def load_run(path: Path, probes_file: str = PROBES_FILE) -> Run:
@@ -202,17 +222,23 @@ def arm_name(regime: str, rl: dict[str, Any]) -> str:
     return regime
 
 
-def _sft_eval(run_dir: Path, init: Any) -> dict[str, Any] | None:
-    """``eval.json`` of the RL run's ``rl.init`` checkpoint, or None. A relative ``init`` is tried against
-    the working directory, then against each folder above the run (``occ rl`` records it as given)."""
+def resolve_init(run_dir: Path, init: Any, holding: str) -> Path | None:
+    """The RL run's ``rl.init`` folder that holds the file ``holding``, or None. A relative ``init`` is tried
+    against the working directory, then against each folder above the run (``occ rl`` records it as given)."""
     if not isinstance(init, str) or not init:
         return None
     init_path = Path(init)
-    bases = [Path()] if init_path.is_absolute() else [Path(), *run_dir.resolve().parents]
+    bases = [Path()] if init_path.is_absolute() else [Path(), *Path(run_dir).resolve().parents]
     for base in bases:
-        if (base / init_path / EVAL_FILE).is_file():
-            return read_eval(base / init_path / EVAL_FILE)
+        if (base / init_path / holding).is_file():
+            return base / init_path
     return None
+
+
+def _sft_eval(run_dir: Path, init: Any) -> dict[str, Any] | None:
+    """``eval.json`` of the RL run's ``rl.init`` checkpoint (``resolve_init``), or None."""
+    found = resolve_init(run_dir, init, EVAL_FILE)
+    return read_eval(found / EVAL_FILE) if found is not None else None
 
 
 def find_run_dirs(path: Path) -> list[Path]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from .frames import (
     run_geometry,
     sft_eval_frame,
 )
-from .load import PROBES_FILE, Run, find_step_cost, load_runs, read_step_cost
+from .load import PROBES_FILE, Run, check_step_cost, common_parent, load_runs, read_step_cost, step_cost_path
 from .outcome import held_out_table
 from .readme_table import held_out_markdown, learning_line
 from .verdict import Verdict
@@ -125,7 +124,7 @@ def runs_table(runs: list[Run]) -> str:
 
 def default_out_dir(runs: list[Run]) -> Path:
     """``report/`` in the common parent folder of the run directories."""
-    return Path(os.path.commonpath([str(r.path.resolve().parent) for r in runs])) / DEFAULT_OUT_NAME
+    return common_parent(r.path for r in runs) / DEFAULT_OUT_NAME
 
 
 def _check_out_dir(out_dir: Path, sources: list[str], force: bool) -> set[str]:
@@ -151,9 +150,8 @@ def write_report(run_dirs: Iterable[Path] | Path, out_dir: Path | None = None, p
     path of ``summary.md``. ``out_dir`` None: ``default_out_dir``. ``probes_file``: the ``occ probe --out`` file
     to read in each run (default ``probes.parquet``; another name must exist in at least one run).
     ``force``: write into a non-empty folder that is not this report's (see the module docstring).
-    ``step_cost``: ``occ cost``'s file, claim 6's design (default: ``step_cost.json`` in a folder of runs given)."""
-    run_dirs = [Path(run_dirs)] if isinstance(run_dirs, str | Path) else [Path(p) for p in run_dirs]
-    step_cost = step_cost if step_cost is not None else find_step_cost(run_dirs)
+    ``step_cost``: ``occ cost``'s file, claim 6's design (default: ``load.step_cost_path`` of the runs, when
+    there); it must time arms of these runs, from these runs."""
     cost = read_step_cost(step_cost) if step_cost is not None else None
     loaded = load_runs(run_dirs, probes_file)
     runs = [r for r in loaded if r.is_rl]
@@ -162,6 +160,11 @@ def write_report(run_dirs: Iterable[Path] | Path, out_dir: Path | None = None, p
     if probes_file != PROBES_FILE and all(r.probes is None for r in runs):
         raise ValueError(f"--probes {probes_file}: no run has this file (looked in {len(runs)} run directories, "
                          f"e.g. {runs[0].path})")
+    if step_cost is None and step_cost_path(r.path for r in runs).is_file():
+        step_cost = step_cost_path(r.path for r in runs)
+        cost = read_step_cost(step_cost)
+    if cost is not None:
+        check_step_cost(cost, runs, step_cost)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(runs)
     sources = sorted(str(r.path.resolve()) for r in loaded)
     stale = _check_out_dir(out_dir, sources, force)
@@ -192,7 +195,8 @@ def build_summary(runs: list[Run], frames: dict[str, pd.DataFrame], sft_evals: p
                   probes_file: str = PROBES_FILE, step_cost: dict[str, Any] | None = None) -> dict[str, Any]:
     """What ``summary.json`` holds: ``claims`` (id, claim, verdict, numbers, thresholds, detail), ``thresholds``
     (the rules shared by every claim), ``held_out`` (``outcome.held_out_table``), ``arms`` (arm → seeds),
-    ``learning`` (``outcome.learning``), ``runs`` and ``probes_file``."""
+    ``learning`` (``outcome.learning``), ``runs`` and ``probes_file``; ``write_report`` adds ``step_cost`` (the
+    file claim 6 was judged on, or None)."""
     verdicts, learn = evaluate_claims(frames["metrics"], frames["probes"], frames["evals"], sft_evals, step_cost)
     arms = {a: len({r.seed for r in runs if r.arm == a}) for a in arm_order(r.arm for r in runs)}
     return {"claims": [{"id": v.id, "claim": v.claim, "verdict": v.verdict, "numbers": v.numbers,

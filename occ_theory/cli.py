@@ -192,8 +192,8 @@ def _figures_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probes", default="probes.parquet", metavar="NAME",
                    help="probe file to read in each run, e.g. one written by occ probe --set ... --out NAME")
     p.add_argument("--step-cost", type=Path, default=None, metavar="FILE",
-                   help="occ cost's interleaved step times, claim 6's design (default: step_cost.json in a folder "
-                        "of runs given)")
+                   help="occ cost's interleaved step times, claim 6's design (default: step_cost.json in the "
+                        "runs' common parent folder, when there)")
 
 
 def _figures(args: argparse.Namespace) -> int:
@@ -213,24 +213,25 @@ def _cost_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="the JSON file (default: step_cost.json in the runs' common parent folder, where "
                         "occ figures finds it)")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds, one step of each arm a round (default 30)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="timed rounds, one step of each arm a round, rounded up to a multiple of the arms (default 32)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
 
 
 def _cost(args: argparse.Namespace) -> int:
-    from analysis.load import find_run_dirs
+    from analysis.load import find_run_dirs, step_cost_path
 
-    from .atomic import check_output_dir
-    from .bench.cost import DEFAULT_ROUNDS, STEP_COST_FILE, write_step_cost
+    from .atomic import check_output_file
+    from .bench.cost import DEFAULT_ROUNDS, MIN_ROUNDS, write_step_cost
 
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    out = args.out
-    if out is None:
-        dirs = [d for p in args.run_dirs for d in find_run_dirs(p)]
-        out = Path(os.path.commonpath([str(d.resolve().parent) for d in dirs] or ["."])) / STEP_COST_FILE
-    check_output_dir(out.parent, "--out")
-    print(write_step_cost(args.run_dirs, out, args.rounds or DEFAULT_ROUNDS, args.threads))
+    rounds = DEFAULT_ROUNDS if args.rounds is None else args.rounds
+    if rounds < MIN_ROUNDS:
+        raise ValueError(f"--rounds must be >= {MIN_ROUNDS} (fewer give the median no 95% interval), got {rounds}")
+    out = args.out if args.out is not None else step_cost_path(d for p in args.run_dirs for d in find_run_dirs(p))
+    check_output_file(out, "--out")
+    print(write_step_cost(args.run_dirs, out, rounds, args.threads))
     return 0
 
 

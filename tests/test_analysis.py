@@ -28,10 +28,10 @@ from analysis.load import (
     STEP_COST_FILE,
     RunFileError,
     arm_name,
-    find_step_cost,
     load_run,
     load_runs,
     read_step_cost,
+    step_cost_path,
 )
 from analysis.outcome import held_out_table
 from analysis.report import FIGURES, write_report
@@ -298,7 +298,9 @@ def test_report_end_to_end_on_a_tiny_real_run(tmp_path, monkeypatch):
     assert geo and not sorted(k for k in geo if not any(f"diag/{g}/{k}" in have for g in GEOMETRIES))
     claims = {c["id"]: c for c in json.loads((tmp_path / "out" / "summary.json").read_text())["claims"]}
     assert claims["2"]["numbers"]["ce_probes"] > 0
-    assert claims["6"]["numbers"]["design"] == "interleaved" and claims["6"]["numbers"]["rounds"] == 6
+    six = claims["6"]["numbers"]
+    assert six["design"] == "interleaved" and six["rounds"] == 8  # 6 rounded up to a multiple of the 4 arms
+    assert 0 < six["ratio_lo"] <= six["ratio"] <= six["ratio_hi"] and six["median_detach_s"] > 0
     assert claims["6"]["numbers"]["separate_runs_ratio"] is None  # one run per arm: no separate-runs ratio
     assert text.count("| **") == 8 and "| policy | policy@0.1 | 0 | 4 |" in text
     for stem, fn, *_ in FIGURES:  # every figure is drawn or listed as skipped
@@ -308,20 +310,35 @@ def test_report_end_to_end_on_a_tiny_real_run(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "runs" / "occ" / "eval.json").read_text())["suites"]
 
 
-def test_step_cost_file_is_validated_and_found_beside_the_runs_only(study, tmp_path):
+def test_step_cost_file_is_validated_and_must_belong_to_the_runs(study, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"rounds": 3, "arms": {"detach": {"times_s": [0.1, 0.2]}}}')
-    with pytest.raises(RunFileError, match=r"bad\.json: arm 'detach' needs 'times_s', 3 positive seconds"):
+    with pytest.raises(RunFileError, match=r"bad\.json: arm 'detach' needs 'times_s', 3 finite positive seconds"):
+        read_step_cost(bad)
+    bad.write_text('{"rounds": 2, "arms": {"detach": {"times_s": [0.1, Infinity]}}}')
+    with pytest.raises(RunFileError, match="finite positive"):
         read_step_cost(bad)
     bad.write_text("{")
     with pytest.raises(RunFileError, match="not valid JSON"):
         read_step_cost(bad)
     with pytest.raises(RunFileError, match="missing file"):
         write_report([study], tmp_path / "out", step_cost=tmp_path / "none.json")
+    other = tmp_path / "other.json"  # another experiment's arms
+    other.write_text(json.dumps({"rounds": 1, "arms": {"detach": {"times_s": [0.1]}, "ce@5": {"times_s": [0.1]}}}))
+    with pytest.raises(RunFileError, match="times arm 'ce@5', which none of these runs is"):
+        write_report([study], tmp_path / "out", step_cost=other)
+    other.write_text(json.dumps({"rounds": 1, "arms": {"detach": {"times_s": [0.1], "run": str(tmp_path)}}}))
+    with pytest.raises(RunFileError, match="which is not among these runs"):
+        write_report([study], tmp_path / "out", step_cost=other)
     assert not (tmp_path / "out").exists()  # checked before anything is written
-    assert find_step_cost([study]) is None and find_step_cost([bad]) is None
-    (tmp_path / STEP_COST_FILE).write_text("{}")
-    assert find_step_cost([study, tmp_path]) == tmp_path / STEP_COST_FILE
+    assert step_cost_path(d for d in study.iterdir() if d.is_dir()) == study / STEP_COST_FILE
+
+
+def test_occ_cost_refuses_runs_whose_init_is_not_a_checkpoint(study):
+    from occ_theory.bench.cost import arm_runs
+
+    with pytest.raises(ValueError, match=r"rl.init of .*synthetic__.* is not a checkpoint \(no occ_model.json\)"):
+        arm_runs([study])  # the synthetic runs' "checkpoint" holds only an eval.json
 
 
 def test_analysis_never_imports_torch():

@@ -1,7 +1,8 @@
 """``occ cost``: what one optimizer step of each arm of an experiment costs, timed the way a cost is compared.
 
 Separate runs' step times (``perf/train_s``) differ by more than their arms: by how busy the machine was
-while each ran, and by the lengths of the responses each policy came to write. Here every arm's trainer
+while each ran, by the lengths of the responses each policy came to write, and (``diag.every`` > 0) by the
+gradient recorder's per-step work, which differs between regimes. Here every arm's trainer
 is built from its own run's ``config.yaml`` (the lowest seed's; diagnostics off), all from the same
 starting checkpoint (``rl.init``), and each takes real steps on one and the same minibatch (the first
 of a rollout of the first arm, with l_old nudged and random advantages, so that every arm's loss and
@@ -18,49 +19,59 @@ import time
 from pathlib import Path
 from typing import Any
 
+from analysis.load import STEP_COST_FILE, load_runs, resolve_init
+
 from ..atomic import atomic_write_text
 from .common import LoadMeter, interleave, machine
 from .fixtures import DIAG_OFF, rollout_minibatch
 
-STEP_COST_FILE = "step_cost.json"
-DEFAULT_ROUNDS = 30
+__all__ = ["DEFAULT_ROUNDS", "MIN_ROUNDS", "STEP_COST_FILE", "arm_runs", "step_cost", "write_step_cost"]
+
+DEFAULT_ROUNDS = 32
+MIN_ROUNDS = 6
+"""The fewest rounds whose median has a 95% interval (order statistics: 2·0.5⁶ < 0.05)."""
+CHECKPOINT_FILE = "occ_model.json"
 
 
-def arm_runs(run_dirs: list[Path]) -> dict[str, Path]:
+def arm_runs(run_dirs: list[Path]) -> tuple[dict[str, Path], Path]:
     """Arm → the run directory of its lowest seed, for the RL runs among ``run_dirs`` (runs and folders of
-    runs), ``detach`` first when present; ``ValueError`` when they did not all start from one checkpoint."""
-    from analysis.load import load_runs
-
+    runs), ``detach`` first when present; and the checkpoint they all started from (``ValueError`` naming the
+    problem when they did not start from one, or it is not found)."""
     runs = sorted((r for r in load_runs(run_dirs) if r.is_rl), key=lambda r: (r.seed, r.name))
     if not runs:
         raise ValueError(f"no RL run among {[str(p) for p in run_dirs]}")
-    inits = {str(r.rl.get("init")) for r in runs}
-    if len(inits) != 1:
-        raise ValueError(f"the runs started from different checkpoints (rl.init: {sorted(inits)}); "
-                         "a cost comparison needs one")
+    inits = {r.name: resolve_init(r.path, r.rl.get("init"), CHECKPOINT_FILE) for r in runs}
+    missing = [r for r in runs if inits[r.name] is None]
+    if missing:
+        raise ValueError(f"rl.init of {missing[0].path} ({missing[0].rl.get('init')!r} in its config.yaml) is not a "
+                         f"checkpoint (no {CHECKPOINT_FILE}) from here or above the run")
+    distinct = {str(i.resolve()) for i in inits.values()}
+    if len(distinct) != 1:
+        raise ValueError(f"the runs started from different checkpoints ({sorted(distinct)}); a cost comparison "
+                         "needs one")
     arms: dict[str, Path] = {}
     for r in runs:
         arms.setdefault(r.arm, r.path)
-    return dict(sorted(arms.items(), key=lambda kv: kv[0] != "detach"))
+    return dict(sorted(arms.items(), key=lambda kv: kv[0] != "detach")), next(iter(inits.values()))
 
 
 def step_cost(run_dirs: list[Path], rounds: int = DEFAULT_ROUNDS, threads: int = 1, warmup: int = 2) -> dict[str, Any]:
-    """Time one optimizer step of every arm of ``run_dirs``, interleaved (module docstring); JSON-ready."""
+    """Time one optimizer step of every arm of ``run_dirs``, interleaved (module docstring); JSON-ready.
+    ``rounds`` is rounded up to a multiple of the number of arms, so that each arm starts a round equally often."""
     from ..train.config import load_config
     from ..train.rl import RLTrainer
     from ..train.run import RunContext
 
-    if rounds < 3:
-        raise ValueError(f"rounds must be >= 3, got {rounds}")
-    arms = arm_runs(run_dirs)
-    init = Path(load_config(next(iter(arms.values())) / "config.yaml").rl.init or "")
-    if not (init / "occ_model.json").is_file():
-        raise ValueError(f"rl.init {init}: not a checkpoint (no occ_model.json); run from where the runs were made")
+    if rounds < MIN_ROUNDS:
+        raise ValueError(f"rounds must be >= {MIN_ROUNDS} (fewer give the median no 95% interval), got {rounds}")
+    arms, init = arm_runs(run_dirs)
+    rounds = -(-rounds // len(arms)) * len(arms)
     t0, load = time.perf_counter(), LoadMeter()
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {}
         for i, (arm, run) in enumerate(arms.items()):
-            cfg = load_config(run / "config.yaml", ["rl.steps=1000000", f"threads={threads}", *DIAG_OFF])
+            cfg = load_config(run / "config.yaml", [f"rl.init={init}", "rl.steps=1000000", f"threads={threads}",
+                                                    *DIAG_OFF])
             trainers[arm] = RLTrainer(cfg, RunContext.create(cfg, cfg.rl.regime, out_dir=Path(tmp) / str(i)))
         first = next(iter(trainers.values()))
         mb = rollout_minibatch(first)

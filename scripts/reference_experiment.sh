@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The reference experiment behind figures/: one tiny SFT checkpoint, then RL at the calibrated point
-# (configs/reference.yaml) in each arm and seed, two runs at a time on one thread each, probes, figures,
-# the claim table and summary.json. Resumable: rerun the same command after an interruption.
+# (configs/reference.yaml) in each arm and seed, two runs at a time on one thread each, probes, the arms' step
+# cost timed side by side (occ cost -> OUT/step_cost.json), figures, the claim table and summary.json.
+# Resumable: rerun the same command after an interruption.
 # Usage: scripts/reference_experiment.sh [OUT]
 #   ARMS   arms to run: a regime, regime@mtp_coef or occ/<proxy> (default below)
 #   SEEDS  seeds (default "0 1 2 3"); runs go seed by seed, so a partial experiment has every arm
@@ -70,8 +71,11 @@ else
   runs=("$OUT")
 fi
 
-occ figures "${runs[@]}" --out "$FIG" --force
-if [ "${CAP1:-0}" = 1 ]; then occ figures "${runs[@]}" --probes probes_cap1.parquet --out "$FIG/grid_cap1" --force; fi
+# claim 6: one optimizer step of each arm timed round-robin on one minibatch (occ cost; about 3 min), once
+[ -f "$OUT/step_cost.json" ] || occ cost "${runs[@]}" --rounds 60 --out "$OUT/step_cost.json"
+occ figures "${runs[@]}" --out "$FIG" --force --step-cost "$OUT/step_cost.json"
+if [ "${CAP1:-0}" = 1 ]; then occ figures "${runs[@]}" --probes probes_cap1.parquet --out "$FIG/grid_cap1" --force \
+  --step-cost "$OUT/step_cost.json"; fi
 # the README's reference tables are generated from the committed summary.json (a test checks they agree)
 if [ "$FIG" = figures ]; then python -m analysis.readme_table figures/summary.json README.md
 else python -m analysis.readme_table "$FIG/summary.json"; fi

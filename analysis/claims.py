@@ -322,7 +322,8 @@ def occ_time_cost(metrics: pd.DataFrame, step_cost: dict[str, Any] | None = None
     ``COST_NOT_SUPPORTED``. The other occ proxies and the fixed-λ policy arms (the same graph as occ: the cost of
     calibrating λ alone) are reported beside it, and so is the separate runs' ratio.
     Without it, separate runs' step times (``_separate_runs_cost``): they also differ by the machine's load while
-    each ran and by the responses each policy wrote, so a small cost is beyond that design."""
+    each ran, by the responses each policy wrote and by the gradient recorder's per-step work, so a small cost is
+    beyond that design."""
     sep_ratio, sep_nums, sep_detail = _separate_runs_cost(metrics)
     if step_cost is None:
         if not math.isfinite(sep_ratio):

@@ -97,7 +97,7 @@ def plan_run(run_dir: Path, steps: list[int] | None = None, overrides: list[str]
     if online and overrides:
         raise ValueError("--online collects the values the run computed with its own settings; "
                          "changed settings (--set) need a recomputation, without --online")
-    if online and (lacking := [b.name for b in bundles if read_online(b) is None]):
+    if online and (lacking := [b.name for b in bundles if not (b / ONLINE_FILE).is_file()]):  # read once, in run_job
         raise ValueError(f"--online: {run_dir} has no {ONLINE_FILE} in probe bundle(s) {', '.join(lacking)}; "
                          "recompute them without --online")
     model = Path(model) if model is not None else run_dir / "init"

@@ -2,8 +2,8 @@
 
 SFT with MTP → held-out evaluation of the SFT checkpoint (the baseline every gain is measured from) →
 RL in each regime (probes every few steps; each run evaluates itself) → ``occ probe`` on every run →
-``occ figures``. The settings are the tiny
-configuration with shorter schedules; every stage prints progress.
+``occ cost`` (one step of each regime timed round-robin on one minibatch: claim 6) → ``occ figures``. The
+settings are the tiny configuration with shorter schedules; every stage prints progress.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ def _stage(i: int, n: int, msg: str, t0: float) -> None:
 
 
 def quickstart(out: Path, figures: Path | None, regimes: list[str], seed: int = 0) -> Path:
+    from analysis.load import step_cost_path
     from analysis.report import write_report
 
+    from .bench.cost import write_step_cost
     from .diagnostics.offline import recompute_run
     from .train.rl import run_rl
     from .train.run import evaluate_checkpoint
@@ -47,7 +49,7 @@ def quickstart(out: Path, figures: Path | None, regimes: list[str], seed: int = 
         raise ValueError(f"{out} already exists and is not empty: pass another --out")
     figures = Path(figures) if figures is not None else out / "figures"
     t0 = time.perf_counter()
-    n = 2 + 2 * len(regimes) + 1
+    n = 2 + 2 * len(regimes) + 2
     _stage(1, n, "SFT with MTP (tiny model)", t0)
     sft_cfg = load_config(None, [*SFT_SETTINGS, f"seed={seed}"])
     ckpt = run_sft(sft_cfg, out_dir=out / "sft")
@@ -61,6 +63,8 @@ def quickstart(out: Path, figures: Path | None, regimes: list[str], seed: int = 
         _stage(2 + len(regimes) + i, n, f"occ probe {run.name}", t0)
         if (run / "probes").is_dir():
             recompute_run(run)
+    _stage(n - 2, n, "occ cost: one step of each regime, interleaved on one minibatch", t0)
+    write_step_cost(runs, step_cost_path(runs))  # where occ figures finds it
     _stage(n - 1, n, f"figures -> {figures}", t0)
     summary = write_report(runs, figures)
     _stage(n, n, f"done in {time.perf_counter() - t0:.0f}s: {summary}", t0)

@@ -162,6 +162,8 @@ def write_report(run_dirs: Iterable[Path] | Path, out_dir: Path | None = None, p
                          f"e.g. {runs[0].path})")
     if step_cost is None and step_cost_path(r.path for r in runs).is_file():
         step_cost = step_cost_path(r.path for r in runs)
+        if step_cost.is_relative_to(Path.cwd()):  # recorded as the script passes it: the same summary.json
+            step_cost = step_cost.relative_to(Path.cwd())
         cost = read_step_cost(step_cost)
     if cost is not None:
         check_step_cost(cost, runs, step_cost)

@@ -126,15 +126,19 @@ def read_probes(path: Path) -> pd.DataFrame | None:
     return df.sort_values("step", kind="stable").reset_index(drop=True)
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunFileError(f"{path}: not valid JSON ({e})") from e
+
+
 def read_eval(path: Path) -> dict[str, Any] | None:
     """``eval.json`` (``{"suites": {suite: {"greedy_acc", …}}, …}``), or None when absent."""
     path = Path(path)
     if not path.exists():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunFileError(f"{path}: not valid JSON ({e})") from e
+    data = _read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("suites"), dict):
         raise RunFileError(f"{path}: expected an object with a 'suites' mapping")
     for suite, entry in data["suites"].items():
@@ -152,10 +156,7 @@ def read_step_cost(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise RunFileError(f"missing file: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunFileError(f"{path}: not valid JSON ({e})") from e
+    data = _read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("arms"), dict) or not isinstance(data.get("rounds"), int):
         raise RunFileError(f"{path}: expected an object with 'rounds' (an integer) and an 'arms' mapping")
     for arm, entry in data["arms"].items():

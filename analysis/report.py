@@ -160,10 +160,9 @@ def write_report(run_dirs: Iterable[Path] | Path, out_dir: Path | None = None, p
     if probes_file != PROBES_FILE and all(r.probes is None for r in runs):
         raise ValueError(f"--probes {probes_file}: no run has this file (looked in {len(runs)} run directories, "
                          f"e.g. {runs[0].path})")
-    if step_cost is None and step_cost_path(r.path for r in runs).is_file():
-        step_cost = step_cost_path(r.path for r in runs)
-        if step_cost.is_relative_to(Path.cwd()):  # recorded as the script passes it: the same summary.json
-            step_cost = step_cost.relative_to(Path.cwd())
+    if step_cost is None and (found := step_cost_path(r.path for r in runs)).is_file():
+        # recorded as the script passes it, relative to the working directory: the same summary.json
+        step_cost = found.relative_to(Path.cwd()) if found.is_relative_to(Path.cwd()) else found
         cost = read_step_cost(step_cost)
     if cost is not None:
         check_step_cost(cost, runs, step_cost)

@@ -28,9 +28,8 @@ from occ_theory.jsonl import RunFileError, read_jsonl
 from occ_theory.names import CONFIG_FILE, EVAL_FILE, METRICS_FILE, PROBES_FILE
 
 FIXED_LAMBDA_REGIMES = ("ce", "policy")
-"""Regimes trained with a fixed λ = ``rl.mtp_coef`` on a loss into θ_S (outcome against λ: claim 7)."""
-COEF_REGIMES = (*FIXED_LAMBDA_REGIMES, "cosine", "cosine_weighted", "pcgrad", "upgrad")
-"""Regimes whose runs differ by ``rl.mtp_coef``: it names their arm."""
+"""Regimes trained with a fixed λ = ``rl.mtp_coef`` on a loss into θ_S (outcome against λ: claim 7): ``rl.mtp_coef``
+names their arm."""
 
 
 @dataclass
@@ -212,15 +211,18 @@ def load_run(path: Path, probes_file: str = PROBES_FILE) -> Run:
 
 
 def arm_name(regime: str, rl: dict[str, Any]) -> str:
-    """What distinguishes runs of one regime: ``occ/<proxy>`` (``occ/reference``), ``<regime>@<mtp_coef>``
-    for the regimes whose loss carries ``mtp_coef`` (``ce@0.1``, ``policy@0.3``, ``cosine@0.1``, ``pcgrad@0.1``),
-    the bare regime otherwise (``off``, ``detach``, ``oracle``)."""
-    if regime == "occ":
-        return f"occ/{rl.get('proxy', 'reference')}"
+    """What distinguishes runs of one regime: ``occ/<proxy>`` (``occ/reference``), ``<regime>@<mtp_coef>`` for the
+    fixed-λ regimes (``ce@0.1``, ``policy@0.3``), the rule otherwise (``off``, ``detach``, ``real``, ``cosine``,
+    ``upgrad``); then ``/<clip_scope>`` when the clip is not the global one (``detach/separate``)."""
     coef = rl.get("mtp_coef")
-    if regime in COEF_REGIMES and isinstance(coef, int | float):
-        return f"{regime}@{coef:g}"
-    return regime
+    if regime == "occ":
+        arm = f"occ/{rl.get('proxy', 'reference')}"
+    elif regime in FIXED_LAMBDA_REGIMES and isinstance(coef, int | float):
+        arm = f"{regime}@{coef:g}"
+    else:
+        arm = regime
+    scope = rl.get("clip_scope", "global")
+    return arm if scope in (None, "global") else f"{arm}/{scope}"
 
 
 def resolve_init(run_dir: Path, init: Any, holding: str) -> Path | None:

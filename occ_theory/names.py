@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-Regime = Literal["off", "detach", "detach_encoder", "ce", "policy", "occ", "oracle", "cosine", "cosine_weighted",
-                 "pcgrad", "upgrad"]
+Regime = Literal["off", "detach", "detach_encoder", "ce", "policy", "occ", "real", "adam_step", "cosine",
+                 "cosine_weighted", "pcgrad", "upgrad"]
 """MTP regimes (docs/theory.md sections 1 and 4), in display order: what M is, how it is cut, and which rule
 sets its coefficient (``occ_theory.rl.coef``)."""
 REGIMES: tuple[str, ...] = get_args(Regime)
+RENAMED_REGIMES: dict[str, str] = {"oracle": "adam_step"}
+"""Regimes renamed for what they are, old name -> new: ``oracle`` was the plug-in λ* of the unclipped, v̂-frozen
+``adam_step`` model, not an oracle (docs/theory.md section 4)."""
 
 Proxy = Literal["reference", "least_squares", "fisher"]
 """OCC proxies of λ* (docs/theory.md section 4), in display order."""

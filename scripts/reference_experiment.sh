@@ -4,20 +4,26 @@
 # cost timed side by side (occ cost -> OUT/step_cost.json), figures, the claim table and summary.json.
 # Resumable: rerun the same command after an interruption.
 # Usage: scripts/reference_experiment.sh [OUT]
-#   ARMS   arms to run: a regime, regime@mtp_coef or occ/<proxy> (default below)
-#   SEEDS  seeds (default "0 1 2 3"); runs go seed by seed, so a partial experiment has every arm
-#   SFT    the SFT run to start from (default OUT/sft; made with `occ sft --config tiny` when missing)
+#   ARMS   arms to run (default below): a regime, regime@mtp_coef, occ/<proxy>, or <arm>/<clip_scope> (detach/separate)
+#   SEEDS  seeds of every arm (default "0 1 2 3"); runs go seed by seed, so a partial experiment has every arm
+#   MORE_SEEDS, MORE_ARMS  further seeds (default "4 5") of the arms the verdicts rest on (default "detach
+#          occ/reference real"), run after the others
+#   SFT    the SFT run to start from (default OUT/sft; made with `occ sft --config tiny` when missing); its checkpoint's
+#          held-out evaluation is the negative-control arm `sft` of claim 4
 #   JOBS   runs at a time (default 2)
 #   FIG    where the report goes (default figures; --force replaces it, figures/calibration/ is kept)
-#   CAP1   1: also recompute every probe on a grid capped at the RL step's size (FIG/grid_cap1)
 #   FINISHED_ONLY  1: run nothing; the report from the runs that finished (eval.json, and probes.parquet when
 #          they probed), e.g. after stopping the experiment part-way
 set -euo pipefail
 OUT=${1:-runs/reference}
-# detach is the baseline (off trains the policy identically); ce and policy at a λ below and above the
-# logged λ_bal scale (about 0.4 for ce and 2 for policy at this lr); occ with each proxy
-ARMS=${ARMS:-"detach ce@0.1 ce@1 policy@0.3 policy@3 occ/reference occ/least_squares occ/fisher"}
+# detach is the baseline (off trains the policy identically) and detach/separate its clip remedy (θ_S and θ_M clipped
+# apart); ce and policy at a λ below and above the logged λ_bal scale (about 0.4 for ce and 2 for policy at this lr);
+# occ with the paper's proxy and the fisher one (bounded by rl.coef_max); real (λ from the clipped step's
+# second-order model); the gradient-similarity baselines cosine and upgrad
+ARMS=${ARMS:-"detach detach/separate ce@0.1 ce@1 policy@0.3 policy@3 occ/reference occ/fisher real cosine upgrad"}
 SEEDS=${SEEDS:-"0 1 2 3"}
+MORE_SEEDS=${MORE_SEEDS-"4 5"}
+MORE_ARMS=${MORE_ARMS:-"detach occ/reference real"}
 SFT=${SFT:-$OUT/sft}
 JOBS=${JOBS:-2}
 FIG=${FIG:-figures}
@@ -26,15 +32,16 @@ mkdir -p "$OUT"
 # the SFT checkpoint's held-out accuracy, with the RL runs' eval settings: the baseline of every gain
 [ -f "$SFT/checkpoint/eval.json" ] || occ eval "$SFT/checkpoint" --config reference
 
-run_one() {  # one arm and seed: train (or resume), then the offline probe passes (set -e does not reach a
-  # function called in an && list, hence the explicit returns)
+run_one() {  # one arm and seed: train (or resume), then collect its probes (set -e does not reach a function
+  # called in an && list, hence the explicit returns)
   local arm=$1 seed=$2 regime extra=()
   local run="$OUT/${arm//\//-}__$seed"
   regime=${arm%%[@/]*}
-  case "$arm" in
-    *@*) extra=(--set "rl.mtp_coef=${arm#*@}") ;;
-    */*) extra=(--set "rl.proxy=${arm#*/}") ;;
-  esac
+  local rest=${arm#"$regime"}
+  if [ "$regime" = occ ] && [[ $rest == /* ]]; then  # occ/<proxy>[/<clip_scope>]
+    rest=${rest#/}; extra+=(--set "rl.proxy=${rest%%/*}"); rest=${rest#"${rest%%/*}"}; fi
+  if [[ $rest == @* ]]; then rest=${rest#@}; extra+=(--set "rl.mtp_coef=${rest%%/*}"); rest=${rest#"${rest%%/*}"}; fi
+  if [[ $rest == /* ]]; then extra+=(--set "rl.clip_scope=${rest#/}"); fi
   if [ ! -f "$run/eval.json" ]; then
     if [ -f "$run/config.yaml" ]; then occ rl --resume "$run" || return 1
     else occ rl --config reference --init "$SFT/checkpoint" --regime "$regime" --seed "$seed" "${extra[@]}" --out "$run" \
@@ -42,9 +49,6 @@ run_one() {  # one arm and seed: train (or resume), then the offline probe passe
   fi
   # the probes' table: the values the run computed online, collected (occ probe without --online recomputes them)
   if [ -d "$run/probes" ] && [ ! -f "$run/probes.parquet" ]; then occ probe "$run" --online || return 1; fi
-  # CAP1=1: the same probes recomputed on a grid capped where the MTP step equals the RL step (about 4 min a run)
-  if [ "${CAP1:-0}" = 1 ] && [ -d "$run/probes" ] && [ ! -f "$run/probes_cap1.parquet" ]; then
-    occ probe "$run" --set diag.grid_cap=1 --out probes_cap1.parquet || return 1; fi
 }
 
 if [ "${FINISHED_ONLY:-0}" = 1 ]; then
@@ -57,13 +61,15 @@ if [ "${FINISHED_ONLY:-0}" = 1 ]; then
   echo "report from ${#runs[@]} finished runs"
 else
   running=0 failed=0
-  for seed in $SEEDS; do
-    for arm in $ARMS; do
-      log="$OUT/${arm//\//-}__$seed.log"
-      run_one "$arm" "$seed" >> "$log" 2>&1 && echo "done $arm seed $seed" || { echo "FAILED $arm seed $seed: see $log"; exit 1; } &
-      running=$((running + 1))
-      if [ "$running" -ge "$JOBS" ]; then wait -n || failed=1; running=$((running - 1)); fi
-    done
+  plan=()
+  for seed in $SEEDS; do for arm in $ARMS; do plan+=("$arm $seed"); done; done
+  for seed in $MORE_SEEDS; do for arm in $MORE_ARMS; do plan+=("$arm $seed"); done; done
+  for item in "${plan[@]}"; do
+    arm=${item% *} seed=${item#* }
+    log="$OUT/${arm//\//-}__$seed.log"
+    run_one "$arm" "$seed" >> "$log" 2>&1 && echo "done $arm seed $seed" || { echo "FAILED $arm seed $seed: see $log"; exit 1; } &
+    running=$((running + 1))
+    if [ "$running" -ge "$JOBS" ]; then wait -n || failed=1; running=$((running - 1)); fi
   done
   while [ "$running" -gt 0 ]; do wait -n || failed=1; running=$((running - 1)); done
   [ "$failed" = 0 ] || { echo "some runs failed; rerun the same command to resume them" >&2; exit 1; }
@@ -74,8 +80,6 @@ fi
 # claim 6: one optimizer step of each arm timed round-robin on one minibatch (occ cost; about 3 min), once
 [ -f "$OUT/step_cost.json" ] || occ cost "${runs[@]}" --rounds 60 --out "$OUT/step_cost.json"
 occ figures "${runs[@]}" --out "$FIG" --force --step-cost "$OUT/step_cost.json"
-if [ "${CAP1:-0}" = 1 ]; then occ figures "${runs[@]}" --probes probes_cap1.parquet --out "$FIG/grid_cap1" --force \
-  --step-cost "$OUT/step_cost.json"; fi
 # the README's reference tables are generated from the committed summary.json (a test checks they agree)
 if [ "$FIG" = figures ]; then python -m analysis.readme_table figures/summary.json README.md
 else python -m analysis.readme_table "$FIG/summary.json"; fi

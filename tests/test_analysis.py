@@ -82,8 +82,9 @@ def test_a_relative_rl_init_is_found_from_a_folder_above_the_run(tmp_path):
 @pytest.mark.parametrize("regime, rl, arm", [
     ("detach", {"mtp_coef": 0.1}, "detach"), ("ce", {"mtp_coef": 0.1}, "ce@0.1"), ("policy", {"mtp_coef": 0.03},
     "policy@0.03"), ("occ", {"proxy": "fisher", "mtp_coef": 0.1}, "occ/fisher"),
-    ("cosine", {"mtp_coef": 0.1}, "cosine@0.1"),
-    ("oracle", {"mtp_coef": 0.1}, "oracle")])
+    ("cosine", {"mtp_coef": 0.1}, "cosine"), ("real", {"mtp_coef": 0.1}, "real"),
+    ("detach", {"mtp_coef": 0.1, "clip_scope": "separate"}, "detach/separate"),
+    ("policy", {"mtp_coef": 0.3, "clip_scope": "shared"}, "policy@0.3/shared")])
 def test_arm_names_say_what_distinguishes_runs_of_one_regime(regime, rl, arm):
     assert arm_name(regime, rl) == arm
 

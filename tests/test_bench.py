@@ -22,7 +22,7 @@ def test_quick_step_and_rollout_write_json_with_ratios_and_targets_and_a_markdow
     assert step["error"] is None and step["memory"]["peak_rss_mb"] > 0
     rows = {r["contender"]: r for r in step["rows"]}
     geometry = "one more geometry (4 geometries vs 3 geometries)"
-    rules = {"oracle", "cosine", "cosine_weighted", "pcgrad", "upgrad"}
+    rules = {"real", "adam_step", "cosine", "cosine_weighted", "pcgrad", "upgrad"}
     assert set(rows) == {"detach", "occ/reference", "occ/least_squares", "occ/fisher", "policy", "policy+diagnostics",
                          geometry, "run, no probes", "run + probes every 4"} | rules
     for name in rules:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from rl_fixtures import make_checkpoint, rl_config, with_signal
 
-from occ_theory.rl.coef import SHARED_RULES, CoefficientRule, shared_update
+from occ_theory.rl.coef import SHARED_RULES, STEP_RULES, CoefficientRule, shared_update
 
 G = {"a": torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64), "b": torch.tensor([[0.5, -1.0]], dtype=torch.float64)}
 
@@ -53,18 +53,51 @@ def test_surgery_rules_realise_torchjds_aggregation_of_the_two_loss_gradients(ru
 
 
 def test_rule_names_and_what_they_need():
-    assert CoefficientRule("oracle", 0.1).needs_mtp_grad and not CoefficientRule("oracle", 0.1).edits_shared
+    for rule in STEP_RULES:
+        r = CoefficientRule(rule, 0.1)
+        assert r.name == rule and r.needs_mtp_grad and not r.edits_shared
     for rule in SHARED_RULES:
         r = CoefficientRule(rule, 0.2)
         assert r.edits_shared and r.needs_mtp_grad and r().value == 0.2  # mtp_coef stays in the loss
 
 
-def test_oracle_undefined_applies_zero_and_counts_it():
-    rule = CoefficientRule("oracle", 0.1, clip=(-5.0, 5.0))
+@pytest.mark.parametrize("rule", STEP_RULES)
+def test_step_rules_apply_zero_where_undefined_clip_bound_and_hold_their_value(rule):
     from occ_theory.rl.coef import CoefInputs
 
-    assert rule(CoefInputs(oracle=lambda: float("nan"))).value == 0.0 and rule.undefined == 1
-    assert rule(CoefInputs(oracle=lambda: 40.0)).value == 5.0  # clipped to the configured range
+    r = CoefficientRule(rule, 0.1, clip=(-5.0, 5.0), bound=3.0, every=2)
+    calls = []
+
+    def value(v):
+        return CoefInputs(**{rule: lambda: calls.append(v) or v})
+
+    assert r(value(float("nan"))).value == 0.0 and r.undefined == 1
+    assert r.needs_mtp_grad_now is False  # the next step holds: no u needed
+    held = r(value(40.0))
+    assert held.value == 0.0 and held.held and len(calls) == 1  # held, not recomputed
+    assert r.needs_mtp_grad_now
+    assert r(value(40.0)).value == 3.0  # clipped to 5, then bounded by rl.coef_max
+    assert r(value(-1.0)).value == 3.0 and len(calls) == 2
+    state = r.state_dict()
+    again = CoefficientRule(rule, 0.1, clip=(-5.0, 5.0), bound=3.0, every=2)
+    again.load_state_dict(state)
+    assert again(value(-1.0)).value == -1.0 and again._calls == r._calls + 1
+
+
+def test_the_fisher_rule_is_bounded_and_waits_for_the_optimizer_state():
+    from occ_theory.rl.coef import CoefInputs
+
+    r = CoefficientRule("occ", 0.1, proxy="fisher", bound=10.0)
+    assert r(CoefInputs(fisher=lambda: 1.3e5, first_step=True)).value == 0.0 and r.undefined == 1
+    assert r(CoefInputs(fisher=lambda: 1.3e5)).value == 10.0
+    assert r(CoefInputs(fisher=lambda: -0.5)).value == -0.5
+
+
+def test_the_renamed_oracle_regime_says_what_it_is_now():
+    from occ_theory.train.config import load_config
+
+    with pytest.raises(ValueError, match="'oracle' is now 'adam_step'.*'real'"):
+        load_config(None, ["rl.regime=oracle"])
 
 
 @pytest.fixture(scope="module")
@@ -72,21 +105,21 @@ def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "sft")
 
 
-def test_oracle_is_the_second_order_optimum_of_the_adam_step_by_finite_differences(ckpt, tmp_path):
-    """The oracle's λ (one HVP) against λ* = −(gᵀa + sᵀHa)/(aᵀHa) with every term a central difference of J
+def test_adam_step_rule_is_the_second_order_optimum_of_the_adam_step_by_finite_differences(ckpt, tmp_path):
+    """The adam_step rule's λ (one HVP) against λ* = −(gᵀa + sᵀHa)/(aᵀHa) with every term a central difference of J
     at θ (forward passes only): gᵀa and aᵀHa along a, the mixed term sᵀHa along s and a, on the AdamW step
     about to be taken after one real step (momentum, bias correction, weight decay in play), float64."""
     from occ_theory.diagnostics.probe import shared_params
     from occ_theory.models import exact_float64
     from occ_theory.rl.batch import compute_objectives
-    from occ_theory.rl.coef import oracle_lambda
+    from occ_theory.rl.coef import step_lambda
     from occ_theory.theory import grad
     from occ_theory.theory.step import adamw_step_directions
     from occ_theory.train.rl import RLTrainer
     from occ_theory.train.run import RunContext
 
-    cfg = rl_config(ckpt, "oracle", "diag.every=0", "diag.first=false")
-    tr = RLTrainer(cfg, RunContext.create(cfg, "oracle", out_dir=tmp_path / "o"))
+    cfg = rl_config(ckpt, "adam_step", "diag.every=0", "diag.first=false")
+    tr = RLTrainer(cfg, RunContext.create(cfg, "adam_step", out_dir=tmp_path / "o"))
     tr.model.double()
     tr.optimizer = torch.optim.AdamW(tr.trainable, lr=tr.rc.lr, weight_decay=0.01)
     batch, _ = tr.rollout()
@@ -100,7 +133,7 @@ def test_oracle_is_the_second_order_optimum_of_the_adam_step_by_finite_differenc
 
     with exact_float64(tr.model):  # RMSNorm and softmax in float64 too: the differences need it
         u = grad(lambda p: compute_objectives(tr.model, mb, tr.spec, params=p).mtp, params)[1]
-        lam = oracle_lambda(tr.model, mb, tr.spec, tr.shared, tr.optimizer, u)
+        lam = step_lambda("adam_step", tr.model, mb, tr.spec, tr.shared, tr.optimizer, u, 0.0, grad_clip=0.0)
         group = tr.optimizer.param_groups[0]
         st = {k: tr.optimizer.state[p] for k, p in tr.shared.items()}
         s, a = adamw_step_directions(params, grad(J, params)[1], u, {k: v["exp_avg"] for k, v in st.items()},
@@ -119,7 +152,7 @@ def test_oracle_is_the_second_order_optimum_of_the_adam_step_by_finite_differenc
     assert lam == pytest.approx(expected, rel=1e-3) or (math.isnan(lam) and math.isnan(expected))
 
 
-@pytest.mark.parametrize("regime", ["oracle", "cosine", "cosine_weighted", "pcgrad", "upgrad"])
+@pytest.mark.parametrize("regime", ["real", "adam_step", "cosine", "cosine_weighted", "pcgrad", "upgrad"])
 def test_each_rule_trains_logs_its_lambda_and_checks_identity3_with_its_weights(ckpt, tmp_path, regime):
     if regime in ("pcgrad", "upgrad"):
         pytest.importorskip("torchjd")
@@ -132,6 +165,25 @@ def test_each_rule_trains_logs_its_lambda_and_checks_identity3_with_its_weights(
     rec = tr.train_step(with_signal(tr, batch.split(2)[0]), first_after_rollout=True)
     assert rec["lambda/rule"] == regime and math.isfinite(rec["lambda/used"]) and not rec["rl/skipped"]
     assert rec["diag/identity3/rel_err"] < 1e-4  # .grad is the rule's own update, not g + λu
-    if regime != "oracle":
+    if regime not in STEP_RULES:
         assert math.isfinite(rec["lambda/effective"]) and -1 <= rec["lambda/cosine"] <= 1
         assert math.isfinite(rec["diag/realised/delta_vs_detach"])
+
+
+def test_the_real_rule_applies_the_probes_adam_real_optimum(ckpt, tmp_path):
+    """At a probed step the rule's λ (before the bound) is the probe's diag/adam_real/lambda_star_clamped: both expand
+    the real, clipped AdamW step at the same state, the rule on the live model, the probe functionally."""
+    from occ_theory.train.rl import RLTrainer
+    from occ_theory.train.run import RunContext
+
+    cfg = rl_config(ckpt, "real", "diag.at=[2]", "diag.every=0", "diag.first=false", "diag.curve_points=0",
+                    "diag.taylor_halvings=0", "rl.grad_clip=0.5")
+    tr = RLTrainer(cfg, RunContext.create(cfg, "real", out_dir=tmp_path / "r"))
+    batch, _ = tr.rollout()
+    first, second = (with_signal(tr, m) for m in batch.split(2))
+    tr.train_step(first, first_after_rollout=True)
+    rec = tr.train_step(second, first_after_rollout=False)
+    probe = rec["diag/adam_real/lambda_star_clamped"]
+    assert rec["lambda/rule"] == "real" and math.isfinite(probe)
+    assert rec["lambda/raw"] == pytest.approx(probe, rel=1e-3)
+    assert abs(rec["lambda/used"]) <= tr.rc.coef_max

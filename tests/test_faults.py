@@ -179,7 +179,7 @@ def test_same_seed_gives_the_same_metrics_run_to_run(ckpt, tmp_path, monkeypatch
     assert [r["rl/objective"] for r in c] != [r["rl/objective"] for r in a]  # another seed samples otherwise
 
 
-@pytest.mark.parametrize("regime", ["policy", "oracle"])
+@pytest.mark.parametrize("regime", ["policy", "real"])
 def test_probes_never_change_the_training_they_measure(ckpt, tmp_path, monkeypatch, regime):
     """A run probed every step (every geometry, the real-step curves, the bundles, which hold the live Adam
     state) trains to the same weights and metrics as the same run never probed."""

@@ -575,8 +575,9 @@ def test_row_chunks_and_jvp_batch_give_the_unbounded_probes_numbers(checkpoints)
     coef = Coefficient(0.1, "fixed", 0.1)
     ref = run_probe(model, batch, spec, coef, snap, base).record
     # the real step's clip sees λ·∇_{θ_M}M, computed in row chunks too
-    # (its interval is finite and the wide real-step curve crosses it)
-    assert math.isfinite(ref["diag/lambda_clip_lo"]) and len(set(ref["curve/real_wide_clipped"])) == 2
+    # (its interval is finite and the fine real-step grid crosses it)
+    assert math.isfinite(ref["diag/lambda_clip_lo"]) and len(set(ref["curve/real_fine_clipped"])) == 2
+    assert math.isfinite(ref["diag/adam_real/beta"]) and math.isfinite(ref["diag/real_optimum/lambda"])
     assert {f"diag/{geo}/lambda_bal" for geo in ("sgd", "adam", "adam_step", "adam_stationary")} <= ref.keys()
     assert math.isfinite(ref["diag/adam/curv_fisher"]) and ref["diag/adam/curv"] != 0
     for rows, directions, geometries in ((1, 1, 1), (2, 0, 0), (3, 2, 3)):  # uneven blocks too: 3 + 2 rows

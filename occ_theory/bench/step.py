@@ -9,7 +9,7 @@ one trainer per contender loaded from the same checkpoint. Two interleaved group
 * ``policy`` plain and ``policy`` with the diagnostics forced on every step (momentum buffers, the
   four geometries with Q_F from one gradient graph, identity 3, an 8-point λ-curve; no bootstrap,
   Taylor halvings, real-step curves or probe bundles): target ≤ 8;
-* the other coefficient rules (``oracle``, ``cosine``, ``cosine_weighted``, ``pcgrad``, ``upgrad``) against
+* the other coefficient rules (``real``, ``adam_step``, ``cosine``, ``cosine_weighted``, ``pcgrad``, ``upgrad``) against
   detach: their cost per step, reported without a target;
 * the marginal cost of one more geometry (``decompose_steps`` with four geometries against three,
   in gradients of J): target ≤ 1;
@@ -34,7 +34,7 @@ from .fixtures import DIAG_EVERY_STEP, checkpoint, rollout_minibatch, trainer
 from .profiling import describe_ops, describe_phases, phase_times, top_ops
 
 OCC_PROXIES = ("reference", "least_squares", "fisher")
-OTHER_RULES = ("oracle", "cosine", "cosine_weighted", "pcgrad", "upgrad")
+OTHER_RULES = ("real", "adam_step", "cosine", "cosine_weighted", "pcgrad", "upgrad")
 OCC_TARGET = 1.03
 DIAG_TARGET = 8.0
 GEOMETRY_TARGET = 1.0

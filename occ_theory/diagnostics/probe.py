@@ -47,7 +47,8 @@ from ..theory.step import (
     decompose_steps,
     fixed_precond_directions,
 )
-from .curve import measure_curve, real_step_curves, realised_step, taylor_residuals
+from .curve import measure_curve, realised_step, taylor_residuals
+from .realstep import adam_real_taylor, real_step_curves, taylor_record
 from .recorder import module_breakdown
 from .settings import ProbeSettings
 
@@ -67,11 +68,12 @@ class OptimizerSnapshot:
     state: dict[str, dict[str, Tensor]]  # name -> {"step", "exp_avg", "exp_avg_sq"}
     grad_clip: float = 0.0
     momentum: dict[str, dict[str, Tensor]] | None = None  # {"m_g": {name: m̂_g}, "m_u": {name: m̂_u}}
+    clip_scope: str = "global"  # what the clip's norm spans (theory.step.CLIP_SCOPES); bundles before it: global
 
     @classmethod
     def capture(cls, optimizer: torch.optim.Optimizer, named: dict[str, nn.Parameter], grad_clip: float = 0.0,
                 momentum: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None,
-                copy: bool = True) -> OptimizerSnapshot:
+                copy: bool = True, clip_scope: str = "global") -> OptimizerSnapshot:
         """The optimizer's state now. ``copy=False`` holds the optimizer's own state tensors and the given
         momentum buffers instead of copies (four θ_S-sized tensors fewer): only for a snapshot that is done
         with before the optimizer next steps (the trainer's probe and bundle)."""
@@ -86,7 +88,7 @@ class OptimizerSnapshot:
         mom = None if momentum is None else {"m_g": {k: keep(v) for k, v in momentum[0].items()},
                                              "m_u": {k: keep(v) for k, v in momentum[1].items()}}
         return cls(kind, float(group["lr"]), tuple(group.get("betas", (0.9, 0.999))), float(group.get("eps", 1e-8)),
-                   float(group.get("weight_decay", 0.0)), state, grad_clip, mom)
+                   float(group.get("weight_decay", 0.0)), state, grad_clip, mom, clip_scope)
 
     def preconditioner(self, params: dict[str, Tensor]) -> dict[str, Tensor] | None:
         """Adam's diagonal ``1/(sqrt(v̂)+ε)`` per shared parameter; None when any state is missing."""
@@ -185,6 +187,20 @@ def _decomp_record(geometry: str, dec: Decomposition | None, step: StepDecomposi
         gpg, upu = metric
         d["cosine"] = step.alpha_first_order / lr / (gpg * upu) ** 0.5 if gpg > 0 and upu > 0 else NAN
     return {f"{prefix}/{k}": d[k] for k in keys} | {f"{prefix}/concave": step.concave, f"{prefix}/reason": step.reason}
+
+
+def _adam_t(optim: OptimizerSnapshot) -> int:
+    """t of the step about to be taken (AdamW's state['step'] + 1): 1 is the first step, a sign step."""
+    st = next(iter(optim.state.values()), None)
+    return int(float(st["step"])) + 1 if st is not None else 1
+
+
+def _control(spec: ObjectiveSpec, adam_t: int) -> str:
+    """Why a probe is a control rather than evidence about the model of J (docs/theory.md section 6): ``detach``
+    (u = 0 on θ_S: its real curve is the clip alone), ``first_step`` (AdamW's first step is a sign step), or ''."""
+    if spec.grad_cut == "detach":
+        return "detach"
+    return "first_step" if adam_t == 1 else ""
 
 
 def shared_params(model: nn.Module) -> dict[str, Tensor]:
@@ -286,7 +302,13 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficie
         if spec.mtp_kind is None:
             return Probe(out | {"diag/skipped": "regime has no MTP loss"})
         red = sums or (lambda d: d)
-        u = red(summed_grad(M_terms, params))
+        # u on θ_S and ∇_{θ_M}M in one backward pass: the real step's clip sees λ·∇_{θ_M}M too
+        mtp_names = set(work.mtp_param_names())
+        own = {k: p.detach() for k, p in work.named_parameters() if k in mtp_names}
+        u_all = red(summed_grad(M_terms, params | own))
+        u = {k: u_all[k] for k in params}
+        mtp_grad_sq = float(sq_norm({k: u_all[k] for k in own})) if own else 0.0
+        del u_all
         g = red(summed_grad(J_terms, params))
         names = geometry_names(params, optim)
         per_pass = settings.geometries_per_pass or len(names)
@@ -302,9 +324,14 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficie
         decs = {name: paper_terms(steps[name], lr, g, u) for name in ("sgd", "adam") if name in steps}
         for name in GEOMETRIES:
             out |= _decomp_record(name, decs.get(name), steps.get(name), lr, metric.get(name))
+        out["diag/adam_t"] = _adam_t(optim)
         if "adam" in steps:  # the model step is η·P·g; Adam's next step weighs the new gradient by this
-            t = float(next(iter(optim.state.values()))["step"])
-            out["diag/adam/momentum_weight"] = (1 - optim.betas[0]) / (1 - optim.betas[0] ** (t + 1))
+            out["diag/adam/momentum_weight"] = (1 - optim.betas[0]) / (1 - optim.betas[0] ** out["diag/adam_t"])
+        real = None
+        if "adam_step" in steps:  # the real step, clip and v̂(λ) included: the fifth geometry
+            real = adam_real_taylor(J_terms, params, g, u, optim, mtp_grad_sq, settings.hvp_method, sums)
+        out |= taylor_record(real) | {"diag/mtp_grad_sq": mtp_grad_sq, "diag/clip_scope": optim.clip_scope,
+                                      "diag/control": _control(spec, out["diag/adam_t"])}
         geometry = "adam" if "adam" in decs else "sgd"
         dec = decs[geometry]
         precond = optim.preconditioner(params) if geometry == "adam" else None
@@ -313,22 +340,18 @@ def _probe(work: nn.Module, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficie
                                    if dec.dlogp is not None else NAN})
     # the curves and the Taylor residual only evaluate J: the fused attention kernels serve (float32)
     evaluation_numerics = exact_float64 if dtype == torch.float64 else contextlib.nullcontext
-    u_mtp_only: dict[str, Tensor] = {}  # ∇_{θ_M}M: the real step's clip sees λ·∇_{θ_M}M too
-    real = settings.curve_points > 0 and settings.curve_real_step and "adam_step" in steps
-    if real or realised is not None:
-        mtp_names = set(work.mtp_param_names())
-        own = {k: p.detach() for k, p in work.named_parameters() if k in mtp_names}
-        if own:  # row chunks as for u (M_of takes any subset of the parameters)
-            u_mtp_only = red(summed_grad(M_terms, own))
+    real_curves = settings.curve_points > 0 and settings.curve_real_step and real is not None
     with evaluation_numerics(work):
         if settings.curve_points > 0:
             out |= measure_curve(J, M, seq_terms, params, g, u, dec, precond, lam_used, mask, settings, hb,
                                  work, spec, sums, gather)
-        if real:
-            out |= real_step_curves(J, params, g, u, u_mtp_only, steps, step_dirs, lam_used, settings, optim,
-                                    sums)
+    if real_curves:  # the exact split of β_real differentiates J twice: the curvature numerics again
+        with curvature_numerics(work):
+            out |= real_step_curves(J, J_terms, params, g, u, mtp_grad_sq, steps, real, step_dirs, lam_used,
+                                    settings, optim, sums)
+    with evaluation_numerics(work):
         if realised is not None and optim.kind in ("adam", "adamw"):
-            out |= realised_step(J, params, g, u, realised, coef.value, optim, u_mtp_only, sums)
+            out |= realised_step(J, params, g, u, realised, coef.value, optim, mtp_grad_sq, sums)
         if settings.taylor_halvings > 0 and not dec.u_zero:
             out |= taylor_residuals(J, M, params, g, u, dec, precond, lam_used, settings, sums)
     return Probe(out, g, u)

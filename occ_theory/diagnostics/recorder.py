@@ -29,6 +29,8 @@ class GradientRecorder:
         named = [(k, p) for k, p in model.named_parameters() if k in shared and p.requires_grad]
         self.names = [k for k, _ in named]
         self.params = [p for _, p in named]
+        self.mtp_params = [p for k, p in model.named_parameters() if k not in shared and p.requires_grad]  # θ_M
+        self.mtp_grad_sq = 0.0  # ‖∇_{θ_M}M‖² of the last mtp_grad call
         self.beta1 = beta1
         self.track_momentum = track_momentum
         self.count = 0  # steps averaged into the momentum buffers
@@ -37,14 +39,19 @@ class GradientRecorder:
 
     def mtp_grad(self, mtp_objective: Tensor | None, reduce: Any = None) -> dict[str, Tensor]:
         """u = ∇M on θ_S from the live graph (kept for the backward that follows); zeros without an MTP
-        path. ``reduce`` sums over processes."""
+        path. The same backward pass leaves ‖∇_{θ_M}M‖² in ``mtp_grad_sq`` (what θ_M adds to the global clip's
+        norm, per unit λ²). ``reduce`` sums over processes."""
+        n = len(self.params)
         if mtp_objective is None or not mtp_objective.requires_grad:
-            u = [torch.zeros_like(p) for p in self.params]
+            grads = [torch.zeros_like(p) for p in (*self.params, *self.mtp_params)]
         else:
-            u = torch.autograd.grad(mtp_objective, self.params, retain_graph=True, allow_unused=True,
-                                    materialize_grads=True)
-        out = {k: t.detach().float() for k, t in zip(self.names, u)}
-        return reduce(out) if reduce is not None else out
+            grads = torch.autograd.grad(mtp_objective, [*self.params, *self.mtp_params], retain_graph=True,
+                                        allow_unused=True, materialize_grads=True)
+        out = {k: t.detach().float() for k, t in zip(self.names, grads[:n])}
+        out |= {f"θ_M/{i}": t.detach().float() for i, t in enumerate(grads[n:])}
+        out = reduce(out) if reduce is not None else out
+        self.mtp_grad_sq = sum(float((out.pop(f"θ_M/{i}").double() ** 2).sum()) for i in range(len(self.mtp_params)))
+        return out
 
     def observe(self, u: dict[str, Tensor], weight_g: float, weight_u: float) -> None:
         """After the backward pass (gradients summed over processes, before clipping), when the optimizer's

@@ -17,6 +17,7 @@ from ..validated import (
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
+    PositiveInt,
     Settings,
     apply_override,
     validate,
@@ -37,7 +38,12 @@ class ProbeFields(Settings):
     curve_default: PositiveFloat = 1.0
     """Grid half-width when neither a finite λ* nor the step sizes are known."""
     curve_real_step: bool = False
-    """Also measure the curve with the real optimizer step from a copy of the optimizer state."""
+    """Also measure the ground truth: the real optimizer step's curve from a copy of the optimizer state (clip and v̂(λ)
+    included) on the local grid, its maximum on a fine log grid (the real optimum, with and without the clip), every
+    geometry's λ* against it, and the exact split of the real curvature into clip, v̂(λ) and the rest."""
+    optimum_per_decade: PositiveInt = 5
+    """Points per decade of |λ| (each sign) of the fine grid on which the real optimum is found, before it is refined
+    in its bracketing cell."""
     bootstrap: NonNegativeInt = 100
     """Bootstrap resamples (over sequences) for the fit's intervals (0: none)."""
     taylor_halvings: NonNegativeInt = 3

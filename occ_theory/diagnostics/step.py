@@ -33,14 +33,14 @@ from .schedule import Schedule
 class StepDiagnostics:
     def __init__(self, model: nn.Module, shared: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, diag: Any,
                  *, total_steps: int, seed: int, grad_clip: float, bundle_dir: Path | None, enabled: bool, dist: Any,
-                 heldout: Callable[[int], RLBatch] | None = None):
+                 heldout: Callable[[int], RLBatch] | None = None, clip_scope: str = "global"):
         """``shared``: the model's θ_S by name (the trainer's dict)."""
         self.model, self.shared, self.optimizer, self.dist = model, shared, optimizer, dist
         self.schedule = Schedule(total_steps, diag.every, diag.at, diag.log_spaced, diag.first) if enabled else None
         self.defer_degenerate = diag.defer_degenerate
         self.deferred: int | None = None  # the scheduled step a degenerate minibatch put off (defer_degenerate)
         self.settings = ProbeSettings.from_diag(diag, seed)
-        self.seed, self.grad_clip = seed, grad_clip
+        self.seed, self.grad_clip, self.clip_scope = seed, grad_clip, clip_scope
         self.bundle_dir = bundle_dir if diag.probes else None
         self.heldout = heldout if diag.curve_heldout else None
         beta1 = optimizer.param_groups[0].get("betas", (0.9, 0.999))[0]
@@ -74,7 +74,7 @@ class StepDiagnostics:
         deferred_from, self.deferred = self.deferred, None
         # no copies: the optimizer steps after this returns, and momentum() is the recorder's fresh bias-corrected copy
         snap = OptimizerSnapshot.capture(self.optimizer, self.shared, self.grad_clip, self.recorder.momentum(),
-                                         copy=False)
+                                         copy=False, clip_scope=self.clip_scope)
         heldout = self.heldout(step) if self.heldout is not None else None
         settings = self.settings.replace(seed=self.seed * 1_000_003 + step)  # each probe its own bootstrap
         realised_weights = None if realised is None else weights

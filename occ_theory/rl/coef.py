@@ -8,13 +8,17 @@ the values it used. ``mtp_coef`` is applied here, once:
 * ``occ`` with ``reference`` or ``least_squares``: ``mtp_coef`` × the proxy's ratio averaged over
   the MTP depths (so each depth carries ``c = mtp_coef / D``, as the public implementation does);
 * ``occ`` with ``fisher``: the proxy itself, ``Σ m·A·δ / (η·Σ m·δ²)``, *unscaled*: it is λ*_F of
-  the Fisher curvature model, a coefficient in its own right, and ``mtp_coef`` does not enter;
-* ``oracle``: λ*_m of the ``adam_step`` geometry, computed at every step with an HVP
-  (``oracle_lambda``): does calibrating to the true per-step optimum help? Where λ* is undefined
-  (β_m ≥ 0, or u = 0) it applies 0, the detach-equivalent, and counts it (``undefined``);
+  the Fisher curvature model, a coefficient in its own right, and ``mtp_coef`` does not enter. On the
+  optimizer's first step (no Adam state: the step is a sign step and P is undefined) it applies 0;
+* ``real``: λ*_real of the real, clipped AdamW step (``adam_real``, docs/theory.md section 2),
+  clamped to the clip interval where the clip is off at λ = 0 (``step_lambda``: a gradient and an HVP);
+* ``adam_step``: λ*_m of the unclipped, v̂-frozen ``adam_step`` model (formerly ``oracle``: a plug-in
+  model optimum, not an oracle);
 
-then, for ``occ`` and ``oracle``, an optional EMA and clip. A non-finite value is applied as 0
-and counted.
+``real`` and ``adam_step`` are recomputed every ``every`` steps (``rl.coef_every``) and held in
+between; where their λ* is undefined (β ≥ 0, or u = 0) they apply 0, the detach-equivalent, and count
+it (``undefined``). Then, for every calibrated rule (``CALIBRATED``), an optional EMA and clip, and
+the bound ``|λ| ≤ bound`` (``rl.coef_max``). A non-finite value is applied as 0 and counted.
 
 Rules that change the update on θ_S itself (``SHARED_RULES``) keep ``mtp_coef`` in the loss, so
 θ_M trains as under ``policy``; after the backward pass ``shared_update`` replaces the update on
@@ -38,7 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -52,6 +56,10 @@ from .batch import forward_logprobs, mtp_mask
 NAN = float("nan")
 SHARED_RULES = ("cosine", "cosine_weighted", "pcgrad", "upgrad")
 """Rules that replace the update on θ_S after the backward pass (``shared_update``)."""
+STEP_RULES = ("real", "adam_step")
+"""Rules whose λ is a model optimum of the next step (an HVP of J), recomputed every ``every`` steps."""
+CALIBRATED = ("reference", "least_squares", "fisher", *STEP_RULES)
+"""Rules whose λ is computed at each step: they take the EMA, the clip and the bound."""
 SCALED_PROXIES = ("reference", "least_squares")
 """Proxies whose value is a ratio that ``mtp_coef`` scales (docs/theory.md 4a, 4b); ``fisher`` is not."""
 FISHER_FD_STEP = 1e-4
@@ -65,13 +73,16 @@ class Coefficient:
     value: float
     """λ, the coefficient multiplying M in the loss ``−J − λ·M``."""
     rule: str
-    """off | fixed | reference | least_squares | fisher | oracle | cosine | cosine_weighted | pcgrad | upgrad."""
+    """off | fixed | reference | least_squares | fisher | real | adam_step | cosine | cosine_weighted | pcgrad |
+    upgrad."""
     mtp_coef: float
     """The configured ``rl.mtp_coef`` (the base coefficient c for the scaled proxies)."""
     raw: float = NAN
     """The proxy before scaling, EMA and clip (NaN for off and fixed)."""
     scale: float = NAN
     """What multiplied ``raw`` (``mtp_coef`` for the scaled proxies, 1 for fisher)."""
+    held: bool = False
+    """A ``STEP_RULES`` value held from an earlier step (``rl.coef_every``), not computed at this one."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,12 +95,15 @@ class Coefficient:
 @dataclass
 class CoefInputs:
     """What a rule may read at one step. ``proxies`` holds each log-prob proxy's unscaled value;
-    ``fisher`` computes the fisher proxy on demand (it costs a backward and two forwards), ``oracle``
-    λ* of the ``adam_step`` geometry (a gradient and an HVP)."""
+    ``fisher`` computes the fisher proxy on demand (it costs a backward and two forwards), ``real`` and
+    ``adam_step`` their model optimum (a gradient and an HVP each); ``first_step``: the optimizer has no
+    state yet."""
 
     proxies: dict[str, float] = field(default_factory=dict)
     fisher: Callable[[], float] | None = None
-    oracle: Callable[[], float] | None = None
+    real: Callable[[], float] | None = None
+    adam_step: Callable[[], float] | None = None
+    first_step: bool = False
 
 
 @dataclass
@@ -99,20 +113,33 @@ class CoefficientRule:
     proxy: str = "reference"
     ema: float = 0.0
     clip: tuple[float, float] | None = None
+    bound: float = 0.0
+    every: int = 1
     _state: float | None = None
+    _last: Coefficient | None = None
+    _calls: int = 0
     non_finite: int = 0
     undefined: int = 0
 
     @property
     def name(self) -> str:
-        if self.regime in ("oracle", *SHARED_RULES):
+        if self.regime in (*STEP_RULES, *SHARED_RULES):
             return self.regime
         return {"off": "off", "occ": self.proxy}.get(self.regime, "fixed")
 
     @property
     def needs_mtp_grad(self) -> bool:
-        """Whether the rule needs u = ∇M on θ_S from the live step."""
-        return self.name in ("fisher", "oracle", *SHARED_RULES)
+        """Whether the rule needs u = ∇M on θ_S from the live step (at some steps)."""
+        return self.name in ("fisher", *STEP_RULES, *SHARED_RULES)
+
+    @property
+    def needs_mtp_grad_now(self) -> bool:
+        """Whether the next call needs u (a ``STEP_RULES`` rule holding its value does not)."""
+        return self.needs_mtp_grad and not self._holds_next
+
+    @property
+    def _holds_next(self) -> bool:
+        return self.name in STEP_RULES and self._last is not None and self._calls % self.every != 0
 
     @property
     def edits_shared(self) -> bool:
@@ -129,14 +156,21 @@ class CoefficientRule:
             return Coefficient(0.0, rule, self.mtp_coef)
         if rule == "fixed" or rule in SHARED_RULES:  # shared rules: mtp_coef in the loss, θ_S edited later
             return Coefficient(float(self.mtp_coef), rule, self.mtp_coef)
+        holds = self._holds_next
+        self._calls += 1
+        if holds:
+            return replace(self._last, held=True)
         inputs = inputs or CoefInputs()
-        if rule in ("fisher", "oracle"):
-            compute = inputs.fisher if rule == "fisher" else inputs.oracle
+        if rule == "fisher" and inputs.first_step:
+            self.undefined += 1  # no Adam state: P is undefined and the step is a sign step
+            raw = 0.0
+        elif rule in ("fisher", *STEP_RULES):
+            compute = getattr(inputs, rule)
             if compute is None:
                 raise ValueError(f"the {rule} rule needs CoefInputs.{rule}")
             raw = float(compute())
-            if rule == "oracle" and math.isnan(raw):
-                self.undefined += 1  # β_m ≥ 0 or u = 0: no finite optimum, apply the detach-equivalent 0
+            if rule in STEP_RULES and math.isnan(raw):
+                self.undefined += 1  # β ≥ 0 or u = 0: no finite optimum, apply the detach-equivalent 0
                 raw = 0.0
         elif rule in inputs.proxies:
             raw = float(inputs.proxies[rule])
@@ -151,13 +185,19 @@ class CoefficientRule:
         self._state = value
         if self.clip is not None:
             value = min(max(value, self.clip[0]), self.clip[1])
-        return Coefficient(value, rule, self.mtp_coef, raw, self.mtp_coef if rule in SCALED_PROXIES else 1.0)
+        if self.bound > 0:
+            value = min(max(value, -self.bound), self.bound)
+        self._last = Coefficient(value, rule, self.mtp_coef, raw, self.mtp_coef if rule in SCALED_PROXIES else 1.0)
+        return self._last
 
     def state_dict(self) -> dict:
-        return {"state": self._state, "non_finite": self.non_finite, "undefined": self.undefined}
+        return {"state": self._state, "non_finite": self.non_finite, "undefined": self.undefined, "calls": self._calls,
+                "last": None if self._last is None else self._last.as_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
         self._state, self.non_finite, self.undefined = sd["state"], sd["non_finite"], sd.get("undefined", 0)
+        self._calls = sd.get("calls", 0)  # checkpoints before rl.coef_every have neither
+        self._last = Coefficient.from_dict(sd["last"]) if sd.get("last") is not None else None
 
 
 # ---------------------------------------------------------------- the log-prob proxies
@@ -268,16 +308,18 @@ def fisher_from_optimizer(model: Any, batch: Any, temperature: float, shared: di
     return fisher_proxy(batch.advantages, dlogp, batch.response_mask, group["lr"], reduce)
 
 
-# ---------------------------------------------------------------- the oracle
+# ---------------------------------------------------------------- the model optima of the next step
 
 
-def oracle_lambda(model: Any, batch: Any, spec: Any, shared: dict[str, Tensor], optimizer: torch.optim.Optimizer,
-                  u: Params, norms: Any = None, method: str = "rev-rev", reduce: Any = None) -> float:
-    """λ*_m of the ``adam_step`` geometry at the live step (docs/theory.md section 2): the optimum, to second
-    order, of the next AdamW step's Δ(λ) on this minibatch, from g = ∇J, ``u`` (the global MTP gradient on
-    θ_S) and the optimizer's state; NaN when β_m ≥ 0 or u = 0. ``reduce`` sums over processes."""
+def step_lambda(rule: str, model: Any, batch: Any, spec: Any, shared: dict[str, Tensor],
+                optimizer: torch.optim.Optimizer, u: Params, mtp_grad_sq: float, *, grad_clip: float,
+                clip_scope: str = "global", norms: Any = None, method: str = "rev-rev", reduce: Any = None) -> float:
+    """The λ of a ``STEP_RULES`` rule at the live step (docs/theory.md section 2), from g = ∇J on this minibatch,
+    ``u`` (the global MTP gradient on θ_S), ``mtp_grad_sq`` = ‖∇_{θ_M}M‖² and the optimizer's state: ``real``,
+    ``adam_real``'s λ* clamped to the clip interval where the clip is off at λ = 0; ``adam_step``, λ*_m of the
+    unclipped, v̂-frozen model. NaN where undefined. ``reduce`` sums over processes."""
     from ..theory.hvp import eager_attention, grad
-    from ..theory.step import adamw_state_buffers, adamw_step_directions, decompose_step
+    from ..theory.step import adamw_state_buffers, adamw_step_directions, decompose_step, real_step_taylor
     from .batch import compute_objectives
 
     params = {k: p.detach() for k, p in shared.items()}
@@ -286,13 +328,18 @@ def oracle_lambda(model: Any, batch: Any, spec: Any, shared: dict[str, Tensor], 
         return compute_objectives(model, batch, spec, params=p, with_mtp=False, norms=norms).rl_objective
 
     group = optimizer.param_groups[0]
-    state = {k: optimizer.state.get(p, {}) for k, p in shared.items()}
+    buffers = adamw_state_buffers(params, {k: optimizer.state.get(p, {}) for k, p in shared.items()})
+    adam = (group["lr"], group["betas"], group["eps"], group["weight_decay"])
     with eager_attention(model):
         g = grad(J, params)[1]
         g = reduce(g) if reduce is not None else g
-        s, a = adamw_step_directions(params, g, u, *adamw_state_buffers(params, state), group["lr"], group["betas"],
-                                     group["eps"], group["weight_decay"])
-        return decompose_step(J, params, s, a, method, reduce, geometry="adam_step").lambda_star
+        if rule == "real":
+            return real_step_taylor(J, params, g, u, *buffers, *adam, grad_clip, mtp_grad_sq, clip_scope=clip_scope,
+                                    method=method, reduce=reduce).lambda_star_clamped
+        if rule == "adam_step":
+            s, a = adamw_step_directions(params, g, u, *buffers, *adam)
+            return decompose_step(J, params, s, a, method, reduce, geometry="adam_step").lambda_star
+    raise ValueError(f"{rule!r} is not one of {STEP_RULES}")
 
 
 # ---------------------------------------------------------------- rules that edit the update on θ_S

@@ -14,7 +14,16 @@ from .decompose import (
     fisher_curvature,
     measure_delta,
 )
-from .fit import QuadFit, bootstrap_quadratic, effective_smoothness, fit_quadratic, lambda_grid
+from .fit import (
+    Optimum,
+    QuadFit,
+    bootstrap_quadratic,
+    effective_smoothness,
+    fit_quadratic,
+    lambda_grid,
+    locate_maximum,
+    optimum_grid,
+)
 from .hvp import (
     HVP_METHODS,
     check_dropout,
@@ -28,25 +37,37 @@ from .hvp import (
     jvps,
 )
 from .step import (
+    CLIP_SCOPES,
+    RealStep,
+    RealStepTaylor,
     StepDecomposition,
+    adamw_real_step,
     adamw_step_directions,
     clip_active,
     clip_interval,
+    curve_taylor,
     decompose_step,
     decompose_steps,
     fixed_precond_directions,
+    real_step_taylor,
 )
 
 __all__ = [
+    "CLIP_SCOPES",
     "HVP_METHODS",
     "Decomposition",
+    "Optimum",
     "QuadFit",
+    "RealStep",
+    "RealStepTaylor",
     "StepDecomposition",
+    "adamw_real_step",
     "adamw_step_directions",
     "bootstrap_quadratic",
     "check_dropout",
     "clip_active",
     "clip_interval",
+    "curve_taylor",
     "decompose",
     "decompose_geometries",
     "decompose_step",
@@ -65,6 +86,9 @@ __all__ = [
     "jvp",
     "jvps",
     "lambda_grid",
+    "locate_maximum",
     "measure_delta",
+    "optimum_grid",
     "proxies",
+    "real_step_taylor",
 ]

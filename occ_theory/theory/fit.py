@@ -1,4 +1,5 @@
-"""The measured curve (docs/theory.md section 5): ``Δ(λ) ≈ α·λ + ½·β·λ²`` through the origin.
+"""The measured curve (docs/theory.md section 5): ``Δ(λ) ≈ α·λ + ½·β·λ²`` through the origin, a local descriptor,
+and the real optimum (``locate_maximum`` on ``optimum_grid``): the maximum of a measured curve, found, not fitted.
 
 Pure functions over numpy arrays; the figures and the claim verdicts import them directly.
 """
@@ -6,8 +7,8 @@ Pure functions over numpy arrays; the figures and the claim verdicts import them
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -148,3 +149,74 @@ def bootstrap_quadratic(lams: Sequence[float] | np.ndarray, seq_deltas: np.ndarr
         arr = arr[np.isfinite(arr)]
         out[k] = (float(np.percentile(arr, lo)), float(np.percentile(arr, hi))) if arr.size else (NAN, NAN)
     return out
+
+
+# ---------------------------------------------------------------- the real optimum (docs/theory.md section 5)
+
+
+@dataclass(frozen=True)
+class Optimum:
+    """The maximum of a measured curve Δ(λ), found on a grid and refined in its bracketing cell [real_optimum]."""
+
+    lam: float
+    delta: float
+    at_edge: bool
+    """The grid's maximum is at its smallest or largest λ: the real optimum may lie beyond the grid."""
+    evaluations: int
+    lams: np.ndarray = field(repr=False, compare=False)
+    deltas: np.ndarray = field(repr=False, compare=False)
+
+
+def optimum_grid(scale: float, stars: Sequence[float] = (), used: float | None = None,
+                 bounds: Sequence[float] = (), per_decade: int = 6, low: float = 1e-3, span: float = 3.0,
+                 max_decades: float = 8.0) -> np.ndarray:
+    """The fine grid of section 5: |λ| log-spaced on both signs, ``per_decade`` points a decade, from
+    ``low·scale`` to ``span·max(scale, |λ*| of every finite star)`` (at most ``max_decades`` decades above
+    ``scale``), plus 0, ``used``, the finite ``bounds`` (the clip interval's ends) and the finite ``stars``
+    themselves, so that the curve is known exactly where a model puts its optimum. ``scale``: λ_bal."""
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale (λ_bal) must be finite and positive, got {scale}")
+    if per_decade < 1 or not (0 < low < 1) or span < 1:
+        raise ValueError(f"need per_decade >= 1, 0 < low < 1, span >= 1; got {per_decade}, {low}, {span}")
+    finite = [abs(float(x)) for x in stars if x is not None and math.isfinite(x) and x != 0]
+    top = min(span * max([scale, *finite]), scale * 10.0**max_decades)
+    n = max(2, math.ceil(per_decade * math.log10(top / (low * scale))) + 1)
+    mags = np.logspace(math.log10(low * scale), math.log10(top), n)
+    extra = [0.0, *(float(x) for x in (*stars, *bounds, *([used] if used is not None else []))
+                    if x is not None and math.isfinite(x))]
+    return np.unique(np.concatenate([-mags, mags, extra]))
+
+
+def locate_maximum(delta: Callable[[float], float], lams: Sequence[float] | np.ndarray,
+                   max_refine: int = 25) -> Optimum:
+    """The maximum of ``delta`` over the grid ``lams`` (ties: the smallest |λ|), then refined inside the cell
+    between its two neighbours by a bounded scalar search (``scipy.optimize.minimize_scalar``), which is kept only
+    where it improves on the grid. Non-finite values are never a maximum; all non-finite gives NaN."""
+    from scipy.optimize import minimize_scalar
+
+    lam = np.unique(np.asarray(lams, dtype=np.float64))
+    vals = np.array([float(delta(float(x))) for x in lam])
+    evals = lam.size
+    ok = np.isfinite(vals)
+    if not ok.any():
+        return Optimum(NAN, NAN, False, evals, lam, vals)
+    best = np.nanmax(np.where(ok, vals, -np.inf))
+    ties = np.flatnonzero(ok & (vals == best))
+    i = int(ties[np.argmin(np.abs(lam[ties]))])
+    at_edge = i in (0, lam.size - 1)
+    x, y = float(lam[i]), float(vals[i])
+    lo, hi = lam[max(i - 1, 0)], lam[min(i + 1, lam.size - 1)]
+    if hi > lo and max_refine > 0 and np.unique(vals[ok]).size > 1:
+        calls = [0]
+
+        def neg(z: float) -> float:
+            calls[0] += 1
+            v = float(delta(float(z)))
+            return -v if math.isfinite(v) else math.inf
+
+        res = minimize_scalar(neg, bounds=(float(lo), float(hi)), method="bounded",
+                              options={"xatol": 1e-3 * (hi - lo), "maxiter": max_refine})
+        evals += calls[0]
+        if math.isfinite(res.fun) and -res.fun > y:
+            x, y = float(res.x), float(-res.fun)
+    return Optimum(x, y, at_edge, evals, lam, vals)

@@ -115,6 +115,33 @@ def fixed_precond_directions(g: Mapping[str, Tensor], u: Mapping[str, Tensor], l
     return {k: lr * t for k, t in mul(g, precond).items()}, {k: lr * t for k, t in mul(u, precond).items()}
 
 
+def _adamw_args(params, g, u, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay):
+    """Validated ``(lr, (β₁, β₂), m, v, t)`` of an AdamW step: the buffers (zeros before the first step) and
+    ``t = step + 1``, the step count torch's bias corrections use."""
+    check_params(params)
+    check_alike(params, g, "g")
+    check_alike(params, u, "u")
+    lr = _check_lr(lr)
+    beta1, beta2 = (float(b) for b in betas)
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"betas must lie in [0, 1), got {tuple(betas)}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be finite and non-negative, got {eps}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be finite and non-negative, got {weight_decay}")
+    step_f = float(step)
+    if not (step_f >= 0 and step_f == int(step_f)):
+        raise ValueError(f"step must be a non-negative integer (AdamW's state['step']), got {step}")
+    if step_f > 0 and (exp_avg is None or exp_avg_sq is None):
+        raise ValueError(f"step = {int(step_f)} > 0 needs the exp_avg and exp_avg_sq buffers")
+    zeros = {k: torch.zeros_like(t) for k, t in params.items()}
+    m = zeros if exp_avg is None else exp_avg
+    v = zeros if exp_avg_sq is None else exp_avg_sq
+    check_alike(params, m, "exp_avg")
+    check_alike(params, v, "exp_avg_sq")
+    return lr, (beta1, beta2), m, v, step_f + 1
+
+
 def adamw_step_directions(
     params: Mapping[str, Tensor],
     g: Mapping[str, Tensor],
@@ -147,28 +174,7 @@ def adamw_step_directions(
     modelled either: it leaves the step alone for λ inside ``clip_interval``. ``amsgrad`` and
     ``maximize`` are not supported.
     """
-    check_params(params)
-    check_alike(params, g, "g")
-    check_alike(params, u, "u")
-    lr = _check_lr(lr)
-    beta1, beta2 = (float(b) for b in betas)
-    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-        raise ValueError(f"betas must lie in [0, 1), got {tuple(betas)}")
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be finite and non-negative, got {eps}")
-    if not (math.isfinite(weight_decay) and weight_decay >= 0):
-        raise ValueError(f"weight_decay must be finite and non-negative, got {weight_decay}")
-    step_f = float(step)
-    if not (step_f >= 0 and step_f == int(step_f)):
-        raise ValueError(f"step must be a non-negative integer (AdamW's state['step']), got {step}")
-    if step_f > 0 and (exp_avg is None or exp_avg_sq is None):
-        raise ValueError(f"step = {int(step_f)} > 0 needs the exp_avg and exp_avg_sq buffers")
-    zeros = {k: torch.zeros_like(t) for k, t in params.items()}
-    m = zeros if exp_avg is None else exp_avg
-    v = zeros if exp_avg_sq is None else exp_avg_sq
-    check_alike(params, m, "exp_avg")
-    check_alike(params, v, "exp_avg_sq")
-    t = step_f + 1
+    lr, (beta1, beta2), m, v, t = _adamw_args(params, g, u, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay)
     bc1, bc2_sqrt = 1 - beta1**t, math.sqrt(1 - beta2**t)
     s, a = {}, {}
     for k, theta in params.items():
@@ -306,13 +312,17 @@ def clip_interval(g_all: Mapping[str, Tensor], u_all: Mapping[str, Tensor], max_
     torch rescales by ``max_norm / (‖·‖ + 1e-6)`` and so already, by less than 1e-6 relative, a hair
     inside ``hi`` and ``lo``.
     """
+    g, u = _union(g_all, "g_all", u_all), _union(u_all, "u_all", g_all)
+    return clip_interval_of_norms(float(sq_norm(g)), float(dot(g, u)), float(sq_norm(u)), max_norm)
+
+
+def clip_interval_of_norms(gg: float, gu: float, uu: float, max_norm: float) -> tuple[float, float]:
+    """``clip_interval`` from ``‖g‖²``, ``gᵀu`` and ``‖u‖²`` over the parameters the clip sees."""
     max_norm = float(max_norm)
     if math.isnan(max_norm):
         raise ValueError("max_norm (the grad_clip setting) must not be NaN")
     if max_norm <= 0 or math.isinf(max_norm):
         return -math.inf, math.inf
-    g, u = _union(g_all, "g_all", u_all), _union(u_all, "u_all", g_all)
-    uu, gg, gu = float(sq_norm(u)), float(sq_norm(g)), float(dot(g, u))
     c = gg - max_norm**2
     if uu == 0.0:
         return (-math.inf, math.inf) if c <= 0 else (NAN, NAN)
@@ -344,3 +354,227 @@ def clip_active(lams: Sequence[float] | np.ndarray, interval: tuple[float, float
     if math.isnan(lo) or math.isnan(hi):
         return np.ones(lam.shape, dtype=bool)
     return (lam < lo) | (lam > hi)
+
+
+# ---------------------------------------------------------------- the real step as a function of λ (adam_real)
+
+CLIP_SCOPES = ("global", "shared", "separate")
+"""What the gradient clip sees [clip_scope]: ``global``, one norm over θ_S and θ_M (``clip_grad_norm_`` over every
+trainable parameter); ``shared``, θ_S alone (θ_M unclipped); ``separate``, θ_S and θ_M each by its own norm. On θ_S,
+``shared`` and ``separate`` are the same step: θ_M's gradient no longer enters θ_S's clip factor."""
+CLIP_EPS = 1e-6
+"""``torch.nn.utils.clip_grad_norm_`` rescales by ``max_norm / (total_norm + 1e-6)``."""
+
+
+def _safe_sqrt(x: Tensor) -> Tensor:
+    """``sqrt(x)`` whose derivatives (of every order) are 0 where ``x = 0``: a coordinate with no gradient and no
+    second moment at λ = 0, whose sqrt could only move at second order through a kink (|λ|) no Taylor series sees."""
+    pos = x > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
+class RealStep:
+    """θ⁺(λ) on θ_S: the next ``torch.optim.AdamW`` step on the clipped loss gradient (docs/theory.md section 2,
+    "The real step as a function of λ").
+
+    With the loss ``L = −J − λ·M`` the gradient on θ_S is ``−(g + λu)`` and on θ_M ``−λ·∇_{θ_M}M``
+    (``mtp_grad_sq`` = ‖∇_{θ_M}M‖²). The clip factor is ``clip_grad_norm_``'s,
+    ``f(λ) = min(1, grad_clip / (N(λ) + 1e-6))`` with ``N² = ‖g + λu‖² + λ²·mtp_grad_sq`` for ``clip_scope="global"``
+    and ``N = ‖g + λu‖`` otherwise; ``grad_clip <= 0`` means no clip. Then, per coordinate, with ``G = −f·(g + λu)``,
+    ``t = step + 1``:
+
+        m' = β₁m + (1−β₁)G,   v' = β₂v + (1−β₂)G²,   θ⁺ = θ(1 − η·wd) − η/(1−β₁ᵗ) · m' / (sqrt(v')/sqrt(1−β₂ᵗ) + ε)
+
+    ``at(λ)`` is differentiable in a 0-d tensor λ (reverse or forward mode); ``derivatives`` gives θ⁺(0), θ⁺'(0)
+    and θ⁺''(0) by nested forward-mode differentiation over the scalar λ. The scalars ‖g‖², gᵀu, ‖u‖² are computed
+    once, so evaluating many λ costs one pass over θ each."""
+
+    def __init__(self, params: Mapping[str, Tensor], g: Mapping[str, Tensor], u: Mapping[str, Tensor],
+                 exp_avg: Mapping[str, Tensor] | None, exp_avg_sq: Mapping[str, Tensor] | None, step: int, lr: float,
+                 betas: tuple[float, float], eps: float, weight_decay: float, grad_clip: float,
+                 mtp_grad_sq: float = 0.0, clip_scope: str = "global"):
+        self.lr, (self.beta1, self.beta2), m, v, t = _adamw_args(params, g, u, exp_avg, exp_avg_sq, step, lr, betas,
+                                                                 eps, weight_decay)
+        if clip_scope not in CLIP_SCOPES:
+            raise ValueError(f"clip_scope must be one of {CLIP_SCOPES}, got {clip_scope!r}")
+        grad_clip, mtp_grad_sq = float(grad_clip), float(mtp_grad_sq)
+        if math.isnan(grad_clip):
+            raise ValueError("grad_clip must not be NaN (0 or less: no clip)")
+        if not (math.isfinite(mtp_grad_sq) and mtp_grad_sq >= 0):
+            raise ValueError(f"mtp_grad_sq (‖∇_θ_M M‖²) must be finite and non-negative, got {mtp_grad_sq}")
+        self.params = {k: p.detach() for k, p in params.items()}
+        self.g = {k: g[k].detach().to(p.dtype) for k, p in self.params.items()}
+        self.u = {k: u[k].detach().to(p.dtype) for k, p in self.params.items()}
+        self.m = {k: m[k].detach().to(p.dtype) for k, p in self.params.items()}
+        self.v = {k: v[k].detach().to(p.dtype) for k, p in self.params.items()}
+        self.eps, self.weight_decay, self.clip_scope = float(eps), float(weight_decay), clip_scope
+        self.bc1, self.bc2_sqrt = 1 - self.beta1**t, math.sqrt(1 - self.beta2**t)
+        self.grad_clip = grad_clip if 0 < grad_clip < math.inf else 0.0
+        self.gg, self.gu, self.uu = float(sq_norm(self.g)), float(dot(self.g, self.u)), float(sq_norm(self.u))
+        self.mtp_grad_sq = mtp_grad_sq if clip_scope == "global" else 0.0
+
+    @property
+    def lambda_clip(self) -> tuple[float, float]:
+        """[lambda_clip]: the λ for which the clip leaves the step alone (``clip_interval``)."""
+        return clip_interval_of_norms(self.gg, self.gu, self.uu + self.mtp_grad_sq, self.grad_clip)
+
+    def clip_factor(self, lam: float | Tensor) -> Tensor:
+        """f(λ) as a float64 0-d tensor (differentiable in a tensor λ)."""
+        lam = _as_lambda(lam)
+        if not self.grad_clip:
+            return torch.ones((), dtype=torch.float64)
+        norm_sq = self.gg + 2 * lam * self.gu + lam * lam * (self.uu + self.mtp_grad_sq)
+        return torch.clamp(self.grad_clip / (_safe_sqrt(norm_sq) + CLIP_EPS), max=1.0)
+
+    def at(self, lam: float | Tensor) -> Params:
+        """θ⁺(λ) on θ_S."""
+        lam = _as_lambda(lam)
+        f = self.clip_factor(lam)
+        out = {}
+        for k, theta in self.params.items():
+            dt = theta.dtype
+            grad = -f.to(dt) * (self.g[k] + lam.to(dt) * self.u[k])
+            m = self.beta1 * self.m[k] + (1 - self.beta1) * grad
+            v = self.beta2 * self.v[k] + (1 - self.beta2) * grad * grad
+            out[k] = theta * (1 - self.lr * self.weight_decay) - (self.lr / self.bc1) * m / (
+                _safe_sqrt(v) / self.bc2_sqrt + self.eps)
+        return out
+
+    def derivatives(self) -> tuple[Params, Params, Params]:
+        """``(θ⁺(0), θ⁺'(0), θ⁺''(0))``, exact, by forward mode over forward mode in λ."""
+        zero, one = torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)
+
+        def first(lam: Tensor) -> tuple[Params, Params]:
+            return torch.func.jvp(self.at, (lam,), (one,))
+
+        (theta0, d1), (_, d2) = torch.func.jvp(first, (zero,), (one,))
+        return theta0, d1, d2
+
+
+def _as_lambda(lam: float | Tensor) -> Tensor:
+    if isinstance(lam, Tensor):
+        if lam.numel() != 1:
+            raise ValueError(f"lam must be a scalar, got shape {tuple(lam.shape)}")
+        return lam.reshape(()).to(torch.float64)
+    lam = float(lam)
+    if not math.isfinite(lam):
+        raise ValueError(f"lam must be finite, got {lam}")
+    return torch.tensor(lam, dtype=torch.float64)
+
+
+def adamw_real_step(params: Mapping[str, Tensor], g: Mapping[str, Tensor], u: Mapping[str, Tensor],
+                    exp_avg: Mapping[str, Tensor] | None, exp_avg_sq: Mapping[str, Tensor] | None, step: int,
+                    lr: float, betas: tuple[float, float], eps: float, weight_decay: float, grad_clip: float,
+                    mtp_grad_sq: float, lam: float | Tensor, clip_scope: str = "global") -> dict[str, Tensor]:
+    """θ⁺(λ) on θ_S: torch's AdamW step on the clipped loss gradient ``G = −f(λ)·(g + λu)`` (``RealStep``).
+
+    Arguments as in ``adamw_step_directions`` (buffers ``None`` and step 0 before the first step), plus the clip
+    threshold ``grad_clip`` (<= 0: none), ``mtp_grad_sq`` = ‖∇_{θ_M}M‖² (θ_M's share of the global norm is
+    λ²·mtp_grad_sq) and the clip's scope. ``lam`` is a float or a 0-d tensor; the result is differentiable in it."""
+    return RealStep(params, g, u, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay, grad_clip, mtp_grad_sq,
+                    clip_scope).at(lam)
+
+
+def curve_taylor(objective: ScalarFn | Sequence[ScalarFn], point: Mapping[str, Tensor],
+                 curves: Sequence[tuple[Mapping[str, Tensor], Mapping[str, Tensor]]], method: str = "rev-rev",
+                 reduce: Reduce | None = None) -> list[tuple[float, float]]:
+    """``[(dJ/dt, d²J/dt²)]`` at t = 0 of ``J(x(t))`` for curves through ``point`` with ``x'(0) = d1``,
+    ``x''(0) = d2``: ``(∇Jᵀd1, d1ᵀH d1 + ∇Jᵀd2)``, from one gradient graph of J at ``point`` (one HVP per curve).
+
+    ``objective`` may be a sequence of row-chunk terms whose sum is J (as ``decompose_steps`` takes them); ``reduce``
+    sums the gradient and the quadratic forms over processes."""
+    check_params(point)
+    terms = [objective] if callable(objective) else list(objective)
+    if not terms:
+        raise ValueError("objective must be a function or a non-empty sequence of row-chunk terms")
+    for i, (d1, d2) in enumerate(curves):
+        check_alike(point, d1, f"curves[{i}][0]")
+        check_alike(point, d2, f"curves[{i}][1]")
+    if all(is_zero(d1) and is_zero(d2) for d1, d2 in curves):
+        return [(0.0, 0.0) for _ in curves]
+    live = [i for i, (d1, _) in enumerate(curves) if not is_zero(d1)]
+    vs = [curves[i][0] for i in live]
+    g, quad = None, None
+    for term in terms:
+        g_c, dots = grad_and_hvps(term, point, vs, method, project=lambda i, hv: dot(vs[i], hv))
+        q = torch.stack(dots) if dots else torch.zeros(0, dtype=torch.float64)
+        g = g_c if g is None else {k: t + g_c[k] for k, t in g.items()}  # out of place: autograd may alias
+        quad = q if quad is None else quad + q
+    if reduce is not None:
+        g, quad = reduce(g), reduce({"quad": quad})["quad"]
+    out = []
+    for i, (d1, d2) in enumerate(curves):
+        q = float(quad[live.index(i)]) if i in live else 0.0
+        out.append((float(dot(g, d1)), q + float(dot(g, d2))))
+    return out
+
+
+@dataclass(frozen=True)
+class RealStepTaylor:
+    """α = dΔ/dλ and β = d²Δ/dλ² at λ = 0 of Δ(λ) = J(θ⁺(λ)) − J(θ⁺(0)) for AdamW's real, clipped step
+    [geometry ``adam_real``]. Undefined values are NaN."""
+
+    alpha: float
+    beta: float
+    clip_active: bool
+    """The clip rescales the step at λ = 0 (f(0) < 1)."""
+    lambda_clip: tuple[float, float]
+    """[lambda_clip] over the parameters the clip sees (θ_S and θ_M for the global scope)."""
+    clip_factor: float = 1.0
+    """f(0)."""
+    step_norm: float = NAN
+    """‖θ⁺(0) − θ‖: the step at λ = 0."""
+    slope_norm: float = NAN
+    """‖θ⁺'(0)‖: how fast the step moves with λ."""
+    clip_scope: str = "global"
+
+    @property
+    def lambda_star(self) -> float:
+        """λ*_real = −α/β when β < 0 (NaN otherwise)."""
+        return -self.alpha / self.beta if self.beta < 0 else NAN
+
+    @property
+    def lambda_star_clamped(self) -> float:
+        """When the clip is inactive at λ = 0 the real curve has a kink at each end of ``lambda_clip``: λ*_real
+        clamped to it, or, when β ≥ 0, the end α's sign points to (NaN when that end is infinite or α = 0).
+        When the clip is active at λ = 0: λ*_real."""
+        lam = self.lambda_star
+        if self.clip_active:
+            return lam
+        lo, hi = self.lambda_clip
+        if math.isnan(lo):
+            return lam
+        if math.isfinite(lam):
+            return min(max(lam, lo), hi)
+        end = hi if self.alpha > 0 else lo if self.alpha < 0 else NAN
+        return end if math.isfinite(end) else NAN
+
+    @property
+    def lambda_bal(self) -> float:
+        """‖θ⁺(0) − θ‖ / ‖θ⁺'(0)‖: the λ at which the MTP part of the real step is as large as the rest."""
+        return self.step_norm / self.slope_norm if self.slope_norm > 0 else NAN
+
+    def as_dict(self) -> dict[str, float | bool | str]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lambda_clip"}
+        lo, hi = self.lambda_clip
+        return out | {"lambda_clip_lo": lo, "lambda_clip_hi": hi, "lambda_star": self.lambda_star,
+                      "lambda_star_clamped": self.lambda_star_clamped, "lambda_bal": self.lambda_bal}
+
+
+def real_step_taylor(rl_objective: ScalarFn | Sequence[ScalarFn], params: Mapping[str, Tensor],
+                     g: Mapping[str, Tensor], u: Mapping[str, Tensor], exp_avg: Mapping[str, Tensor] | None,
+                     exp_avg_sq: Mapping[str, Tensor] | None, step: int, lr: float, betas: tuple[float, float],
+                     eps: float, weight_decay: float, grad_clip: float, mtp_grad_sq: float, *,
+                     clip_scope: str = "global", method: str = "rev-rev", reduce: Reduce | None = None
+                     ) -> RealStepTaylor:
+    """The exact second-order Taylor coefficients of λ ↦ J(θ⁺(λ)) at λ = 0 for AdamW's real step (``RealStep``):
+    θ⁺(0), θ⁺'(0), θ⁺''(0) by forward mode over λ, then one gradient and one HVP of J at θ⁺(0)
+    (``curve_taylor``): α = ∇J⁺ᵀθ⁺', β = θ⁺'ᵀH⁺θ⁺' + ∇J⁺ᵀθ⁺''. The clip and v̂(λ) enter through θ⁺''.
+    ``rl_objective`` is a function of a parameter dict (or its row-chunk terms); ``reduce`` sums over processes."""
+    rs = RealStep(params, g, u, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay, grad_clip, mtp_grad_sq,
+                  clip_scope)
+    theta0, d1, d2 = rs.derivatives()
+    ((alpha, beta),) = curve_taylor(rl_objective, theta0, [(d1, d2)], method, reduce)
+    f0 = float(rs.clip_factor(0.0))
+    step_norm = float(sq_norm({k: theta0[k] - rs.params[k] for k in theta0})) ** 0.5
+    return RealStepTaylor(alpha, beta, f0 < 1.0, rs.lambda_clip, f0, step_norm, float(sq_norm(d1)) ** 0.5, clip_scope)

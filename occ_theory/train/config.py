@@ -21,7 +21,7 @@ from pydantic import Field, InstanceOf, ValidationError, create_model, field_val
 
 from ..diagnostics.settings import ProbeFields
 from ..models.config import ModelConfig
-from ..names import PROXY_NAMES, REGIMES, SUITES, Parse, Proxy, Regime
+from ..names import PROXY_NAMES, REGIMES, RENAMED_REGIMES, SUITES, Parse, Proxy, Regime
 from ..validated import (
     FieldError,
     Float,
@@ -104,17 +104,27 @@ class RLConfig(Settings):
     init: str | None = None
     """The checkpoint directory RL starts from (an `occ sft` checkpoint); required by `occ rl`."""
     regime: Regime = "occ"
-    """MTP regime: off | detach | detach_encoder | ce | policy | occ | oracle | cosine | cosine_weighted | pcgrad |
-    upgrad (docs/theory.md sections 1 and 4)."""
+    """MTP regime: off | detach | detach_encoder | ce | policy | occ | real | adam_step | cosine | cosine_weighted |
+    pcgrad | upgrad (docs/theory.md sections 1 and 4)."""
     mtp_coef: Float = 0.1
     """λ for detach/ce/policy; the base coefficient c multiplying the proxy for occ; the coefficient that cosine,
-    cosine_weighted, pcgrad and upgrad gate, weigh or aggregate (oracle ignores it)."""
+    cosine_weighted, pcgrad and upgrad gate, weigh or aggregate (real and adam_step ignore it)."""
     proxy: Proxy = "reference"
     """OCC proxy: reference | least_squares | fisher (docs/theory.md section 4)."""
     coef_ema: typing.Annotated[Float, Field(ge=0, lt=1)] = 0.0
-    """EMA factor of the occ and oracle coefficients, in [0, 1) (0: none)."""
+    """EMA factor of the calibrated coefficients (occ, real, adam_step), in [0, 1) (0: none)."""
     coef_clip: tuple[Float, Float] | None = None
-    """Clip range [lo, hi] of the occ and oracle coefficients, lo <= hi (None: no clip)."""
+    """Clip range [lo, hi] of the calibrated coefficients (occ, real, adam_step), lo <= hi (None: no clip)."""
+    coef_max: NonNegativeFloat = 10.0
+    """Bound on |λ| of the calibrated coefficients (occ, real, adam_step), applied after coef_clip (0: none): a
+    coefficient from an unscaled model, such as the fisher proxy's λ*_F, can reach 1e5 on a step where its curvature
+    is tiny."""
+    coef_every: PositiveInt = 1
+    """real and adam_step: recompute λ (an HVP of J) every this many optimizer steps and hold it in between."""
+    clip_scope: Literal["global", "shared", "separate"] = "global"
+    """What the gradient clip sees: global (one norm over θ_S and θ_M, as verl and Megatron clip), shared (θ_S alone;
+    θ_M unclipped) or separate (θ_S and θ_M each by its own norm). Under global the MTP modules' gradient λ·∇_{θ_M}M
+    enters θ_S's clip factor even under detach."""
     occ_convention: Literal["objective", "advantages"] = "objective"
     """How λ enters for occ: 'objective' multiplies M by λ; 'advantages' folds λ into the MTP advantages."""
     detach_mtp_loss: Literal["ce", "policy"] = "ce"
@@ -165,6 +175,14 @@ class RLConfig(Settings):
     """How many of the latest checkpoints to keep."""
     max_bad_steps: PositiveInt = 5
     """Stop (with a checkpoint) after this many consecutive steps with a non-finite loss or gradient."""
+
+    @field_validator("regime", mode="before")
+    @classmethod
+    def _renamed(cls, value: Any) -> Any:
+        if isinstance(value, str) and value in RENAMED_REGIMES:
+            raise ValueError(f"{value!r} is now {RENAMED_REGIMES[value]!r}: the plug-in λ* of the unclipped, "
+                             "v̂-frozen adam_step model, not an oracle; the λ* of the real, clipped step is 'real'")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> RLConfig:

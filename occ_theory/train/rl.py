@@ -54,9 +54,9 @@ from ..rl.coef import (
     SharedUpdate,
     fisher_from_optimizer,
     logprob_proxies,
-    oracle_lambda,
     proxy_record,
     shared_update,
+    step_lambda,
 )
 from ..rl.objectives import entropy_from_logits, mtp_objective
 from ..rl.sampler import NonFiniteLogitsError, generate
@@ -67,6 +67,14 @@ from .evaluate import decode_response, prompt_ids, tasks_for
 from .guard import StepGuard, StopSignals, params_finite
 from .logging import MetricsWriter, Progress
 from .run import RunContext, check_user_data, evaluate_run, problem_stream, training_tasks
+
+
+def _total_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The 2-norm of the gradients of ``params`` (as ``clip_grad_norm_`` computes it; 0 without any)."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).double() for g in grads]))
 
 
 class RLTrainer:
@@ -105,12 +113,15 @@ class RLTrainer:
                                                           else 1.0)
         shared = set(self.model.shared_param_names())
         self.shared = {k: p for k, p in self.model.named_parameters() if k in shared}
+        self.mtp_trainable = [p for k, p in self.model.named_parameters() if k not in shared and p.requires_grad]
         self.ref_model = None
         if rc.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.rule = CoefficientRule(rc.regime, rc.mtp_coef, rc.proxy, rc.coef_ema, rc.coef_clip)
+        self.rule = CoefficientRule(rc.regime, rc.mtp_coef, rc.proxy, rc.coef_ema, rc.coef_clip, rc.coef_max,
+                                    rc.coef_every)
         self.diagnostics = StepDiagnostics(self.model, self.shared, self.optimizer, cfg.diag, total_steps=rc.steps,
-                                           seed=cfg.seed, grad_clip=rc.grad_clip, bundle_dir=ctx.run_dir / "probes",
+                                           seed=cfg.seed, grad_clip=rc.grad_clip, clip_scope=rc.clip_scope,
+                                           bundle_dir=ctx.run_dir / "probes",
                                            enabled=rc.regime != "off", dist=self.dist, heldout=self.heldout_batch)
         # a pretrained model's tokenizer gets the tasks in natural language (its chat template, "Answer: N")
         self.tasks = {t.name: t for t in tasks_for(self.tokenizer, training_tasks(cfg), cfg.task.parse)}
@@ -185,11 +196,18 @@ class RLTrainer:
         raw, stats = logprob_proxies(obj.logp.detach().float(), mb.old_logp, [q.detach().float() for q in obj.mtp_logp],
                                      mb.response_mask, mb.prompt_len, mb.attention_mask,
                                      dist.sum_terms if dist.active else None)
+        rc = self.rc
+
+        def step_rule(rule: str) -> float:
+            return step_lambda(rule, self.model, mb, self.spec, self.shared, self.optimizer, u,
+                               self.diagnostics.recorder.mtp_grad_sq, grad_clip=rc.grad_clip, clip_scope=rc.clip_scope,
+                               norms=norms, method=self.cfg.diag.hvp_method, reduce=dist.sum if dist.active else None)
+
         inputs = CoefInputs(
-            raw, fisher=lambda: fisher_from_optimizer(self.model, mb, self.rc.temperature, self.shared, self.optimizer,
+            raw, fisher=lambda: fisher_from_optimizer(self.model, mb, rc.temperature, self.shared, self.optimizer,
                                                       u, dist.sum),
-            oracle=lambda: oracle_lambda(self.model, mb, self.spec, self.shared, self.optimizer, u, norms,
-                                         self.cfg.diag.hvp_method, dist.sum if dist.active else None))
+            real=lambda: step_rule("real"), adam_step=lambda: step_rule("adam_step"),
+            first_step=not any(self.optimizer.state.get(p) for p in self.shared.values()))
         coef = self.rule(inputs)
         if coef.rule == "fisher":
             raw["fisher"] = coef.raw
@@ -220,7 +238,7 @@ class RLTrainer:
         norms = Norms.of(mb, self.model.num_mtp, dist.sum) if dist.active else None  # global token counts
         with self.ctx.autocast():
             obj = compute_objectives(self.model, mb, self.spec, norms=norms)
-        u = diag.mtp_grad(obj.mtp) if diag.needs_mtp_grad or self.rule.needs_mtp_grad else None
+        u = diag.mtp_grad(obj.mtp) if diag.needs_mtp_grad or self.rule.needs_mtp_grad_now else None
         coef, rec = self.coefficient(mb, obj, u, norms)
         loss = self.loss(mb, obj, coef.value, norms)
 
@@ -234,7 +252,8 @@ class RLTrainer:
         rec |= realised.record() if realised is not None else {}
         diag_s = time.perf_counter() - td
 
-        norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.rc.grad_clip or float("inf"))
+        norm, clip_rec = self.clip_gradients()
+        rec |= clip_rec
         totals = self.totals(loss, obj)
         finite = bool(torch.isfinite(totals["loss"])) and bool(torch.isfinite(norm))
         self.take_step(finite)
@@ -251,6 +270,27 @@ class RLTrainer:
         for k, p in self.shared.items():
             p.grad = (-realised.d[k]).to(p.dtype)
         return realised
+
+    def clip_gradients(self) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Clip by ``rl.clip_scope`` with ``clip_grad_norm_`` (global: one norm over θ_S and θ_M; shared: θ_S's,
+        θ_M unclipped; separate: each its own) and record, at no extra backward, the norms, whether the clip
+        acted on θ_S, its factor there, and θ_M's share of the global squared norm. Returns the global norm."""
+        rc, shared = self.rc, [p for p in self.shared.values() if p.requires_grad]
+        n_s, n_m = _total_norm(shared), _total_norm(self.mtp_trainable)
+        total = torch.sqrt(n_s**2 + n_m**2)
+        c = rc.grad_clip or float("inf")
+        if rc.clip_scope == "global":
+            torch.nn.utils.clip_grad_norm_(self.trainable, c)
+            factor = min(1.0, c / (float(total) + 1e-6))
+        else:
+            torch.nn.utils.clip_grad_norm_(shared, c)
+            factor = min(1.0, c / (float(n_s) + 1e-6))
+            if rc.clip_scope == "separate" and self.mtp_trainable:
+                torch.nn.utils.clip_grad_norm_(self.mtp_trainable, c)
+        tot_sq = float(total) ** 2
+        return total, {"rl/grad_norm_shared": float(n_s), "rl/grad_norm_mtp": float(n_m),
+                       "rl/grad_norm_mtp_share": float(n_m) ** 2 / tot_sq if tot_sq > 0 else 0.0,
+                       "rl/clip_factor": factor, "rl/clip_active": factor < 1.0}
 
     def take_step(self, finite: bool) -> None:
         """The optimizer step, or a skipped one (counted; too many in a row stop the run)."""
@@ -277,7 +317,7 @@ class RLTrainer:
         rec = {
             "step": self.step, "rollout": self.rollouts, "first_after_rollout": first_after_rollout,
             "minibatch_index": minibatch_index,
-            "lambda/used": coef.value, "lambda/rule": coef.rule,
+            "lambda/used": coef.value, "lambda/rule": coef.rule, "lambda/raw": coef.raw, "lambda/held": coef.held,
             "lambda/convention": self.rc.occ_convention if self.rc.regime == "occ" else "objective",
             "lambda/non_finite_total": self.rule.non_finite, "lambda/undefined_total": self.rule.undefined,
             "rl/loss": float(totals["loss"]), "rl/objective": float(totals["rl"]), "rl/clip_frac": clip_frac,

@@ -17,8 +17,26 @@ import numpy as np
 import pandas as pd
 
 from . import claims_curve, outcome
-from .frames import cosine, geo_key, lambda_star_fit, minibatch_index, numeric, proxy_points, run_geometry
-from .stats import cluster_bootstrap, interval, median_interval, p_two_sided, pearson, spearman, spearman_rho
+from .frames import (
+    control,
+    cosine,
+    geo_key,
+    lambda_star_fit,
+    minibatch_index,
+    numeric,
+    proxy_points,
+    run_geometry,
+)
+from .stats import (
+    cluster_bootstrap,
+    impute_discordant,
+    interval,
+    median_interval,
+    p_two_sided,
+    pearson,
+    spearman,
+    spearman_rho,
+)
 from .verdict import (
     INCONCLUSIVE,
     MIN_POINTS,
@@ -50,15 +68,17 @@ THRESHOLDS: dict[str, str] = {
                f"share rule: supported at share ≥ {SHARE_HIGH} with the interval's lower end ≥ {SHARE_LOW}, not "
                f"supported at share < {SHARE_LOW} with the upper end < {SHARE_HIGH}",
     **claims_curve.THRESHOLDS,
-    "2": "ce probes in the run's geometry: share with finite λ*_fit ≤ 0 or below the λ used, and share where the "
+    "2": "ce probes in the run's geometry: share with a finite real optimum λ_opt ≤ 0 or below the λ used, and share "
+         "where the "
          "penalty ½λ²|β_m| exceeds λ|α_m| at the λ used (β_m < 0), each by the share rule; and median |cos(g,u)| "
          "ce < policy",
     "3": f"policy probes in the run's geometry, last third over first third of the steps: signed median C ratio < "
          f"{DECAY_C_BELOW} with interval below {DECAY_C_NOT} and Q ratio > {DECAY_Q_ABOVE}: supported; C ratio "
          f"interval ≥ {DECAY_C_NOT} or Q ratio interval < {DECAY_Q_ABOVE}: not supported",
     **outcome.THRESHOLDS,
-    "5": f"reference proxy vs λ*_fit within each minibatch index: mean ρ ≥ {PROXY_RHO_SUPPORTED} with run-clustered "
-         f"p < {PROXY_P}: supported; ρ ≤ {PROXY_RHO_NOT}: not supported; at least {MIN_POINTS} points",
+    "5": f"reference proxy vs the real optimum λ_opt within each minibatch index: mean ρ ≥ {PROXY_RHO_SUPPORTED} with "
+         f"run-clustered p < {PROXY_P}, also with every NaN proxy or λ_opt placed where it hurts ρ most: supported; "
+         f"ρ ≤ {PROXY_RHO_NOT}: not supported; at least {MIN_POINTS} points",
     "6": f"interleaved (occ cost): median per-round step time occ/reference over detach ≤ {COST_SUPPORTED} with the "
          f"95% interval's upper end ≤ {COST_NOT_SUPPORTED}: supported; lower end > {COST_NOT_SUPPORTED}: not supported. "
          f"Without it, separate runs: mean of per-run median step times ≤ {COST_SUPPORTED}: supported; > "
@@ -90,11 +110,13 @@ CLAIM_CE = "2. under cross-entropy the correlation is weak and the penalty domin
 
 
 def ce_penalty_dominates(probes: pd.DataFrame) -> Verdict:
-    """Claim 2, over ``ce`` probes in the run's geometry G (rows without G, e.g. step 1, left out and counted):
-    (a) λ*_fit is finite and ≤ 0 or below the λ used (``lambda/used``); a NaN λ*_fit is counted, never
-    support; (b) the penalty dominates at the λ used: β_m < 0 and ½λ²|β_m| > λ|α_m|; (c) median |cos(g, u)|
-    in G's geometry (parameter space where G has none logged) is lower under ce than under policy."""
+    """Claim 2, over ``ce`` probes in the run's geometry G (rows without G left out and counted; first-step probes,
+    a sign step, are controls and left out): (a) the real optimum λ_opt (``lambda_star_fit``) is finite and ≤ 0
+    or below the λ used (``lambda/used``); a NaN is counted, never support; (b) the penalty dominates at the λ
+    used: β_m < 0 and ½λ²|β_m| > λ|α_m|; (c) median |cos(g, u)| in G's geometry (parameter space where G has none
+    logged) is lower under ce than under policy."""
     ce = _regime(probes, "ce")
+    ce = ce[control(ce) == ""]
     g = run_geometry(ce)
     alpha, beta = step_coefficients(ce, g)
     lam = numeric(ce, "lambda/used")
@@ -107,7 +129,7 @@ def ce_penalty_dominates(probes: pd.DataFrame) -> Verdict:
     d, a, b, lam, fit = ce[in_g], alpha[in_g], beta[in_g], lam[in_g], fit[in_g]
     has_fit = np.isfinite(fit)
     nums["nan_fit"] = int((~has_fit).sum())
-    small_v, small = judge_share(((fit <= 0) | (fit < lam))[has_fit], d.loc[has_fit, "run"], "small_fit")
+    small_v, small = judge_share(((fit <= 0) | (fit < lam))[has_fit], d.loc[has_fit, "run"], "small_opt")
     penalty_v, penalty = judge_share((b < 0) & (0.5 * lam.abs() * b.abs() > a.abs()), d["run"], "penalty")
     cos_ce, cos_geom = cosine(d, g)
     pol = _regime(probes, "policy")
@@ -121,9 +143,10 @@ def ce_penalty_dominates(probes: pd.DataFrame) -> Verdict:
         "median_penalty_to_gain": _median((0.5 * lam.abs() * b.abs() / a.abs()).where(b < 0))}
     weak_v = INCONCLUSIVE if not (math.isfinite(med_ce) and math.isfinite(med_pol)) else \
         SUPPORTED if med_ce < med_pol else INCONCLUSIVE
-    detail = (f"{g} geometry: λ*_fit ({fit_src}) ≤ 0 or below the λ used in {small['small_fit_share']:.0%} of "
-              f"{small['small_fit_points']} ce probes with a finite λ*_fit ({nums['nan_fit']} NaN, not counted as "
-              f"support); the penalty exceeds the linear gain at the λ used in {penalty['penalty_share']:.0%}; "
+    detail = (f"the real optimum ({fit_src}) is ≤ 0 or below the λ used in {small['small_opt_share']:.0%} of "
+              f"{small['small_opt_points']} ce probes with a finite one ({nums['nan_fit']} NaN, not counted as "
+              f"support); in the {g} geometry the penalty exceeds the linear gain at the λ used in "
+              f"{penalty['penalty_share']:.0%}; "
               f"median |cos| ({cos_geom}) ce {med_ce:.3g} vs policy {med_pol:.3g}")
     return Verdict("2", CLAIM_CE, combine([small_v, penalty_v, weak_v]), nums, detail)
 
@@ -142,6 +165,7 @@ def policy_corr_decays(probes: pd.DataFrame) -> Verdict:
     third of the probed step range divided by those over the first third, with run-clustered intervals;
     beside them the share of probes with Q < 0 (the penalty) early and late."""
     pol = _regime(probes, "policy")
+    pol = pol[control(pol) == ""]  # the first step (a sign step) is a control
     g = run_geometry(pol, "corr")
     c, q, step = numeric(pol, geo_key(g, "corr")), numeric(pol, geo_key(g, "curv")), numeric(pol, "step")
     ok = np.isfinite(c) & np.isfinite(q) & np.isfinite(step)
@@ -179,12 +203,13 @@ def policy_corr_decays(probes: pd.DataFrame) -> Verdict:
 CLAIM_PROXY = "5. the log-probability proxy tracks λ*"
 
 
-def _within_k_rho(x: np.ndarray, y: np.ndarray, k: np.ndarray) -> float:
-    """Spearman ρ within each minibatch index k, averaged with weights = points (k with < 3 points skipped)."""
+def _within_k_rho(x: np.ndarray, y: np.ndarray, k: np.ndarray, worst: bool = False) -> float:
+    """Spearman ρ within each minibatch index k, averaged with weights = points (k with < 3 points skipped).
+    ``worst``: every NaN point placed where it hurts ρ most within its k (``stats.impute_discordant``)."""
     rhos, ws = [], []
     for kk in np.unique(k[np.isfinite(k)]) if np.isfinite(k).any() else [np.nan]:
         sel = (k == kk) if np.isfinite(kk) else np.ones(len(k), bool)
-        rho = spearman_rho(x[sel], y[sel])
+        rho = spearman_rho(*impute_discordant(x[sel], y[sel])) if worst else spearman_rho(x[sel], y[sel])
         if math.isfinite(rho):
             rhos.append(rho)
             ws.append(sel.sum())
@@ -238,22 +263,32 @@ def _reading(probes: pd.DataFrame) -> dict[str, Any]:
 
 
 def proxy_tracks_lambda_star(probes: pd.DataFrame) -> Verdict:
-    """Claim 5: the ``reference`` proxy against λ*_fit over policy and occ probes, compared within one minibatch
-    index after a rollout (``tracking``); beside it, the same against λ*_m of the run's geometry, the
-    ``least_squares`` and ``fisher`` proxies, and THEORY's reading (``_reading``)."""
+    """Claim 5: the ``reference`` proxy against the real optimum λ_opt (``lambda_star_fit``) over policy and occ
+    probes, compared within one minibatch index after a rollout (``tracking``). A probe where the proxy or λ_opt is
+    NaN is counted and kept: "supported" also needs ρ with every such point placed where it hurts ρ most
+    (``stats.impute_discordant``), so that no pattern of NaNs can make noise look like tracking. Beside it: the
+    same against λ*_m of the run's geometry, the ``least_squares`` and ``fisher`` proxies, the λ every rule arm
+    applied (``lambda/used``) against λ_opt, and THEORY's reading (``_reading``). Controls (detach, the first
+    step) are left out."""
+    probes = probes[control(probes) == ""]
     pts, dropped = proxy_points(probes, "reference")
+    every, _ = proxy_points(probes, "reference", keep_nan=True)
     _, fit_src = lambda_star_fit(probes)
     _, k_src = minibatch_index(probes)
+    nan_points = len(every) - len(pts)
     nums: dict[str, Any] = {"points": len(pts), "fit_source": fit_src, "minibatch_index_source": k_src,
                             "dropped_zero_by_construction": dropped["zero_by_construction"],
-                            "dropped_no_finite_fit": dropped["no_finite_fit"]}
-    why_dropped = (f"{dropped['zero_by_construction']} probe(s) on the first minibatch after a rollout dropped "
-                   f"(the proxy is 0 there by construction), {dropped['no_finite_fit']} without a finite λ*_fit")
-    if len(pts) < MIN_POINTS or (why := too_few_runs(pts["run"], "(proxy, λ*_fit) pairs")):
-        why = why if len(pts) >= MIN_POINTS else f"only {len(pts)} (proxy, λ*_fit) pair(s)"
+                            "nan_points": nan_points, "nan_proxy": dropped["proxy_not_finite"],
+                            "nan_optimum": dropped["no_finite_fit"]}
+    why_dropped = (f"{dropped['zero_by_construction']} probe(s) on the first minibatch after a rollout left out "
+                   f"(the proxy is 0 there by construction); {nan_points} with a NaN proxy or λ_opt, counted")
+    if len(pts) < MIN_POINTS or (why := too_few_runs(pts["run"], "(proxy, λ_opt) pairs")):
+        why = why if len(pts) >= MIN_POINTS else f"only {len(pts)} (proxy, λ_opt) pair(s)"
         return inconclusive("5", CLAIM_PROXY, f"{why}; {why_dropped}", **nums, **_reading(probes))
     t = tracking(pts)
-    nums |= t
+    worst = _within_k_rho(*(every[c].to_numpy(float) for c in ("fit", "proxy", "k")), worst=True) \
+        if nan_points else t["spearman"]
+    nums |= t | {"spearman_worst_case_nan": worst}
     g = run_geometry(probes)
     exact, _ = proxy_points(probes, "reference", truth=numeric(probes, geo_key(g, "lambda_star")))
     if len(exact) >= MIN_POINTS:
@@ -262,17 +297,40 @@ def proxy_tracks_lambda_star(probes: pd.DataFrame) -> Verdict:
         o_pts, _ = proxy_points(probes, other)
         if len(o_pts) >= MIN_POINTS:
             nums |= {f"{other}/{k}": v for k, v in tracking(o_pts).items() if "/" not in k}
-    nums |= _reading(probes)
+    nums |= _rules_against_optimum(probes) | _reading(probes)
     detail = (f"within-minibatch-index Spearman ρ = {t['spearman']:.3g} (run-clustered p = {t['p']:.2g}; interval "
               f"[{t['spearman_lo']:.2g}, {t['spearman_hi']:.2g}]) over {len(pts)} probes of {pts['run'].nunique()} "
               f"runs, against {fit_src}; {why_dropped}")
+    if nan_points:
+        detail += f" (ρ with them placed worst: {worst:.3g})"
     if "fisher/spearman" in nums:
         detail += f". The curvature-aware fisher proxy: ρ = {nums['fisher/spearman']:.3g} (p = {nums['fisher/p']:.2g})"
-    if t["spearman"] >= PROXY_RHO_SUPPORTED and t["p"] < PROXY_P:
+    if "rules/real/spearman" in nums:
+        detail += f"; the real rule's λ: ρ = {nums['rules/real/spearman']:.3g}"
+    if t["spearman"] >= PROXY_RHO_SUPPORTED and t["p"] < PROXY_P and worst >= PROXY_RHO_SUPPORTED:
         return Verdict("5", CLAIM_PROXY, SUPPORTED, nums, detail)
     if t["spearman"] <= PROXY_RHO_NOT:
         return Verdict("5", CLAIM_PROXY, NOT_SUPPORTED, nums, detail)
     return Verdict("5", CLAIM_PROXY, INCONCLUSIVE, nums, detail)
+
+
+def _rules_against_optimum(probes: pd.DataFrame) -> dict[str, Any]:
+    """The λ each calibrated rule's arm applied at its probes (``lambda/used``) against λ_opt, within a minibatch
+    index: ``rules/<arm>/spearman``, sign agreement, median |log ratio|, points."""
+    out: dict[str, Any] = {}
+    if "arm" not in probes:
+        return out
+    for arm in sorted(set(probes["arm"].dropna())):
+        if not (arm.startswith("occ/") or arm.split("/")[0] in ("real", "adam_step")):
+            continue
+        pts, _ = proxy_points(probes[probes["arm"] == arm], "lambda/used", regimes=(arm.split("/")[0],))
+        if arm in ("occ/reference", "occ/least_squares"):  # λ = 0 on the first minibatch by construction
+            pts = pts[pts["k"] != 0]
+        if len(pts) >= MIN_POINTS:
+            t = tracking(pts)
+            out |= {f"rules/{arm}/{k}": t[k] for k in ("spearman", "sign_agreement", "median_abs_log_ratio")}
+            out[f"rules/{arm}/points"] = len(pts)
+    return out
 
 
 CLAIM_COST = "6. OCC costs negligible time"
@@ -365,13 +423,22 @@ def occ_time_cost(metrics: pd.DataFrame, step_cost: dict[str, Any] | None = None
     return Verdict("6", CLAIM_COST, verdict, nums, detail)
 
 
+SEPARATE_ARM = "detach/separate"
+"""The clip's remedy: detach with θ_S and θ_M clipped apart (``rl.clip_scope: separate``)."""
+
+
 def evaluate_claims(metrics: pd.DataFrame, probes: pd.DataFrame, evals: pd.DataFrame,
                     sft_evals: pd.DataFrame | None = None, step_cost: dict[str, Any] | None = None
                     ) -> tuple[list[Verdict], dict[str, Any]]:
-    """Every verdict, in order (1a, 1b, 2, 3, 4, 5, 6, 7), and the learning check behind 4 and 7. ``step_cost``:
-    ``occ cost``'s interleaved step times, the design claim 6 is judged on when given."""
+    """Every verdict, in order (1a, 1b, clip, 2, 3, 4, 5, 6, 7), and the learning check behind 4 and 7.
+    ``step_cost``: ``occ cost``'s interleaved step times, the design claim 6 is judged on when given."""
     sft_evals = sft_evals if sft_evals is not None else evals.iloc[0:0]
     learn = outcome.learning(evals, sft_evals)
+    remedy = None
+    if {SEPARATE_ARM, "detach"} <= set(evals["arm"].dropna()):
+        remedy = outcome.arm_difference(evals, SEPARATE_ARM, "detach", outcome.primary_metric(evals))
     return [claims_curve.local_quadratic(probes), claims_curve.wide_interior_maximum(probes),
-            ce_penalty_dominates(probes), policy_corr_decays(probes), outcome.occ_matches_detach(evals, learn),
-            proxy_tracks_lambda_star(probes), occ_time_cost(metrics, step_cost), outcome.accuracy_vs_lambda(evals, learn)], learn
+            claims_curve.clip_coupling(probes, metrics, remedy), ce_penalty_dominates(probes),
+            policy_corr_decays(probes), outcome.occ_matches_detach(evals, learn, sft_evals),
+            proxy_tracks_lambda_star(probes), occ_time_cost(metrics, step_cost),
+            outcome.accuracy_vs_lambda(evals, learn)], learn

@@ -19,9 +19,11 @@ from matplotlib.lines import Line2D
 from .frames import (
     GEOMETRIES,
     PROXIES,
+    REAL_GEOMETRY,
     REAL_LOCAL,
-    REAL_WIDE,
+    REAL_OPT,
     arm_order,
+    control,
     geo_key,
     lambda_star_fit,
     numeric,
@@ -32,12 +34,12 @@ from .frames import (
     suites_in,
 )
 from .frames import cosine as cosine_of
-from .outcome import BESIDE, LAMBDA_LOSSES, lambda_points, primary_metric
+from .outcome import BESIDE, LAMBDA_LOSSES, lambda_points, primary_metric, run_accuracy
 from .stats import loglog_slope, spearman, spread
 from .style import PROXY_COLORS, PROXY_MARKERS, figure, new_figure, regime_color, save, symlog_if_mixed
 
 __all__ = ["f1_reward", "f2_decomposition", "f3_curves", "f4_proxies", "f5_eval", "f6_module_cosine", "f7_taylor",
-           "f8_geometries", "f9_accuracy_vs_lambda", "held_out_accuracy", "require"]
+           "f8_geometries", "f9_accuracy_vs_lambda", "f10_rules_lambda", "held_out_accuracy", "require"]
 
 BAND = "band: min–max over runs"
 
@@ -152,43 +154,59 @@ def _num(row: pd.Series, key: str) -> float:
     return float(v) if v is not None and np.isfinite(v) else np.nan
 
 
-def _markers(row: pd.Series, exact: float, fit: float, color: str) -> list[tuple[str, float, str, str]]:
-    marks = [("λ used", row.get("lambda/used", np.nan), "0.5", ":"), ("λ*_m", exact, "black", "--"),
-             ("λ*_fit", fit, color, "-")]
-    marks += [(f"proxy {p}", row.get(f"lambda/{p}", np.nan), PROXY_COLORS[p], "-.") for p in PROXIES]
-    return [(n, float(v), c, ls) for n, v, c, ls in marks if v is not None and np.isfinite(float(v))]
-
-
-CURVES = (  # (label, λ list, Δ list, fit prefix, marker): real-step curves where logged, else the model curve
-    ("real step, wide grid", "curve/real_wide_lams", "curve/real_wide_deltas", REAL_WIDE, "s"),
-    ("real step, local grid", "curve/real_local_lams", "curve/real_local_deltas", REAL_LOCAL, "o"),
-    ("model step", "curve/lams", "curve/deltas", "diag/curve/", "o"),
+CURVES = (  # (label, λ list, Δ list, fit prefix or None, clip-marks list, marker): real step where logged, else model
+    ("real step, fine grid", "curve/real_fine_lams", "curve/real_fine_deltas", None, "curve/real_fine_clipped", "s"),
+    ("real step, local grid", "curve/real_local_lams", "curve/real_local_deltas", REAL_LOCAL, "curve/real_local_clipped",
+     "o"),
+    ("model step", "curve/lams", "curve/deltas", "diag/curve/", None, "o"),
 )
 
 
-def _curves_of(row: pd.Series) -> list[tuple[str, np.ndarray, np.ndarray, str, str]]:
-    """The curves a probe row holds: both real-step grids when logged, else the model-step curve."""
-    out = [(label, _as_array(row.get(lc)), _as_array(row.get(dc)), prefix, m) for label, lc, dc, prefix, m in CURVES]
-    out = [(label, lams, deltas, prefix, m) for label, lams, deltas, prefix, m in out
-           if lams is not None and deltas is not None and lams.size == deltas.size]
-    real = [c for c in out if c[3] != "diag/curve/"]
+def _curves_of(row: pd.Series) -> list[tuple[str, np.ndarray, np.ndarray, str | None, np.ndarray, str]]:
+    """The curves a probe row holds, each with its clip-active marks: the real-step grids when logged, else the
+    model-step curve."""
+    out = []
+    for label, lc, dc, prefix, cc, m in CURVES:
+        lams, deltas = _as_array(row.get(lc)), _as_array(row.get(dc))
+        if lams is None or deltas is None or lams.size != deltas.size:
+            continue
+        clip = _as_array(row.get(cc)) if cc else None
+        out.append((label, lams, deltas, prefix, clip.astype(bool) if clip is not None and clip.size == lams.size
+                    else np.zeros(lams.size, bool), m))
+    real = [c for c in out if c[0].startswith("real")]
     return real or out
+
+
+def _markers(row: pd.Series, real: bool, color: str) -> list[tuple[str, float, str, str]]:
+    """The λ values marked on a panel, each with its own source: on the real-step curves the real optimum,
+    adam_real's clamped λ* and adam_step's λ*_m; on the model-step curve its own geometry's λ*_m and the vertex of
+    its fit; the λ used and each proxy on both."""
+    marks = [("λ used", _num(row, "lambda/used"), "0.5", ":")]
+    if real:
+        marks += [("λ_opt (real optimum)", _num(row, REAL_OPT + "lambda"), color, "-"),
+                  ("λ*_real (adam_real, clamped)", _num(row, "diag/adam_real/lambda_star_clamped"), "black", "--"),
+                  ("λ*_m (adam_step)", _num(row, "diag/adam_step/lambda_star"), GEOMETRY_COLORS["adam_step"], "--")]
+    else:
+        geom = row.get("diag/curve/geometry") if isinstance(row.get("diag/curve/geometry"), str) else "sgd"
+        marks += [(f"λ*_m ({geom}, this curve's model)", _num(row, geo_key(geom, "lambda_star")), "black", "--"),
+                  ("vertex of the fit", _num(row, "diag/curve/lambda_star"), color, "-")]
+    marks += [(f"proxy {p}", _num(row, f"lambda/{p}"), PROXY_COLORS[p], "-.") for p in PROXIES]
+    return [(n, v, c, ls) for n, v, c, ls in marks if np.isfinite(v)]
 
 
 @figure("F3 measured curves", "run", "regime", "step", "curve/*lams", "curve/*deltas")
 def f3_curves(probes: pd.DataFrame, out: Path, pdf: bool = False, regimes: tuple[str, ...] = ("policy", "occ")
               ) -> Path:
-    """Measured Δ(λ) (the real optimizer step on the local and wide grids where logged, else the model step)
-    with each fitted parabola αλ + ½βλ², points outside the clip interval hollow, and markers for λ*_m of the
-    run's geometry, λ*_fit, the λ used and each proxy, at an early, a middle and a late probe of one run per
-    regime. The canvas has as many columns as the most probes shown in a row."""
+    """Measured Δ(λ) at an early, a middle and a late probe of one run per regime: the real optimizer step on the
+    fine grid (symlog λ axis) and on the local grid with the parabola fitted there, drawn over that grid only,
+    where logged; else the model step and its fit. Points where the clip acts are hollow. Each curve is marked
+    with its own model's λ*: on the real step the real optimum, adam_real's clamped λ* and adam_step's λ*_m; on
+    the model step its own geometry's λ*_m and the vertex of its fit; the λ used and each proxy on both."""
     has = probes.apply(lambda r: bool(_curves_of(r)), axis=1) if len(probes) else pd.Series(dtype=bool)
     has &= probes["regime"].isin(regimes)
     if "diag/curve/flat" in probes:
         has &= ~probes["diag/curve/flat"].eq(True)
     d = probes[has]
-    geom = run_geometry(d)
-    d = d.assign(_exact=numeric(d, geo_key(geom, "lambda_star")), _fit=lambda_star_fit(d)[0])
     shown = regimes_in(d)
     if not shown:
         raise ValueError(f"F3 measured curves: no probe with a measured, non-flat curve in regimes {list(regimes)}")
@@ -198,7 +216,7 @@ def f3_curves(probes: pd.DataFrame, out: Path, pdf: bool = False, regimes: tuple
         run = r[r["run"] == r["run"].iloc[0]]
         picks[regime] = (run, sorted({0, len(run) // 2, len(run) - 1}))
     ncol = max(len(p) for _, p in picks.values())
-    fig = new_figure(4.4 * ncol, 3.6 * len(shown))
+    fig = new_figure(4.6 * ncol, 3.8 * len(shown))
     axes = fig.subplots(len(shown), ncol, squeeze=False)
     for row_axes, regime in zip(axes, shown):
         run, idx = picks[regime]
@@ -206,40 +224,44 @@ def f3_curves(probes: pd.DataFrame, out: Path, pdf: bool = False, regimes: tuple
         for ax in row_axes[len(idx):]:
             ax.set_axis_off()
         for ax, i, when in zip(row_axes, idx, names):
-            _curve_panel(ax, run.iloc[i], regime, when, geom)
-    fig.suptitle("Measured Δ(λ) and the fitted parabolas", fontsize=10)
+            _curve_panel(ax, run.iloc[i], regime, when)
+    fig.suptitle("Measured Δ(λ): the real step's curve and its optimum, and the local parabolas", fontsize=10)
     return save(fig, out, pdf)
 
 
-def _curve_panel(ax, row: pd.Series, regime: str, when: str, geom: str) -> None:
+def _curve_panel(ax, row: pd.Series, regime: str, when: str) -> None:
     color = regime_color(regime)
     curves = _curves_of(row)
-    lo = min(float(lams.min()) for _, lams, _, _, _ in curves)
-    hi = max(float(lams.max()) for _, lams, _, _, _ in curves)
+    lo = min(float(lams.min()) for _, lams, *_ in curves)
+    hi = max(float(lams.max()) for _, lams, *_ in curves)
     pad = 0.05 * (hi - lo or 1.0)
-    grid = np.linspace(lo - pad, hi + pad, 200)
-    for n, (label, lams, deltas, prefix, marker) in enumerate(curves):
+    real = curves[0][0].startswith("real")
+    for n, (label, lams, deltas, prefix, clipped, marker) in enumerate(curves):
         shade = color if n == len(curves) - 1 else "0.45"
-        clipped = _as_array(row.get("curve/real_wide_clipped")) if prefix == REAL_WIDE else None
-        out_clip = clipped.astype(bool) if clipped is not None and clipped.size == lams.size else np.zeros(lams.size, bool)
-        ax.scatter(lams[~out_clip], deltas[~out_clip], color=shade, marker=marker, zorder=3, s=18, label=label)
-        if out_clip.any():
-            ax.scatter(lams[out_clip], deltas[out_clip], facecolors="none", edgecolors=shade, marker=marker, zorder=3,
-                       s=18, label=f"{label}, clip active")
-        a, b = _num(row, prefix + "alpha"), _num(row, prefix + "beta")
-        if np.isfinite(a) and np.isfinite(b):
-            ax.plot(grid, a * grid + 0.5 * b * grid**2, color=shade, lw=1.1, label=f"fit α={a:.3g}, β={b:.3g}")
+        order = np.argsort(lams)
+        ax.plot(lams[order], deltas[order], color=shade, lw=0.6, alpha=0.6)
+        ax.scatter(lams[~clipped], deltas[~clipped], color=shade, marker=marker, zorder=3, s=16, label=label)
+        if clipped.any():
+            ax.scatter(lams[clipped], deltas[clipped], facecolors="none", edgecolors=shade, marker=marker, zorder=3,
+                       s=16, label=f"{label}, clip active")
+        a, b = (_num(row, prefix + "alpha"), _num(row, prefix + "beta")) if prefix else (np.nan, np.nan)
+        if np.isfinite(a) and np.isfinite(b):  # the parabola over the grid it was fitted on, nowhere else
+            grid = np.linspace(float(lams.min()), float(lams.max()), 100)
+            ax.plot(grid, a * grid + 0.5 * b * grid**2, color=shade, lw=1.4, label=f"fit there: α={a:.3g}, β={b:.3g}")
     for v in (_num(row, "diag/lambda_clip_lo"), _num(row, "diag/lambda_clip_hi")):  # the clip interval's ends
         if lo - pad <= v <= hi + pad:
             ax.axvline(v, color="0.3", ls=(0, (1, 3)), lw=0.8)
     handles = []
-    for name, v, c, ls in _markers(row, row["_exact"], row["_fit"], color):
+    for name, v, c, ls in _markers(row, real, color):
         inside = lo - pad <= v <= hi + pad
         if inside:
             ax.axvline(v, color=c, ls=ls, lw=1)
-        label = f"{name} ({geom})" if name == "λ*_m" else name
-        handles.append(Line2D([], [], color=c, ls=ls, label=f"{label} = {v:.3g}" + ("" if inside else " (off axis)")))
+        handles.append(Line2D([], [], color=c, ls=ls, label=f"{name} = {v:.3g}" + ("" if inside else " (off axis)")))
     ax.set_xlim(lo - pad, hi + pad)
+    if real and curves[0][0] == "real step, fine grid":  # log-spaced |λ| over decades: a symlog axis
+        local = [c for c in curves if c[3] == REAL_LOCAL]
+        width = float(np.max(np.abs(local[0][1]))) if local else (hi - lo) / 100
+        ax.set_xscale("symlog", linthresh=max(width / 10, 1e-12))
     ax.axhline(0, color="0.7", lw=0.5)
     ax.set(xlabel="λ", ylabel="Δ(λ) = J(θ⁺(λ)) − J(θ⁺(0))",
            title=f"{regime} (seed {row['seed']}), step {int(row['step'])}, {when}")
@@ -251,14 +273,17 @@ def _curve_panel(ax, row: pd.Series, regime: str, when: str, geom: str) -> None:
 NO_PROXY_REGIMES = ("off", "detach")
 
 
-@figure("F4 proxies vs λ*", "run", "regime", "step", "diag/curve/lambda_star", "lambda/reference")
+@figure("F4 proxies vs λ*", "run", "regime", "step", "lambda/reference")
 def f4_proxies(probes: pd.DataFrame, out: Path, pdf: bool = False) -> Path:
-    """Each proxy, λ*_fit and λ*_exact over training per regime with MTP, and a scatter of each proxy
-    against λ*_fit (policy and occ probes when present) with Spearman ρ in the legend."""
-    d = probes[~probes["regime"].isin(NO_PROXY_REGIMES)]
+    """Each proxy, the ground truth (the real optimum where logged, else the model curve's fit vertex) and λ*_m
+    of the run's geometry over training per regime with MTP, and a scatter of each proxy against the ground truth
+    (policy and occ probes when present) with Spearman ρ in the legend; controls (the first step) left out."""
+    d = probes[~probes["regime"].isin(NO_PROXY_REGIMES) & (control(probes) == "")]
     geom = run_geometry(d)
-    d = d.assign(_exact=numeric(d, geo_key(geom, "lambda_star")), _fit=lambda_star_fit(d)[0])
-    series = [("λ*_fit", "_fit", "black", "-"), (f"λ*_m ({geom})", "_exact", "black", "--")]
+    truth, source = lambda_star_fit(d)
+    label = "λ_opt (real optimum)" if source.startswith(REAL_OPT) else "λ*_fit (model curve)"
+    d = d.assign(_exact=numeric(d, geo_key(geom, "lambda_star")), _fit=truth)
+    series = [(label, "_fit", "black", "-"), (f"λ*_m ({geom})", "_exact", "black", "--")]
     series += [(p, f"lambda/{p}", PROXY_COLORS[p], "-") for p in PROXIES]
     shown = [r for r in regimes_in(d) if any(np.isfinite(numeric(d[d["regime"] == r], c)).any()
                                              for _, c, _, _ in series)]
@@ -272,11 +297,11 @@ def f4_proxies(probes: pd.DataFrame, out: Path, pdf: bool = False) -> Path:
         ax.set(xlabel="optimizer step", ylabel="coefficient" + scale, title=f"{regime}: proxies and λ* over training")
         ax.title.set_color(regime_color(regime))
         ax.legend(fontsize=7, ncol=2)
-    _proxy_scatter(axes["scatter"], d, shown)
+    _proxy_scatter(axes["scatter"], d, shown, label)
     return save(fig, out, pdf)
 
 
-def _proxy_scatter(ax, d: pd.DataFrame, shown: list[str]) -> None:
+def _proxy_scatter(ax, d: pd.DataFrame, shown: list[str], truth: str) -> None:
     regimes = [r for r in ("policy", "occ") if r in shown] or shown
     handles, xs, ys = [], [], []
     for p in PROXIES:
@@ -298,7 +323,7 @@ def _proxy_scatter(ax, d: pd.DataFrame, shown: list[str]) -> None:
         ax.plot(lim, lim, color="0.6", ls=":", lw=1)
         symlog_if_mixed(ax, xs, "x")
         symlog_if_mixed(ax, ys, "y")
-    ax.set(xlabel="λ*_fit (measured curve)", ylabel="proxy coefficient", title=f"proxy vs λ*_fit ({' + '.join(regimes)})")
+    ax.set(xlabel=truth, ylabel="proxy coefficient", title=f"proxy vs {truth.split(' ')[0]} ({' + '.join(regimes)})")
     ax.legend(handles=handles, fontsize=7)
 
 
@@ -424,32 +449,57 @@ def f7_taylor(probes: pd.DataFrame, out: Path, pdf: bool = False) -> Path:
 
 # ------------------------------------------------------------------ F8
 
-GEOMETRY_COLORS = {"sgd": "#7f7f7f", "adam": "#1f77b4", "adam_step": "#d62728", "adam_stationary": "#2ca02c"}
+GEOMETRY_COLORS = {"sgd": "#7f7f7f", "adam": "#1f77b4", "adam_step": "#d62728", "adam_stationary": "#2ca02c",
+                   "adam_real": "#000000"}
+
+
+def _model_key(geometry: str, what: str) -> str:
+    """The column of a geometry's α, β or λ*: ``alpha_model``/``beta_model``/``lambda_star`` of the affine ones,
+    ``alpha``/``beta``/``lambda_star_clamped`` of adam_real."""
+    if geometry == REAL_GEOMETRY:
+        return geo_key(geometry, {"alpha": "alpha", "beta": "beta", "lambda": "lambda_star_clamped"}[what])
+    return geo_key(geometry, {"alpha": "alpha_model", "beta": "beta_model", "lambda": "lambda_star"}[what])
 
 
 @figure("F8 model vs real step", "run", "regime", "step", REAL_LOCAL + "alpha", REAL_LOCAL + "beta")
 def f8_geometries(probes: pd.DataFrame, out: Path, pdf: bool = False) -> Path:
-    """Each geometry's predicted α_m and β_m (``diag/G/alpha_model``, ``beta_model``) against the real step's
-    α and β on the local grid, over training, per regime with an MTP gradient (mean over runs)."""
-    d = probes[np.isfinite(numeric(probes, REAL_LOCAL + "beta"))
+    """Per regime, over training (mean over runs; the first step, a sign step, left out): each geometry's α and β
+    (adam_real's exact Taylor coefficients of the real step among them) against the real step's α and β fitted on
+    the local grid, and each geometry's λ* against the real optimum (symlog). detach is the clip-coupling control:
+    its real curve moves only through the clip factor."""
+    d = probes[np.isfinite(numeric(probes, REAL_LOCAL + "beta")) & (control(probes) != "first_step")
                & ~((numeric(probes, REAL_LOCAL + "alpha") == 0) & (numeric(probes, REAL_LOCAL + "beta") == 0))]
     shown = regimes_in(d)
     if not shown:
         raise ValueError("F8 model vs real step: no probe with a non-flat real-step local curve")
-    fig = new_figure(12, 3.2 * len(shown) + 0.4)
-    axes = fig.subplots(len(shown), 2, squeeze=False)
+    geometries = (*GEOMETRIES, REAL_GEOMETRY)
+    has_opt = np.isfinite(numeric(d, REAL_OPT + "lambda")).any()
+    fig = new_figure(18 if has_opt else 12, 3.2 * len(shown) + 0.4)
+    axes = fig.subplots(len(shown), 3 if has_opt else 2, squeeze=False)
     for row_axes, regime in zip(axes, shown):
         r = d[d["regime"] == regime]
+        name = f"{regime} (control: the clip alone)" if regime == "detach" else regime
         for ax, coef in zip(row_axes, ("alpha", "beta")):
-            lines = [("real step", REAL_LOCAL + coef, "black", "-")]
-            lines += [(g, geo_key(g, f"{coef}_model"), GEOMETRY_COLORS[g], "--") for g in GEOMETRIES]
+            lines = [("real step (local fit)", REAL_LOCAL + coef, "0.5", "-")]
+            lines += [(g, _model_key(g, coef), GEOMETRY_COLORS[g], "-" if g == REAL_GEOMETRY else "--")
+                      for g in geometries]
             scale = " (symlog)" if _mean_series(ax, r, lines) else ""
             ax.axhline(0, color="0.7", lw=0.5)
             sym = "α" if coef == "alpha" else "β"
-            ax.set(xlabel="optimizer step", ylabel=sym + scale, title=f"{regime}: predicted {sym}_m vs the real step's {sym}")
+            ax.set(xlabel="optimizer step", ylabel=sym + scale, title=f"{name}: each model's {sym} vs the real step's")
             ax.title.set_color(regime_color(regime))
             ax.legend(fontsize=7)
-    fig.suptitle(f"Each geometry's second-order model against the real AdamW step (local grid; {_runs(d)})", fontsize=10)
+        if has_opt:
+            ax = row_axes[2]
+            lines = [("real optimum", REAL_OPT + "lambda", "0.5", "-")]
+            lines += [(g, _model_key(g, "lambda"), GEOMETRY_COLORS[g], "-" if g == REAL_GEOMETRY else "--")
+                      for g in geometries]
+            scale = " (symlog)" if _mean_series(ax, r, lines) else ""
+            ax.axhline(0, color="0.7", lw=0.5)
+            ax.set(xlabel="optimizer step", ylabel="λ" + scale, title=f"{name}: each model's λ* vs the real optimum")
+            ax.title.set_color(regime_color(regime))
+            ax.legend(fontsize=7)
+    fig.suptitle(f"Each geometry's second-order model against the real AdamW step ({_runs(d)})", fontsize=10)
     return save(fig, out, pdf)
 
 
@@ -459,24 +509,83 @@ def f8_geometries(probes: pd.DataFrame, out: Path, pdf: bool = False) -> Path:
 @figure("F9 accuracy vs λ", "run", "arm", "regime", "mtp_coef", "suite", "greedy_acc")
 def f9_accuracy_vs_lambda(evals: pd.DataFrame, out: Path, pdf: bool = False) -> Path:
     """Final held-out accuracy (primary metric, mean over suites) against the fixed λ of each MTP loss (ce,
-    policy), the baseline (off or detach) at λ = 0: per-seed points, the mean per λ and a quadratic fit."""
+    policy), the baseline (off or detach) at λ = 0: per-seed points, the mean per λ and a quadratic fit; beside them
+    the coefficient rules (occ, real, cosine, …), each arm's seeds and mean, with the baseline's mean as a line."""
     base = next((a for a in ("off", "detach") if (evals["arm"] == a).any()), None)
     losses = [(loss, lambda_points(evals, loss, base)) for loss in LAMBDA_LOSSES]
     losses = [(loss, pts) for loss, pts in losses if (pts["lam"] > 0).any()]
-    if not losses:
-        raise ValueError("F9 accuracy vs λ: no fixed-λ ce or policy run with an eval.json")
-    fig = new_figure(5.5 * len(losses), 4)
-    axes = fig.subplots(1, len(losses), squeeze=False)[0]
+    acc = run_accuracy(evals, primary_metric(evals))
+    rules = [a for a in arm_order(acc["arm"].dropna()) if a != base and a.split("@")[0] not in LAMBDA_LOSSES
+             and a != "sft"]
+    if not losses and not rules:
+        raise ValueError("F9 accuracy vs λ: no fixed-λ ce or policy run, nor a coefficient rule, with an eval.json")
+    panels = len(losses) + bool(rules)
+    fig = new_figure(5.5 * panels, 4)
+    axes = fig.subplots(1, panels, squeeze=False)[0]
     for ax, (loss, pts) in zip(axes, losses):
         color = regime_color(loss)
         ax.scatter(pts["lam"], pts["acc"], color=color, alpha=0.5, s=16, label="one seed")
         m = pts.groupby("lam")["acc"].mean()
         ax.plot(m.index, m.to_numpy(), color=color, marker="o", lw=1.2, label="mean over seeds")
-        if m.size >= 3:
+        if m.size >= 3 and np.isfinite(pts["acc"]).all():
             c2, c1, c0 = np.polyfit(pts["lam"], pts["acc"], 2)
             grid = np.linspace(0, float(m.index.max()), 100)
             ax.plot(grid, c0 + c1 * grid + c2 * grid**2, color="0.3", ls="--", lw=1, label="quadratic fit")
         ax.set(xlabel="fixed λ (mtp_coef)" + (f"; λ = 0: {base}" if base else ""),
                ylabel=f"final held-out {primary_metric(evals)} (mean over suites)", title=f"{loss}: accuracy vs λ")
         ax.legend(fontsize=7)
+    if rules:
+        ax = axes[-1]
+        colors = _arm_colors(rules)
+        for i, arm in enumerate(rules):
+            v = acc.loc[acc["arm"] == arm, "acc"].to_numpy(float)
+            ax.scatter(np.full(v.size, i), v, color=colors[arm], alpha=0.5, s=16)
+            ax.scatter([i], [np.nanmean(v)], color=colors[arm], marker="D", s=36, zorder=3)
+        if base is not None:
+            ax.axhline(float(acc.loc[acc["arm"] == base, "acc"].mean()), color=regime_color(base), ls="--", lw=1,
+                       label=f"{base} (mean)")
+            ax.legend(fontsize=7)
+        ax.set_xticks(np.arange(len(rules)), rules, rotation=25, fontsize=7)
+        ax.set(ylabel=f"final held-out {primary_metric(evals)} (mean over suites)",
+               title="coefficient rules (seeds, mean ◆)")
+    return save(fig, out, pdf)
+
+
+# ------------------------------------------------------------------ F10
+
+
+@figure("F10 rules' λ vs the real optimum", "run", "arm", "step", "lambda/used")
+def f10_rules_lambda(metrics: pd.DataFrame, out: Path, pdf: bool = False) -> Path:
+    """Per coefficient rule's arm (``lambda/rule`` neither off nor fixed): the λ it applied over training (its
+    effective λ = b/a for the rules that edit θ_S's update; mean over runs, band min–max) against the real optimum
+    at the probes (one point per run and probe), on a symlog axis."""
+    rule = metrics["lambda/rule"] if "lambda/rule" in metrics else pd.Series("fixed", index=metrics.index)
+    d = metrics[~rule.isin(["off", "fixed"]) & rule.notna()]
+    arms = arm_order(d["arm"].dropna())
+    if not arms:
+        raise ValueError("F10 rules' λ vs the real optimum: no run of a coefficient rule (occ, real, cosine, …)")
+    fig = new_figure(12, 2.8 * ((len(arms) + 1) // 2) + 0.4)
+    axes = fig.subplots((len(arms) + 1) // 2, 2, squeeze=False).ravel()
+    for ax in axes[len(arms):]:
+        ax.set_axis_off()
+    for ax, arm in zip(axes, arms):
+        r = d[d["arm"] == arm]
+        col = "lambda/effective" if np.isfinite(numeric(r, "lambda/effective")).any() else "lambda/used"
+        color = regime_color(arm.split("/")[0].split("@")[0])
+        values = []
+        sp = spread(r.assign(_v=numeric(r, col)), "step", "_v")
+        if not sp.empty:
+            _band(ax, sp, "step", color, f"λ applied ({col.split('/')[1]})")
+            values += [*sp["min"], *sp["max"]]
+        opt = r.assign(_o=numeric(r, REAL_OPT + "lambda"))
+        opt = opt[np.isfinite(opt["_o"])]
+        if len(opt):
+            ax.scatter(opt["step"], opt["_o"], color="black", marker="x", s=22, zorder=3, label="real optimum (probes)")
+            values += list(opt["_o"])
+        scale = " (symlog)" if symlog_if_mixed(ax, values) else ""
+        ax.axhline(0, color="0.7", lw=0.5)
+        ax.set(xlabel="optimizer step", ylabel="λ" + scale, title=f"{arm} ({_runs(r)})")
+        ax.title.set_color(color)
+        ax.legend(fontsize=7)
+    fig.suptitle("Each rule's λ over training against the real optimum at the probes", fontsize=10)
     return save(fig, out, pdf)

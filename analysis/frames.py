@@ -28,12 +28,23 @@ and the proxies' base coefficient ``c`` (``Run.base_coef``)."""
 SUITES, REGIME_ORDER, PROXIES = names.SUITES, names.REGIMES, names.PROXY_NAMES
 """The six evaluation suites, the regimes and the proxies, in display order (``occ_theory.names``)."""
 GEOMETRIES = ("sgd", "adam", "adam_step", "adam_stationary")
-"""The probe's geometries (docs/theory.md section 2, "The optimizer's real step"); keys ``diag/<G>/…``."""
+"""The probe's affine geometries θ + s + λa (docs/theory.md section 2, "The optimizer's real step"); keys
+``diag/<G>/…`` with ``alpha_model``, ``beta_model``, ``lambda_star``."""
+REAL_GEOMETRY = "adam_real"
+"""The real, clipped AdamW step's own second-order model (keys ``diag/adam_real/alpha``, ``beta``,
+``lambda_star``, ``lambda_star_clamped``): judged by its clamped λ*."""
+ALL_GEOMETRIES = (*GEOMETRIES, REAL_GEOMETRY)
 RUN_GEOMETRY_ORDER = ("adam_step", "adam", "sgd")
-"""The geometry of the step a run takes, most faithful first: ``adam_step`` (the AdamW step itself), the
+"""The affine geometry of the step a run takes, most faithful first: ``adam_step`` (the AdamW step itself), the
 fixed-P ``adam`` model (probes without ``adam_step``), ``sgd``."""
-REAL_LOCAL, REAL_WIDE = "diag/curve_real_local/", "diag/curve_real_wide/"
-"""Key prefixes of the real-step curve's fits on the local and the wide λ grid (docs/theory.md section 5)."""
+REAL_LOCAL = "diag/curve_real_local/"
+"""Key prefix of the quadratic fitted to the real-step curve on the local λ grid (|λ| ≤ λ_bal): a local descriptor."""
+REAL_OPT, REAL_OPT_NOCLIP = "diag/real_optimum/", "diag/real_optimum_noclip/"
+"""Key prefixes of the real optimum (docs/theory.md section 5): the maximum of the real Δ found on a fine grid,
+with the run's clip and without it (the counterfactual at the same state)."""
+CONTROLS = ("detach", "first_step")
+"""Probes that are controls, not evidence about the model of J (``diag/control``): detach (u = 0 on θ_S: its
+real curve is the clip alone) and AdamW's first step (a sign step)."""
 
 
 def require(df: pd.DataFrame, cols: Iterable[str], figure: str) -> None:
@@ -110,6 +121,12 @@ def sft_eval_frame(runs: Sequence[Run]) -> pd.DataFrame:
     return _eval_df([row for r in runs if r.sft_eval is not None for row in _eval_rows(r, r.sft_eval, arm="sft")])
 
 
+def held_out_frame(evals: pd.DataFrame, sft_evals: pd.DataFrame) -> pd.DataFrame:
+    """``evals`` and, as the arm ``sft``, each SFT checkpoint the runs started from (once per checkpoint)."""
+    sft = sft_evals.drop_duplicates(["init", "suite"]).assign(run=lambda d: d["init"], arm="sft")
+    return pd.concat([evals, sft], ignore_index=True) if len(sft) else evals
+
+
 # ------------------------------------------------------------------ shared selections
 
 
@@ -146,13 +163,26 @@ def run_geometry(df: pd.DataFrame, key: str = "lambda_star") -> str:
 
 
 def lambda_star_fit(df: pd.DataFrame) -> tuple[pd.Series, str]:
-    """λ*_fit per row and the column it came from: the wide real-step fit (``diag/curve_real_wide/lambda_star``,
-    the ground truth of docs/theory.md section 5) when any row has it, else the model curve's
-    (``diag/curve/lambda_star``, probes written before the real-step grids). NaN where the curve is not concave."""
-    for col in (REAL_WIDE + "lambda_star", "diag/curve/lambda_star"):
+    """The ground truth λ per row and the column it came from: the real optimum (``diag/real_optimum/lambda``, the
+    maximum of the real step's Δ, docs/theory.md section 5) when any row has it, else the vertex of the quadratic
+    fitted to the model-step curve (``diag/curve/lambda_star``, probes without ``diag.curve_real_step``; NaN
+    where that curve is not concave), named as such."""
+    for col in (REAL_OPT + "lambda", "diag/curve/lambda_star"):
         if np.isfinite(numeric(df, col)).any():
             return numeric(df, col), col
-    return numeric(df, REAL_WIDE + "lambda_star"), REAL_WIDE + "lambda_star"
+    return numeric(df, REAL_OPT + "lambda"), REAL_OPT + "lambda"
+
+
+def control(df: pd.DataFrame) -> pd.Series:
+    """Each probe's control kind (``CONTROLS``) or ''. From ``diag/control`` where logged; else a detach run's
+    probes, and step-1 probes (no Adam state yet), are the controls."""
+    if "diag/control" in df:
+        logged = df["diag/control"].map(lambda v: v if isinstance(v, str) else None)
+        if logged.notna().any():
+            return logged.fillna("")
+    regime = df["regime"] if "regime" in df else pd.Series("", index=df.index)
+    step = numeric(df, "step")
+    return pd.Series(np.where(regime == "detach", "detach", np.where(step == 1, "first_step", "")), index=df.index)
 
 
 def minibatch_index(df: pd.DataFrame) -> tuple[pd.Series, str]:
@@ -177,9 +207,11 @@ def cosine(df: pd.DataFrame, geometry: str) -> tuple[pd.Series, str]:
 
 
 def proxy_points(df: pd.DataFrame, proxy: str, regimes: Sequence[str] = ("policy", "occ"),
-                 truth: pd.Series | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Rows of ``regimes`` with a finite ``lambda/<proxy>`` and λ*_fit (or ``truth``, aligned with ``df``)
-    (columns ``run``, ``regime``, ``step``, ``k`` (minibatch index), ``proxy``, ``fit``).
+                 truth: pd.Series | None = None, keep_nan: bool = False) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Rows of ``regimes`` with a finite ``lambda/<proxy>`` (a column name with a ``/`` is read as it is, e.g.
+    ``lambda/used``) and ground truth (``lambda_star_fit``, or ``truth`` aligned with ``df``) (columns ``run``,
+    ``regime``, ``step``, ``k`` (minibatch index), ``proxy``, ``fit``); ``keep_nan``: the rows where either is NaN
+    too (they are counted, never silently dropped: ``stats.impute_discordant`` bounds what they could do).
 
     The ``reference`` and ``least_squares`` proxies are 0 by construction on the first minibatch after
     each rollout (l = l_old): those rows are dropped (k = 0 where recorded, else exact zeros).
@@ -187,7 +219,7 @@ def proxy_points(df: pd.DataFrame, proxy: str, regimes: Sequence[str] = ("policy
     sel = df[df["regime"].isin(regimes)] if "regime" in df else df.iloc[0:0]
     k, _ = minibatch_index(sel)
     pts = pd.DataFrame({"run": sel.get("run"), "regime": sel.get("regime"), "step": numeric(sel, "step"), "k": k,
-                        "proxy": numeric(sel, f"lambda/{proxy}"),
+                        "proxy": numeric(sel, proxy if "/" in proxy else f"lambda/{proxy}"),
                         "fit": lambda_star_fit(sel)[0] if truth is None else truth.reindex(sel.index)})
     finite = np.isfinite(pts["proxy"]) & np.isfinite(pts["fit"])
     if proxy not in ("reference", "least_squares"):  # both are ∝ (l − l_old): exactly 0 when l = l_old
@@ -199,7 +231,7 @@ def proxy_points(df: pd.DataFrame, proxy: str, regimes: Sequence[str] = ("policy
     dropped = {"no_finite_fit": int((np.isfinite(pts["proxy"]) & ~np.isfinite(pts["fit"])).sum()),
                "proxy_not_finite": int((~np.isfinite(pts["proxy"])).sum()),
                "zero_by_construction": int((finite & zero).sum())}
-    return pts[finite & ~zero].reset_index(drop=True), dropped
+    return pts[(finite | keep_nan) & ~zero].reset_index(drop=True), dropped
 
 
 def arm_order(arms: Iterable[str]) -> list[str]:

@@ -16,7 +16,7 @@ import json
 import math
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,8 @@ class Run:
     eval: dict[str, Any] | None = None
     sft_eval: dict[str, Any] | None = None
     """``eval.json`` of the checkpoint RL started from (``rl.init``; written by ``occ eval CHECKPOINT``)."""
+    notes: list[str] = field(default_factory=list)
+    """What is partial about the run (a torn last metrics line, no steps logged, no eval.json): listed in the report."""
 
     @property
     def rl(self) -> dict[str, Any]:
@@ -90,7 +92,10 @@ def read_config(path: Path) -> dict[str, Any]:
     try:
         cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise RunFileError(f"{path}: not valid YAML ({type(e).__name__}: {e})") from e
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RunFileError(f"{path}: not valid YAML{at} ({what})") from e
     if not isinstance(cfg, dict):
         raise RunFileError(f"{path}: expected a mapping at the top level, got {type(cfg).__name__}")
     return cfg
@@ -205,9 +210,28 @@ def load_run(path: Path, probes_file: str = PROBES_FILE) -> Run:
     seed = cfg.get("seed", 0)
     if not isinstance(seed, int):
         raise RunFileError(f"{cfg_path}: 'seed' must be an integer, got {seed!r}")
-    return Run(name=path.name, path=path, config=cfg, regime=str(rl["regime"]), seed=seed,
-               metrics=read_metrics(path / METRICS_FILE), probes=read_probes(path / probes_file),
-               eval=read_eval(path / EVAL_FILE), sft_eval=_sft_eval(path, rl.get("init")))
+    run = Run(name=path.name, path=path, config=cfg, regime=str(rl["regime"]), seed=seed,
+              metrics=read_metrics(path / METRICS_FILE), probes=read_probes(path / probes_file),
+              eval=read_eval(path / EVAL_FILE), sft_eval=_sft_eval(path, rl.get("init")))
+    if _torn_tail(path / METRICS_FILE):
+        run.notes.append(f"{METRICS_FILE}: its last line was cut off mid-write and is left out (a killed run)")
+    if run.steps == 0:
+        run.notes.append(f"{METRICS_FILE}: no step logged")
+    if run.eval is None and run.is_rl:
+        run.notes.append(f"no {EVAL_FILE}: unfinished, or evaluated elsewhere")
+    return run
+
+
+def _torn_tail(path: Path) -> bool:
+    """Whether the file's last line is an incomplete JSON record (``read_jsonl`` drops it)."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    if not text or text.endswith("\n"):
+        return False
+    try:
+        json.loads(text.rsplit("\n", 1)[-1])
+    except json.JSONDecodeError:
+        return True
+    return False
 
 
 def arm_name(regime: str, rl: dict[str, Any]) -> str:
@@ -254,17 +278,72 @@ def find_run_dirs(path: Path) -> list[Path]:
     return sorted(p.parent for p in path.rglob(CONFIG_FILE) if p.parent != path)
 
 
+def _headless_run_dirs(path: Path) -> list[Path]:
+    """Directories below ``path`` that hold a ``metrics.jsonl`` but no ``config.yaml``: runs that cannot be read."""
+    path = Path(path)
+    if not path.is_dir() or (path / CONFIG_FILE).is_file():
+        return []
+    return sorted(p.parent for p in path.rglob(METRICS_FILE) if not (p.parent / CONFIG_FILE).is_file())
+
+
 def load_runs(paths: Iterable[Path] | Path, probes_file: str = PROBES_FILE) -> list[Run]:
-    """Runs from run directories and folders of run directories; a folder with none raises."""
+    """Runs from run directories and folders of run directories; a folder with none, or any run that cannot be
+    read, raises (``load_runs_checked`` with ``skip_bad`` reports without them)."""
+    return load_runs_checked(paths, probes_file)[0]
+
+
+def load_runs_checked(paths: Iterable[Path] | Path, probes_file: str = PROBES_FILE, skip_bad: bool = False
+                      ) -> tuple[list[Run], list[tuple[str, str]]]:
+    """``(runs, dropped)``: the readable runs, and ``(path, why)`` for each run left out. Without ``skip_bad`` the
+    first unreadable run raises ``RunFileError`` naming it (and the flag); with it, the run is dropped and named.
+    A directory below a folder with a ``metrics.jsonl`` but no ``config.yaml`` is always named among the dropped."""
     if isinstance(paths, str | Path):
         paths = [paths]
-    runs, seen = [], set()
+    runs, seen, dropped = [], set(), []
     for p in paths:
         dirs = find_run_dirs(Path(p))
+        dropped += [(str(d), f"no {CONFIG_FILE}") for d in _headless_run_dirs(Path(p))]
         if not dirs:
             raise RunFileError(f"{p}: no run directory (a folder holding {CONFIG_FILE}) found")
         for d in dirs:
-            if d.resolve() not in seen:
-                seen.add(d.resolve())
+            if d.resolve() in seen:
+                continue
+            seen.add(d.resolve())
+            try:
                 runs.append(load_run(d, probes_file))
-    return runs
+            except RunFileError as e:
+                if not skip_bad:
+                    raise RunFileError(f"{e} (pass --skip-bad to report on the other runs)") from e
+                dropped.append((str(d), str(e)))
+    return runs, dropped
+
+
+def distinct_runs(runs: list[Run]) -> tuple[list[Run], list[tuple[str, str]]]:
+    """One run per (arm, seed), and one per set of identical training logs within an arm: copies of a run (CPU runs
+    are bit-for-bit deterministic, so runs started without ``--seed`` are copies) are not independent replicates.
+    Returns the runs counted and ``(name, why)`` for each copy left out (the first by name is kept)."""
+    kept, repeats, seen = [], [], {}
+    for run in sorted(runs, key=lambda r: r.name):
+        key = (run.arm, run.seed)
+        trace = _trace(run)
+        twin = seen.get(key) or next((seen[k] for k in seen if k[0] == run.arm and trace is not None
+                                      and _trace(seen[k]) == trace), None)
+        if twin is not None:
+            why = (f"arm {run.arm} seed {run.seed}, as {twin.name}" if key == (twin.arm, twin.seed)
+                   else f"the same training log as {twin.name} (arm {run.arm})")
+            repeats.append((run.name, why))
+            continue
+        seen[key] = run
+        kept.append(run)
+    return kept, repeats
+
+
+def _trace(run: Run) -> int | None:
+    """A fingerprint of the run's training log: every logged value but the timings (``perf/…``, tokens per second),
+    or None when it logged no step. Copies of a run have the same one."""
+    m = run.metrics
+    if not len(m):
+        return None
+    cols = sorted(c for c in m.columns if not str(c).startswith("perf/") and not str(c).endswith("tokens_per_s"))
+    values = m[cols].apply(pd.to_numeric, errors="coerce").to_numpy(float).round(12)
+    return hash((tuple(cols), values.shape, np.nan_to_num(values, nan=np.inf).tobytes()))

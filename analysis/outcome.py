@@ -2,7 +2,8 @@
 
 Sampled accuracy (``mean_at_k``, mean@k) is the primary held-out metric; greedy pass@1 is reported
 beside it (``greedy_acc``); where no run logged ``mean_at_k``, greedy is primary and the numbers say
-so (``metric``). A run's accuracy is the mean over suites of its ``eval.json``.
+so (``metric``). A run's accuracy is the mean over suites of its ``eval.json``; a NaN suite accuracy makes it
+NaN (never a mean over fewer suites), and a claim reading it says so and is inconclusive.
 
 * ``learning``: the baseline arm (``off`` where its runs were evaluated, else ``detach``: both train
   the policy identically) and its held-out gain over the SFT checkpoint each run started from, on the
@@ -10,7 +11,9 @@ so (``metric``). A run's accuracy is the mean over suites of its ``eval.json``.
   above its spread is "no learning": claims about what helps or hurts learning (4 and 7) are then
   ``inconclusive: no learning`` (docs/theory.md section 6). Without the SFT checkpoint's ``eval.json``
   (``occ eval CHECKPOINT``) learning cannot be checked, and those claims are inconclusive.
-* Claim 4, non-inferiority of OCC against detach (``off`` when no detach arm), paired by seed.
+* Claim 4, non-inferiority of OCC (and of every other coefficient rule, reported) against detach (``off`` when
+  no detach arm) on the suites RL trains on, paired by seed, with a margin relative to detach's own gain there
+  and the SFT checkpoint as a negative control that must read not supported.
 * Claim 7, final accuracy against a fixed λ per MTP loss (ce, policy), the baseline standing at λ = 0.
 """
 
@@ -36,22 +39,29 @@ from .verdict import (
 )
 
 PRIMARY, BESIDE = "mean_at_k", "greedy_acc"
-NONINFERIORITY_MARGIN = 0.02
-"""Claim 4: OCC may be worse than detach by at most 0.02 absolute accuracy (one-sided 95% t bound)."""
+MARGIN_SHARE = 0.2
+"""Claim 4: an arm may be worse than detach on the RL suites by at most this share of detach's own gain there over
+the SFT checkpoint (one-sided 95% t bound): a margin stated relative to what RL moves the metric."""
 BASELINE_ARMS = ("off", "detach")
+CONTROL_ARM = "sft"
+"""The negative control of claim 4: the SFT checkpoint itself, entered as an arm; the design must call it worse."""
 LAMBDA_LOSSES = ("ce", "policy")
 MIN_LAMBDAS = 2
 """Claim 7: at least this many fixed λ > 0 per loss, each with ``MIN_RUNS`` seeds."""
-CLAIM_OCC = "4. OCC matches or beats detach on the held-out suites"
+CLAIM_OCC = "4. OCC matches or beats detach on the held-out suites RL trains on"
 CLAIM_LAMBDA = "7. final accuracy is concave in a fixed λ, with an interior maximum"
 
 THRESHOLDS = {
-    "4": f"non-inferiority: one-sided 95% t lower bound (n_seeds − 1 df, paired by seed) of occ − detach in sampled "
-         f"accuracy > −{NONINFERIORITY_MARGIN}: supported; upper bound < −{NONINFERIORITY_MARGIN}: not supported; "
-         f"at least {MIN_RUNS} paired seeds; inconclusive: no learning when the baseline did not learn",
+    "4": f"non-inferiority on the RL suites: one-sided 95% t lower bound (n_seeds − 1 df, paired by seed) of "
+         f"arm − detach in sampled accuracy > −margin, margin = {MARGIN_SHARE:g} × detach's gain there over the SFT "
+         f"checkpoint: supported; upper bound < −margin: not supported; at least {MIN_RUNS} paired seeds; the SFT "
+         "checkpoint entered as an arm (the negative control) must read not supported, else the design cannot tell "
+         "and the claim is inconclusive; a NaN suite accuracy makes its arm inconclusive; inconclusive: no learning "
+         "when the baseline did not learn; the six-suite mean and the other suites (forgetting) are reported beside",
     "7": f"per MTP loss, quadratic in λ through the baseline (λ = 0) and ≥ {MIN_LAMBDAS} fixed λ with ≥ {MIN_RUNS} "
          "seeds each: supported if the curvature's 95% seed-bootstrap interval is below 0 and the maximum inside "
-         "the λ range; not supported if the interval is above 0; inconclusive: no learning when the baseline did not learn",
+         "the λ range; not supported if the interval is above 0; a NaN accuracy makes it inconclusive; "
+         "inconclusive: no learning when the baseline did not learn",
 }
 
 
@@ -59,19 +69,38 @@ def primary_metric(evals: pd.DataFrame) -> str:
     return PRIMARY if np.isfinite(numeric(evals, PRIMARY)).any() else BESIDE
 
 
-def run_accuracy(evals: pd.DataFrame, metric: str, trained_only: bool = False,
-                 suites: list[str] | None = None) -> pd.DataFrame:
-    """One row per run: ``run``, ``arm``, ``regime``, ``seed``, ``mtp_coef``, ``acc`` (mean of ``metric`` over its
-    suites: those RL trained on when ``trained_only``, or ``suites``)."""
-    d = evals[np.isfinite(numeric(evals, metric))]
-    if trained_only:
+def _select(evals: pd.DataFrame, trained_only: bool | None, suites: list[str] | None) -> pd.DataFrame:
+    d = evals
+    if trained_only is True:
         d = d[d["trained"].astype(bool)]
+    elif trained_only is False:  # the suites RL did not train on: forgetting
+        d = d[~d["trained"].astype(bool)]
     if suites is not None:
         d = d[d["suite"].isin(suites)]
+    return d
+
+
+def run_accuracy(evals: pd.DataFrame, metric: str, trained_only: bool | None = None,
+                 suites: list[str] | None = None) -> pd.DataFrame:
+    """One row per run: ``run``, ``arm``, ``regime``, ``seed``, ``mtp_coef``, ``acc``: the mean of ``metric`` over its
+    suites (those RL trained on when ``trained_only`` is True, the others when False, or ``suites``). A run with a
+    NaN accuracy on any of those suites gets a NaN ``acc``: it is never averaged over fewer suites
+    (``nan_suites`` names them)."""
+    d = _select(evals, trained_only, suites)
     cols = ["run", "arm", "regime", "seed", "mtp_coef"]
     if d.empty:
         return pd.DataFrame(columns=[*cols, "acc"])
-    return d.groupby(cols, as_index=False, dropna=False)[metric].mean().rename(columns={metric: "acc"})
+    d = d.assign(_v=numeric(d, metric))
+    return (d.groupby(cols, as_index=False, dropna=False)["_v"].agg(lambda v: v.mean(skipna=False))
+            .rename(columns={"_v": "acc"}))
+
+
+def nan_suites(evals: pd.DataFrame, metric: str, trained_only: bool | None = None,
+               suites: list[str] | None = None) -> list[str]:
+    """``run:suite`` for every selected suite accuracy that is NaN."""
+    d = _select(evals, trained_only, suites)
+    bad = d[~np.isfinite(numeric(d, metric))]
+    return [f"{r}:{s}" for r, s in zip(bad["run"], bad["suite"])]
 
 
 def _stat(v: pd.Series) -> dict[str, float]:
@@ -91,7 +120,7 @@ def held_out_table(evals: pd.DataFrame, sft_evals: pd.DataFrame) -> dict[str, An
         d = both[both["arm"] == arm]
         entry = {s: {m: _stat(numeric(d[d["suite"] == s], m)) for m in (PRIMARY, BESIDE)}
                  for s in suites if (d["suite"] == s).any()}
-        entry["mean"] = {m: _stat(d.groupby("run")[m].mean()) for m in (PRIMARY, BESIDE)}
+        entry["mean"] = {m: _stat(d.groupby("run")[m].agg(lambda v: v.mean(skipna=False))) for m in (PRIMARY, BESIDE)}
         table[arm] = entry
     return {"primary": primary_metric(both), "suites": suites, "arms": table}
 
@@ -109,8 +138,11 @@ def learning(evals: pd.DataFrame, sft_evals: pd.DataFrame) -> dict[str, Any]:
     if start.empty:
         return out | {"reason": f"no eval.json in the SFT checkpoint the {base} runs started from (rl.init; "
                                 "write it with occ eval CHECKPOINT)"}
-    gain = runs.set_index("run")["acc"] - start.set_index("run")["acc"]
-    gain = gain.dropna()
+    gain = runs.set_index("run")["acc"] - start.set_index("run")["acc"].reindex(runs["run"]).to_numpy()
+    if nans := nan_suites(evals[evals["arm"] == base], metric, trained_only=True):
+        return out | {"nan": nans, "reason": f"{base} has a NaN {metric} on an RL suite ({', '.join(nans)}): its "
+                                             "gain is not averaged over fewer suites"}
+    gain = gain.dropna()  # runs whose SFT checkpoint has no evaluation
     trained = sorted(set(evals.loc[(evals["arm"] == base) & evals["trained"].astype(bool), "suite"]))
     out |= {"baseline_gain": float(gain.mean()), "baseline_spread": float(gain.std(ddof=1)) if len(gain) > 1 else math.nan,
             "seeds": len(gain), "suites": suites_in(trained),
@@ -132,41 +164,99 @@ def _learning_gate(learn: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def occ_matches_detach(evals: pd.DataFrame, learn: dict[str, Any]) -> Verdict:
-    """Claim 4: per occ arm, ``noninferiority`` of occ − detach in per-seed sampled accuracy (mean over the
-    suites both evaluated), paired by seed, greedy beside it. The verdict is that of ``occ/reference`` (the
-    published proxy) where it ran, else of the first occ arm; the others are reported."""
+def arm_difference(evals: pd.DataFrame, arm: str, ref: str, metric: str, trained_only: bool | None = True,
+                   margin: float = math.nan) -> dict[str, Any]:
+    """``noninferiority`` of ``arm`` − ``ref`` in per-seed accuracy (mean over the suites RL trained on, the other
+    suites when ``trained_only`` is False, every suite when None), paired by seed, with ``nan``: the NaN suite
+    accuracies that make a seed's value NaN (a NaN difference leaves the result NaN rather than fewer seeds)."""
+    sel = evals[evals["arm"].isin([arm, ref])]
+    acc = run_accuracy(sel, metric, trained_only).groupby(["arm", "seed"])["acc"].agg(lambda v: v.mean(skipna=False))
+    a, b = acc.get(arm, pd.Series(dtype=float)), acc.get(ref, pd.Series(dtype=float))
+    seeds = sorted(set(a.index) & set(b.index))
+    diff = (a[seeds] - b[seeds]).to_numpy()
+    nans = nan_suites(sel, metric, trained_only)
+    out = noninferiority(diff if not nans else np.array([math.nan] * len(seeds)), margin)
+    return out | {"nan": len(nans), "nan_suites": nans}
+
+
+def control_difference(evals: pd.DataFrame, sft_evals: pd.DataFrame, ref: str, metric: str,
+                       margin: float) -> dict[str, Any]:
+    """The negative control: the SFT checkpoint each ``ref`` run started from, entered as an arm (its accuracy on
+    the RL suites paired with each ``ref`` seed)."""
+    runs = run_accuracy(evals[evals["arm"] == ref], metric, trained_only=True)
+    start = run_accuracy(sft_evals[sft_evals["run"].isin(runs["run"])], metric, trained_only=True)
+    paired = runs.merge(start[["run", "acc"]], on="run", suffixes=("", "_sft"))
+    return noninferiority((paired["acc_sft"] - paired["acc"]).to_numpy(), margin)
+
+
+def _judge(ni: dict[str, Any], margin: float) -> str:
+    if ni.get("nan") or not math.isfinite(ni["lower"]) or ni["n"] < MIN_RUNS:
+        return INCONCLUSIVE
+    return SUPPORTED if ni["lower"] > -margin else NOT_SUPPORTED if ni["upper"] < -margin else INCONCLUSIVE
+
+
+def tested_arms(evals: pd.DataFrame, ref: str) -> list[str]:
+    """Every arm but the baseline and the fixed-λ ones: the coefficient rules (``occ/…``, ``real``, ``cosine``, …)."""
+    return [a for a in arm_order(evals["arm"].dropna()) if a != ref and a.split("@")[0] not in LAMBDA_LOSSES]
+
+
+def occ_matches_detach(evals: pd.DataFrame, learn: dict[str, Any], sft_evals: pd.DataFrame | None = None
+                       ) -> Verdict:
+    """Claim 4 on the suites RL trains on: per rule arm (``tested_arms``), ``noninferiority`` of arm − detach in
+    per-seed sampled accuracy, paired by seed, with the margin ``MARGIN_SHARE`` × detach's gain there; greedy, the
+    six-suite mean and the other suites (forgetting) beside it. The verdict is that of ``occ/reference`` (the
+    published proxy) where it ran, else of the first occ arm; the others are reported. The SFT checkpoint, entered
+    as an arm (``sft_evals``), is the negative control: unless it reads not supported, the design cannot tell a
+    trained arm from an untrained one and the claim is inconclusive."""
     ref = next((a for a in ("detach", "off") if (evals["arm"] == a).any()), None)
-    occ_arms = arm_order(a for a in evals["arm"].dropna() if str(a).startswith("occ/"))
+    arms = tested_arms(evals, ref) if ref is not None else []
+    occ_arms = [a for a in arms if a.startswith("occ/")]
     if ref is None or not occ_arms:
         return inconclusive("4", CLAIM_OCC, "needs eval.json from occ runs and from detach (or off) runs")
     metric = primary_metric(evals)
     judged = "occ/reference" if "occ/reference" in occ_arms else occ_arms[0]
-    nums: dict[str, Any] = {"comparator": ref, "judged_arm": judged, "metric": metric, "margin": NONINFERIORITY_MARGIN}
-    for arm in occ_arms:
-        sel = evals[evals["arm"].isin([arm, ref])]
-        suites = sorted(set.intersection(*sel.groupby("run")["suite"].apply(set)))
+    gain = learn.get("baseline_gain", math.nan)
+    margin = MARGIN_SHARE * gain if math.isfinite(gain) and gain > 0 else math.nan
+    nums: dict[str, Any] = {"comparator": ref, "judged_arm": judged, "metric": metric, "suites": "RL suites",
+                            "margin": margin, "margin_share_of_gain": MARGIN_SHARE, "baseline_gain": gain}
+    verdicts = {}
+    for arm in arms:
         prefix = "" if arm == judged else f"{arm}/"
-        for m, tag in ((metric, ""), (BESIDE, "greedy_")):
-            acc = run_accuracy(sel, m, suites=suites).groupby(["arm", "seed"])["acc"].mean()
-            a, b = acc.get(arm, pd.Series(dtype=float)), acc.get(ref, pd.Series(dtype=float))
-            seeds = sorted(set(a.index) & set(b.index))
-            ni = noninferiority((a[seeds] - b[seeds]).to_numpy(), NONINFERIORITY_MARGIN)
-            keys = ("n", "diff", "se", "lower", "upper", "mdd") if not tag else ("diff", "lower")
-            nums |= {f"{prefix}{tag}{k}": ni[k] for k in keys}
-        nums[f"{prefix}suites"] = len(suites)
+        ni = arm_difference(evals, arm, ref, metric, True, margin)
+        verdicts[arm] = _judge(ni, margin)
+        nums |= {f"{prefix}{k}": ni[k] for k in ("n", "diff", "se", "lower", "upper", "mdd", "nan")}
+        nums[f"{prefix}verdict"] = verdicts[arm]
+        nums[f"{prefix}greedy_diff"] = arm_difference(evals, arm, ref, BESIDE, True)["diff"]
+        nums[f"{prefix}all_suites_diff"] = arm_difference(evals, arm, ref, metric, None)["diff"]
+        nums[f"{prefix}forgetting_diff"] = arm_difference(evals, arm, ref, metric, False)["diff"]
+        if ni["nan"]:
+            nums[f"{prefix}nan_suites"] = ", ".join(ni["nan_suites"])
+    control = {"n": 0}
+    if sft_evals is not None and len(sft_evals):
+        control = control_difference(evals, sft_evals, ref, metric, margin)
+        nums |= {f"control_sft/{k}": control[k] for k in ("n", "diff", "lower", "upper")}
+        nums["control_sft/verdict"] = _judge(control | {"nan": 0}, margin)
     n, lower, upper = nums["n"], nums["lower"], nums["upper"]
-    detail = (f"{judged} − {ref} = {nums['diff']:+.3g} {metric} (paired by seed, n = {n}); one-sided 95% bounds "
-              f"[{lower:+.3g}, {upper:+.3g}] against the margin −{NONINFERIORITY_MARGIN}; the design detects "
-              f"{nums['mdd']:.2g} with 80% power")
+    detail = (f"{judged} − {ref} = {nums['diff']:+.3g} {metric} on the RL suites (paired by seed, n = {n}); one-sided "
+              f"95% bounds [{lower:+.3g}, {upper:+.3g}] against the margin −{margin:.3g} ({MARGIN_SHARE:.0%} of "
+              f"{ref}'s gain {gain:+.3g}); the design detects {nums['mdd']:.2g} with 80% power")
+    others = [a for a in arms if a != judged]
+    if others:
+        detail += "; " + ", ".join(f"{a} {nums[f'{a}/diff']:+.3g} ({verdicts[a]})" for a in others)
+    if "control_sft/verdict" in nums:
+        detail += f"; the SFT checkpoint as an arm (negative control): {nums['control_sft/diff']:+.3g}, "                   f"{nums['control_sft/verdict']}"
+    if nums.get("nan"):
+        return Verdict("4", CLAIM_OCC, INCONCLUSIVE, nums, f"{judged} has a NaN {metric} ({nums['nan_suites']}): "
+                       f"not averaged over fewer suites; {detail}")
     if n < MIN_RUNS:
         return Verdict("4", CLAIM_OCC, INCONCLUSIVE, nums, f"only {n} seed(s) paired between {judged} and {ref}; at "
                        f"least {MIN_RUNS} are needed")
     if gate := _learning_gate(learn):
         return Verdict("4", CLAIM_OCC, gate[0], nums, f"{gate[1]}; {detail}")
-    verdict = SUPPORTED if lower > -NONINFERIORITY_MARGIN else NOT_SUPPORTED if upper < -NONINFERIORITY_MARGIN \
-        else INCONCLUSIVE
-    return Verdict("4", CLAIM_OCC, verdict, nums, detail)
+    if nums.get("control_sft/verdict", NOT_SUPPORTED) != NOT_SUPPORTED:
+        return Verdict("4", CLAIM_OCC, INCONCLUSIVE, nums, "the design cannot tell the untrained SFT checkpoint from "
+                       f"{ref} (negative control: {nums['control_sft/verdict']}); {detail}")
+    return Verdict("4", CLAIM_OCC, verdicts[judged], nums, detail)
 
 
 def _quadratic(lam: np.ndarray, acc: np.ndarray) -> tuple[float, float]:
@@ -176,13 +266,13 @@ def _quadratic(lam: np.ndarray, acc: np.ndarray) -> tuple[float, float]:
 
 
 def lambda_points(evals: pd.DataFrame, loss: str, baseline: str | None) -> pd.DataFrame:
-    """Per-seed final accuracy (primary metric) of the fixed-λ arms of ``loss`` and of the baseline at λ = 0:
-    columns ``arm``, ``seed``, ``lam``, ``acc``."""
+    """Per-seed final accuracy (primary metric, every suite) of the fixed-λ arms of ``loss`` and of the baseline at
+    λ = 0: columns ``arm``, ``seed``, ``lam``, ``acc`` (NaN where a suite accuracy is)."""
     acc = run_accuracy(evals, primary_metric(evals))
     pts = acc[acc["regime"] == loss].assign(lam=lambda d: pd.to_numeric(d["mtp_coef"], errors="coerce"))
     if baseline is not None:
         pts = pd.concat([acc[acc["arm"] == baseline].assign(lam=0.0), pts], ignore_index=True)
-    return pts[np.isfinite(pts["lam"])][["arm", "seed", "lam", "acc"]]
+    return pts[np.isfinite(pts["lam"].astype(float))][["arm", "seed", "lam", "acc"]].astype({"lam": float, "acc": float})
 
 
 def accuracy_vs_lambda(evals: pd.DataFrame, learn: dict[str, Any], seed: int = 0) -> Verdict:
@@ -194,6 +284,11 @@ def accuracy_vs_lambda(evals: pd.DataFrame, learn: dict[str, Any], seed: int = 0
     parts, notes, judged = [], [], False
     for loss in LAMBDA_LOSSES:
         pts = lambda_points(evals, loss, base)
+        if (bad := int((~np.isfinite(pts["acc"].astype(float))).sum())) and (pts["lam"] > 0).any():
+            parts.append(INCONCLUSIVE)
+            notes.append(f"{loss}: {bad} run(s) with a NaN suite accuracy, not averaged over fewer suites")
+            nums[f"{loss}/nan_runs"] = bad
+            continue
         per_lam = pts.groupby("lam")["acc"].agg(["mean", "count"])
         lams = [x for x in per_lam.index if x > 0]
         enough = [x for x in lams if per_lam.loc[x, "count"] >= MIN_RUNS]

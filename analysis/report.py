@@ -37,13 +37,23 @@ from .frames import (
     REGIME_ORDER,
     arm_order,
     eval_frame,
+    held_out_frame,
     metrics_frame,
     probes_frame,
     regimes_in,
     run_geometry,
     sft_eval_frame,
 )
-from .load import PROBES_FILE, Run, check_step_cost, common_parent, load_runs, read_step_cost, step_cost_path
+from .load import (
+    PROBES_FILE,
+    Run,
+    check_step_cost,
+    common_parent,
+    distinct_runs,
+    load_runs_checked,
+    read_step_cost,
+    step_cost_path,
+)
 from .outcome import held_out_table
 from .readme_table import held_out_markdown, learning_line
 from .verdict import Verdict
@@ -67,23 +77,33 @@ FIGURES: list[tuple[str, Callable, str, Callable[[pd.DataFrame], str]]] = [
         f"C, Q ({run_geometry(d, 'corr')} geometry) and cos(g, u) at each probe per regime ({_regimes(d)}); "
         "under policy, C should decay while Q persists.")),
     ("f3_curves", F.f3_curves, "probes", lambda d: (
-        "Measured Δ(λ) (the real optimizer step on the local and wide grids where logged, else the model step) and "
-        "the fitted parabolas at an early, a middle and a late probe (policy, occ), with λ*_m, λ*_fit, the λ used "
-        "and each proxy marked; hollow points: the gradient clip is active.")),
+        "Measured Δ(λ) at an early, a middle and a late probe (policy, occ): the real optimizer step on a fine grid "
+        "(symlog λ) and on the local grid with the parabola fitted there (drawn over that grid only), where logged, "
+        "else the model step; each curve marked with its own model's λ* (on the real step: the real optimum, "
+        "adam_real's clamped λ*, adam_step's λ*_m), the λ used and each proxy; hollow points: the clip acts.")),
     ("f4_proxies", F.f4_proxies, "probes", lambda d: (
-        "Each proxy beside λ*_fit and λ*_m over training, and each proxy against λ*_fit with its Spearman ρ "
-        "(first-minibatch zeros of the reference proxy dropped).")),
-    ("f5_eval", F.f5_eval, "evals", lambda d: (
-        "Held-out sampled accuracy (mean@k) per arm: mean over runs, whiskers min–max; greedy pass@1 as ticks.")),
+        "Each proxy beside the ground truth (the real optimum where logged) and λ*_m over training, and each proxy "
+        "against the ground truth with its Spearman ρ (first-minibatch zeros of the reference proxy dropped).")),
+    ("f5_eval", F.f5_eval, "held_out", lambda d: (
+        "Held-out sampled accuracy (mean@k) per arm and the SFT checkpoint RL started from (`sft`): mean over runs, "
+        "whiskers min–max; greedy pass@1 as ticks." if (d["arm"] == "sft").any() else
+        "Held-out sampled accuracy (mean@k) per arm: mean over runs, whiskers min–max; greedy pass@1 as ticks "
+        "(the SFT checkpoint has no eval.json: `occ eval CHECKPOINT`).")),
     ("f6_module_cosine", F.f6_module_cosine, "metrics", lambda d: (
         "cos(g, u) per module group (rows) at each diagnosed step (columns), per regime with an MTP gradient.")),
     ("f7_taylor", F.f7_taylor, "probes", lambda d: (
         "Taylor residual of the quadratic model against the step size on log-log axes, with the fitted slope "
         "per regime (expected 3).")),
     ("f8_geometries", F.f8_geometries, "probes", lambda d: (
-        "Each geometry's predicted α_m and β_m against the real AdamW step's α and β (local grid) over training.")),
+        "Each geometry's α and β (adam_real: the real step's exact Taylor coefficients) against the real AdamW "
+        "step's local fit, and each geometry's λ* against the real optimum, over training; detach is the "
+        "clip-coupling control.")),
     ("f9_accuracy_vs_lambda", F.f9_accuracy_vs_lambda, "evals", lambda d: (
-        "Final held-out accuracy against the fixed λ of each MTP loss, the baseline at λ = 0, with a quadratic fit.")),
+        "Final held-out accuracy against the fixed λ of each MTP loss, the baseline at λ = 0, with a quadratic fit; "
+        "the coefficient rules beside them.")),
+    ("f10_rules_lambda", F.f10_rules_lambda, "metrics", lambda d: (
+        "The λ each coefficient rule applied over training (its effective λ for the rules that edit θ_S's update) "
+        "against the real optimum at the probes (symlog).")),
 ]
 REPORT_FILES = {SUMMARY_FILE, SUMMARY_JSON} | {f"{stem}{ext}" for stem, *_ in FIGURES for ext in (".png", ".pdf")}
 """Every file name a report writes: the only files a forced or repeated report removes."""
@@ -145,16 +165,19 @@ def _check_out_dir(out_dir: Path, sources: list[str], force: bool) -> set[str]:
 
 
 def write_report(run_dirs: Iterable[Path] | Path, out_dir: Path | None = None, pdf: bool = False,
-                 probes_file: str = PROBES_FILE, force: bool = False, step_cost: Path | None = None) -> Path:
+                 probes_file: str = PROBES_FILE, force: bool = False, step_cost: Path | None = None,
+                 skip_bad: bool = False) -> Path:
     """Load the runs, draw every figure that has data, write ``summary.md`` and ``summary.json``; return the
     path of ``summary.md``. ``out_dir`` None: ``default_out_dir``. ``probes_file``: the ``occ probe --out`` file
     to read in each run (default ``probes.parquet``; another name must exist in at least one run).
     ``force``: write into a non-empty folder that is not this report's (see the module docstring).
     ``step_cost``: ``occ cost``'s file, claim 6's design (default: ``load.step_cost_path`` of the runs, when
-    there); it must time arms of these runs, from these runs."""
+    there); it must time arms of these runs, from these runs. ``skip_bad``: a run that cannot be read is left out
+    and named in the report instead of stopping it. Copies of a run (the same arm and seed, or the same training
+    log) are counted once (``load.distinct_runs``) and named."""
     cost = read_step_cost(step_cost) if step_cost is not None else None
-    loaded = load_runs(run_dirs, probes_file)
-    runs = [r for r in loaded if r.is_rl]
+    loaded, dropped = load_runs_checked(run_dirs, probes_file, skip_bad)
+    runs, repeats = distinct_runs([r for r in loaded if r.is_rl])
     if not runs:
         raise ValueError(f"no RL run among {[str(r.path) for r in loaded]} (only SFT runs)")
     if probes_file != PROBES_FILE and all(r.probes is None for r in runs):
@@ -171,6 +194,7 @@ def write_report(run_dirs: Iterable[Path] | Path, out_dir: Path | None = None, p
     stale = _check_out_dir(out_dir, sources, force)
     out_dir.mkdir(parents=True, exist_ok=True)
     frames = {"metrics": metrics_frame(runs), "probes": probes_frame(runs), "evals": eval_frame(runs)}
+    frames["held_out"] = held_out_frame(frames["evals"], sft_eval_frame(runs))
     drawn, skipped, written = [], [], set()
     for stem, fn, frame, caption in FIGURES:
         try:
@@ -182,6 +206,9 @@ def write_report(run_dirs: Iterable[Path] | Path, out_dir: Path | None = None, p
         written |= {path.name} | ({path.with_suffix(".pdf").name} if pdf else set())
     summary = build_summary(runs, frames, sft_eval_frame(runs), probes_file, cost)
     summary["step_cost"] = None if step_cost is None else str(step_cost)
+    summary["dropped"] = [{"run": p, "why": why} for p, why in dropped]
+    summary["repeats"] = [{"run": n, "why": why} for n, why in repeats]
+    summary["partial"] = [{"run": r.name, "why": note} for r in runs for note in r.notes]
     text = render_summary(runs, [r for r in loaded if not r.is_rl], summary, drawn, skipped, probes_file)
     atomic_write_text(out_dir / SUMMARY_JSON, json.dumps(json_safe(summary), indent=1, allow_nan=False))
     atomic_write_text(out_dir / SUMMARY_FILE, text)
@@ -200,6 +227,8 @@ def build_summary(runs: list[Run], frames: dict[str, pd.DataFrame], sft_evals: p
     file claim 6 was judged on, or None)."""
     verdicts, learn = evaluate_claims(frames["metrics"], frames["probes"], frames["evals"], sft_evals, step_cost)
     arms = {a: len({r.seed for r in runs if r.arm == a}) for a in arm_order(r.arm for r in runs)}
+    if len(sft_evals):  # the checkpoint RL started from, evaluated: the negative-control arm of claim 4
+        arms["sft"] = int(sft_evals["init"].nunique())
     return {"claims": [{"id": v.id, "claim": v.claim, "verdict": v.verdict, "numbers": v.numbers,
                         "thresholds": THRESHOLDS.get(v.id, ""), "detail": v.detail} for v in verdicts],
             "thresholds": {"general": THRESHOLDS["general"]},
@@ -242,6 +271,10 @@ def render_summary(runs: list[Run], ignored: list[Run], summary: dict[str, Any],
               held_out_markdown(json_safe(summary["held_out"])), "", "## Runs", "", runs_table(runs), ""]
     if ignored:
         parts += [f"Ignored (SFT run directories): {', '.join(r.name for r in ignored)}.", ""]
+    for key, title in (("dropped", "Left out (cannot be read)"), ("repeats", "Counted once (copies of a run)"),
+                       ("partial", "Partial")):
+        if summary.get(key):
+            parts += [f"{title}:", ""] + [f"* {_cell(e['run'])}: {_cell(e['why'])}" for e in summary[key]] + [""]
     parts += ["## Figures", ""]
     for title, name, caption in drawn:
         parts += [f"![{title}]({name})", "", f"*{title}.* {caption}", ""]

@@ -171,3 +171,25 @@ def spread(df: pd.DataFrame, x: str, y: str, by: str = "run") -> pd.DataFrame:
     g = d.groupby(x)["_y"]
     out = pd.DataFrame({"mean": g.mean(), "min": g.min(), "max": g.max(), "sd": g.std(ddof=1), "n": g.count()})
     return out.reset_index().sort_values(x)
+
+
+def impute_discordant(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` with every NaN replaced where it hurts a rank correlation most: a point missing y gets a y below
+    every finite y when its x lies above the median of x (above every y otherwise), in the order that disagrees
+    with x; a point missing x the same way round; a point missing both an x below every x and a y above every y.
+    The worst case of a missing point's rank, so that a pattern of NaNs cannot make a correlation look stronger."""
+    x, y = np.asarray(x, float).copy(), np.asarray(y, float).copy()
+    fx, fy = np.isfinite(x), np.isfinite(y)
+    if not (fx & fy).any():
+        return x, y
+    for a, b, fa, fb in ((x, y, fx, fy), (y, x, fy, fx)):  # fill b where only a is known
+        lo, hi, mid = np.min(b[fb]), np.max(b[fb]), np.median(a[fa])
+        only = np.flatnonzero(fa & ~fb)
+        order = only[np.argsort(a[only], kind="stable")]  # ascending a
+        for rank, i in enumerate(order):
+            b[i] = lo - 1 - rank if a[i] > mid else hi + 1 + (len(order) - rank)
+    neither = np.flatnonzero(~fx & ~fy)
+    for j, i in enumerate(neither):
+        x[i] = np.min(x[np.isfinite(x)]) - 1 - j
+        y[i] = np.max(y[np.isfinite(y)]) + 1 + j
+    return x, y

@@ -100,14 +100,22 @@ MODEL_ERRORS = {"sgd": (5.0, 0.5), "adam": (2.0, 0.2), "adam_step": (1.0, 0.05),
 
 def real_step_record(alpha: float, beta: float, lam_star: float, step: int, rng: np.random.Generator
                      ) -> dict[str, Any]:
-    """The keys the real-step probe logs: each geometry's model against a real curve Δ = αλ + ½βλ² on a local
-    and a wide grid (interior maximum when β < 0); Adam geometries NaN at step 1 (no optimizer state)."""
+    """The keys the real-step probe logs: each geometry's model and adam_real's against a real curve
+    Δ = αλ + ½βλ² (the local grid and its fit, the fine grid and the real optimum at λ* with and without the clip);
+    Adam geometries NaN at step 1 (no optimizer state), which is a control (a sign step), as detach's probes are."""
     flat = alpha == 0 and beta == 0
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"diag/control": "detach" if flat else "first_step" if step == 1 else "",
+                           "diag/adam_t": step}
+    opt = lam_star if math.isfinite(lam_star) else 0.0
+
+    def real(lam: float) -> float:
+        return alpha * lam + 0.5 * beta * lam * lam
+
     for g, (a_off, b_noise) in MODEL_ERRORS.items():
         if g != "sgd" and step == 1:
             out |= {f"diag/{g}/{k}": NAN for k in ("alpha_model", "beta_model", "lambda_star", "lambda_bal",
-                                                   "alpha_rel_err", "beta_rel_err", "lambda_star_ratio", "corr", "curv")}
+                                                   "alpha_rel_err", "beta_rel_err", "delta_at_lambda_star",
+                                                   "optimum_ratio", "corr", "curv")}
             out[f"diag/{g}/concave"] = None
             continue
         am, bm = alpha * a_off, beta * (1 + b_noise * rng.standard_normal())
@@ -116,23 +124,30 @@ def real_step_record(alpha: float, beta: float, lam_star: float, step: int, rng:
                 f"diag/{g}/lambda_bal": 1.0, f"diag/{g}/concave": bool(bm < 0),
                 f"diag/{g}/alpha_rel_err": NAN if flat else abs(a_off - 1),
                 f"diag/{g}/beta_rel_err": NAN if flat else abs(bm / beta - 1),
-                f"diag/{g}/lambda_star_ratio": ls / lam_star if math.isfinite(lam_star) else NAN,
+                f"diag/{g}/delta_at_lambda_star": real(ls) if math.isfinite(ls) else NAN,
+                f"diag/{g}/delta_at_lambda_star_noclip": real(ls) if math.isfinite(ls) else NAN,
+                f"diag/{g}/optimum_ratio": ls / opt if math.isfinite(ls) and opt else NAN,
                 f"diag/{g}/corr": alpha / LR * 1e3, f"diag/{g}/curv": beta / LR**2 * 1e6}
+    real_star = opt * (1 + 0.1 * rng.standard_normal()) if not flat else 0.0
+    out |= {"diag/adam_real/alpha": alpha, "diag/adam_real/beta": beta if not flat else -1e-9,
+            "diag/adam_real/lambda_star": real_star, "diag/adam_real/lambda_star_clamped": real_star,
+            "diag/adam_real/clip_active": bool(step % 3 == 0), "diag/adam_real/clip_factor": 1.0,
+            "diag/adam_real/delta_at_lambda_star": real(real_star), "diag/adam_real_noclip/lambda_star": real_star,
+            "diag/adam_real/delta_at_lambda_star_noclip": real(real_star), "diag/adam_real/alpha_rel_err": 0.01,
+            "diag/adam_real/beta_rel_err": 0.02, "diag/real_beta/clip_share": 0.6, "diag/real_beta/vhat_share": 0.3,
+            "diag/real_beta/rest_share": 0.1}
     scale = abs(lam_star) if math.isfinite(lam_star) else 1.0
-    for grid, span in (("local", 0.5), ("wide", 3.0)):
-        lams = np.linspace(-span, span, 7) * scale
-        deltas = alpha * lams + 0.5 * beta * lams**2
-        inside = bool(math.isfinite(lam_star) and abs(lam_star) <= span * scale)
-        out |= {f"curve/real_{grid}_lams": lams.tolist(), f"curve/real_{grid}_deltas": deltas.tolist(),
-                f"diag/curve_real_{grid}/alpha": alpha, f"diag/curve_real_{grid}/beta": beta,
-                f"diag/curve_real_{grid}/r2": NAN if flat else 0.99, f"diag/curve_real_{grid}/concave": bool(beta < 0),
-                f"diag/curve_real_{grid}/lambda_star": lam_star * (1 + 0.02 * rng.standard_normal()),
-                f"diag/curve_real_{grid}/lambda_star_inside": inside}
-        if grid == "wide":
-            out |= {"curve/real_wide_clipped": (np.abs(lams) > 2 * scale).tolist(),
-                    "diag/curve_real_wide/interior_max": bool(beta < 0 and inside)}
-    return out | {"diag/lambda_clip_lo": -2 * scale, "diag/lambda_clip_hi": 2 * scale,
-                  "diag/curve_real_local/beta_vhat_frozen": 1.1 * beta, "diag/curve_real_local/beta_noclip": beta}
+    local = np.linspace(-0.5, 0.5, 7) * scale
+    fine = np.unique(np.concatenate([-np.logspace(-3, 1, 9), [0.0], np.logspace(-3, 1, 9)]) * scale)
+    out |= {"curve/real_local_lams": local.tolist(), "curve/real_local_deltas": [real(x) for x in local],
+            "diag/curve_real_local/alpha": alpha, "diag/curve_real_local/beta": beta,
+            "diag/curve_real_local/r2": NAN if flat else 0.99, "diag/curve_real_local/concave": bool(beta < 0),
+            "curve/real_fine_lams": fine.tolist(), "curve/real_fine_deltas": [real(x) for x in fine],
+            "curve/real_fine_clipped": (np.abs(fine) > 2 * scale).tolist(),
+            "diag/real_optimum/lambda": opt, "diag/real_optimum/delta": real(opt), "diag/real_optimum/at_edge": False,
+            "diag/real_optimum/delta_at_used": -1e-9 if flat else real(0.1),
+            "diag/real_optimum_noclip/lambda": opt, "diag/real_optimum_noclip/delta": real(opt)}
+    return out | {"diag/lambda_clip_lo": -2 * scale, "diag/lambda_clip_hi": 2 * scale}
 
 
 def synthetic_metrics(regime: str, seed: int, steps: int = 24, diag_every: int = 4, eval_every: int = 8
@@ -145,6 +160,8 @@ def synthetic_metrics(regime: str, seed: int, steps: int = 24, diag_every: int =
         rec: dict[str, Any] = {"step": step, "rollout": (step + 1) // 2, "first_after_rollout": step % 2 == 1,
                                "reward/mean": min(1.0, 0.2 + 0.02 * step + 0.05 * rng.standard_normal()),
                                "reward/std": 0.3, "rl/objective": 0.1, "lambda/used": 0.1,
+                               "lambda/rule": {"occ": "reference", "detach": "fixed"}.get(regime, "fixed"),
+                               "rl/clip_active": step % 3 == 0, "rl/grad_norm_mtp_share": 0.01,
                                "perf/train_s": s["train_s"] * (1 + 0.01 * rng.standard_normal()),
                                "perf/diag_s": 0.02, "perf/step_s": s["train_s"]}  # the recorder: every step
         if step in diagnosed:

@@ -22,8 +22,16 @@ import analysis
 from analysis import claims as C
 from analysis import figures as F
 from analysis import outcome as O
-from analysis.claims_curve import CLAIM_LOCAL, CLAIM_WIDE
-from analysis.frames import GEOMETRIES, SUITES, eval_frame, metrics_frame, probes_frame, sft_eval_frame
+from analysis.claims_curve import CLAIM_CLIP, CLAIM_LOCAL, CLAIM_WIDE
+from analysis.frames import (
+    ALL_GEOMETRIES,
+    SUITES,
+    eval_frame,
+    held_out_frame,
+    metrics_frame,
+    probes_frame,
+    sft_eval_frame,
+)
 from analysis.load import (
     STEP_COST_FILE,
     RunFileError,
@@ -52,8 +60,9 @@ def study(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def frames(study) -> dict[str, pd.DataFrame]:
     runs = load_runs([study])
-    return {"metrics": metrics_frame(runs), "probes": probes_frame(runs), "evals": eval_frame(runs),
-            "sft": sft_eval_frame(runs)}
+    frames = {"metrics": metrics_frame(runs), "probes": probes_frame(runs), "evals": eval_frame(runs),
+              "sft": sft_eval_frame(runs)}
+    return frames | {"held_out": held_out_frame(frames["evals"], frames["sft"])}
 
 
 # ------------------------------------------------------------------ loader
@@ -211,7 +220,7 @@ def test_f3_with_one_curve_uses_one_panel_of_canvas(frames, tmp_path):
 
 def test_f3_draws_the_real_step_curves_when_logged_else_the_model_curve(frames):
     row = frames["probes"][frames["probes"]["regime"] == "policy"].iloc[3]
-    assert [c[0] for c in F._curves_of(row)] == ["real step, wide grid", "real step, local grid"]
+    assert [c[0] for c in F._curves_of(row)] == ["real step, fine grid", "real step, local grid"]
     model_only = row.drop([k for k in row.index if str(k).startswith("curve/real_")])
     assert [c[0] for c in F._curves_of(model_only)] == ["model step"]
 
@@ -241,7 +250,7 @@ def test_claims_on_the_synthetic_study_follow_its_construction(frames):
     verdicts, learn = C.evaluate_claims(frames["metrics"], frames["probes"], frames["evals"], frames["sft"])
     v = {x.id: x.verdict for x in verdicts}
     assert learn["learned"] is True and learn["baseline_arm"] == "detach"
-    assert all(v[i] == SUPPORTED for i in ("1a", "1b", "2", "3", "4", "5", "6")), v
+    assert all(v[i] == SUPPORTED for i in ("1a", "1b", "clip", "2", "3", "4", "5", "6")), v
     assert v["7"].startswith("inconclusive")  # one fixed λ per loss
 
 
@@ -254,7 +263,7 @@ def test_report_on_synthetic_runs_draws_every_figure_and_states_every_claim(stud
     for stem, *_ in FIGURES:
         assert (tmp_path / f"{stem}.png").stat().st_size > 1000 and f"]({stem}.png)" in text
     assert "Skipped figures" not in text
-    assert all(claim in text for claim in (CLAIM_LOCAL, CLAIM_WIDE, C.CLAIM_CE, C.CLAIM_DECAY, O.CLAIM_OCC,
+    assert all(claim in text for claim in (CLAIM_LOCAL, CLAIM_WIDE, CLAIM_CLIP, C.CLAIM_CE, C.CLAIM_DECAY, O.CLAIM_OCC,
                                            C.CLAIM_PROXY, C.CLAIM_COST, O.CLAIM_LAMBDA))
     assert "| synthetic__occ__1 | occ/reference | 1 | 24 |" in text and "| arm | addition |" in text
 
@@ -277,14 +286,14 @@ def test_report_end_to_end_on_a_tiny_real_run(tmp_path, monkeypatch):
 
     inject_random_advantages(monkeypatch)
     ck = make_checkpoint(tmp_path / "ck")
-    for regime in ("policy", "occ", "ce", "detach"):
+    for regime in ("policy", "occ", "ce", "detach", "cosine"):
         recompute_run(run_rl(rl_config(ck, regime, "rl.steps=4", "diag.every=2", "diag.curve_real_step=true"),
                              out_dir=tmp_path / "runs" / regime))
     # occ cost: one step of each arm, interleaved, beside the runs, where occ figures finds it
     write_step_cost([tmp_path / "runs"], tmp_path / "runs" / STEP_COST_FILE, rounds=6)
     cost = read_step_cost(tmp_path / "runs" / STEP_COST_FILE)
     assert next(iter(cost["arms"])) == "detach" and set(cost["arms"]) == {"detach", "ce@0.1", "policy@0.1",
-                                                                           "occ/reference"}
+                                                                           "occ/reference", "cosine"}
     assert cost["minibatch"]["response_tokens"] > 0 and cost["init"] == str(ck)
     summary = write_report([tmp_path / "runs"], tmp_path / "out")
     text = summary.read_text()
@@ -296,14 +305,14 @@ def test_report_end_to_end_on_a_tiny_real_run(tmp_path, monkeypatch):
     named = set(re.findall(r'"((?:diag|lambda|perf|curve|stats|reward)/[A-Za-z0-9_/]+[A-Za-z0-9_])"', src))
     assert named and not sorted(named - have)
     geo = set(re.findall(r'geo_key\(\w+, "(\w+)"\)', src))  # per geometry: written in at least one
-    assert geo and not sorted(k for k in geo if not any(f"diag/{g}/{k}" in have for g in GEOMETRIES))
+    assert geo and not sorted(k for k in geo if not any(f"diag/{g}/{k}" in have for g in ALL_GEOMETRIES))
     claims = {c["id"]: c for c in json.loads((tmp_path / "out" / "summary.json").read_text())["claims"]}
     assert claims["2"]["numbers"]["ce_probes"] > 0
     six = claims["6"]["numbers"]
-    assert six["design"] == "interleaved" and six["rounds"] == 8  # 6 rounded up to a multiple of the 4 arms
+    assert six["design"] == "interleaved" and six["rounds"] == 10  # 6 rounded up to a multiple of the 5 arms
     assert 0 < six["ratio_lo"] <= six["ratio"] <= six["ratio_hi"] and six["median_detach_s"] > 0
     assert claims["6"]["numbers"]["separate_runs_ratio"] is None  # one run per arm: no separate-runs ratio
-    assert text.count("| **") == 8 and "| policy | policy@0.1 | 0 | 4 |" in text
+    assert text.count("| **") == 9 and "| policy | policy@0.1 | 0 | 4 |" in text
     for stem, fn, *_ in FIGURES:  # every figure is drawn or listed as skipped
         assert (tmp_path / "out" / f"{stem}.png").exists() or f"* {fn.TITLE}:" in text
     for stem in ("f1_reward", "f2_decomposition", "f3_curves", "f4_proxies", "f5_eval", "f6_module_cosine"):

@@ -78,10 +78,12 @@ def report(tmp_path_factory) -> Path:
 
 def test_summary_json_holds_every_claim_the_held_out_table_the_arms_and_learning(report):
     s = json.loads((report / SUMMARY_JSON).read_text())
-    assert [c["id"] for c in s["claims"]] == ["1a", "1b", "2", "3", "4", "5", "6", "7"]
+    assert [c["id"] for c in s["claims"]] == ["1a", "1b", "clip", "2", "3", "4", "5", "6", "7"]
     c4 = next(c for c in s["claims"] if c["id"] == "4")
-    assert c4["verdict"] == "supported" and c4["numbers"]["margin"] == 0.02 and "non-inferiority" in c4["thresholds"]
-    assert s["arms"] == {"detach": 3, "occ/reference": 3}
+    assert c4["verdict"] == "supported" and "non-inferiority" in c4["thresholds"]
+    assert c4["numbers"]["margin"] == pytest.approx(0.2 * s["learning"]["baseline_gain"])
+    assert c4["numbers"]["control_sft/verdict"] == "not supported"
+    assert s["arms"] == {"detach": 3, "occ/reference": 3, "sft": 1}
     assert set(s["held_out"]["arms"]) == {"detach", "occ/reference", "sft"}
     cell = s["held_out"]["arms"]["detach"]["mean"]["mean_at_k"]
     assert cell["n"] == 3 and 0 < cell["sd"] < 0.05
@@ -127,3 +129,47 @@ def test_the_committed_readme_holds_the_committed_summary():
     if not summary.is_file():
         pytest.skip("no committed figures/summary.json yet")
     assert generated_block((root / "README.md").read_text()) == render(json.loads(summary.read_text()))
+
+
+def test_copies_of_one_run_count_once_whatever_their_names(tmp_path):
+    """The new user's case: runs are bit-for-bit deterministic on CPU, so three runs of an arm started without
+    --seed are copies. Each arm's copies count once in the verdicts and the arms' seed counts, and are named."""
+    import shutil
+
+    make_study(tmp_path, regimes=("detach", "occ"), seeds=(0,), steps=12)
+    runs = tmp_path / "runs"
+    for src in list(runs.iterdir()):
+        for i in (1, 2):
+            shutil.copytree(src, runs / f"{src.name}_copy{i}")
+    s = json.loads((write_report([runs], tmp_path / "out").parent / SUMMARY_JSON).read_text())
+    assert s["arms"] == {"detach": 1, "occ/reference": 1, "sft": 1} and len(s["runs"]) == 2
+    assert len(s["repeats"]) == 4 and all("as synthetic__" in r["why"] for r in s["repeats"])
+    claims = {c["id"]: c for c in s["claims"]}
+    assert claims["4"]["verdict"].startswith("inconclusive") and claims["5"]["verdict"].startswith("inconclusive")
+    # a copy whose config was edited to claim another seed is still the same training log: counted once
+    cfg = runs / "synthetic__occ__0_copy1" / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("seed: 0", "seed: 7"))
+    s = json.loads((write_report([runs], tmp_path / "out2").parent / SUMMARY_JSON).read_text())
+    assert s["arms"]["occ/reference"] == 1 and any("same training log" in r["why"] for r in s["repeats"])
+
+
+def test_a_broken_run_stops_the_report_in_one_line_unless_skipped_and_is_named(tmp_path):
+    make_study(tmp_path, regimes=("detach", "occ"), seeds=(0, 1), steps=12)
+    runs = tmp_path / "runs"
+    (runs / "synthetic__occ__1" / "config.yaml").write_text("rl: [unclosed\n")
+    (runs / "headless").mkdir()
+    (runs / "headless" / "metrics.jsonl").write_text('{"step": 1}\n')
+    torn = runs / "synthetic__detach__1" / "metrics.jsonl"
+    torn.write_text(torn.read_text() + '{"step": 13, "rew')
+    with pytest.raises(ValueError) as err:
+        write_report([runs], tmp_path / "out")
+    msg = str(err.value)
+    assert "\n" not in msg and "synthetic__occ__1/config.yaml" in msg and "not valid YAML at line" in msg
+    assert "--skip-bad" in msg
+    assert not (tmp_path / "out").exists()
+    s = json.loads((write_report([runs], tmp_path / "out", skip_bad=True).parent / SUMMARY_JSON).read_text())
+    dropped = {Path(d["run"]).name: d["why"] for d in s["dropped"]}
+    assert set(dropped) == {"synthetic__occ__1", "headless"} and dropped["headless"] == "no config.yaml"
+    assert any(p["run"] == "synthetic__detach__1" and "cut off" in p["why"] for p in s["partial"])
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "Left out (cannot be read)" in text and "headless" in text and "Partial" in text

@@ -263,3 +263,20 @@ def test_the_probes_replay_of_the_optimizer_is_the_real_step(scope):
     for lam in (-5.0, 0.0, 0.4, 3.0):
         replay = real_step_params(params, grad_g, grad_u, lam, snap, lam * lam * m_sq)
         torch.testing.assert_close(flatten(rs.at(lam)), flatten(replay), rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("steps", [0, 3])
+@pytest.mark.parametrize("clip_at", [0.0, 0.5, 3.0])  # none, active at λ = 0, inactive (× ‖g‖)
+def test_the_step_derivatives_equal_forward_mode_through_the_step(steps, clip_at):
+    """``RealStep.derivatives`` (the chain rule by hand, fast) against torch's nested forward-mode differentiation of
+    ``RealStep.at`` (the brute-force reference), including coordinates with no gradient and no second moment."""
+    params, grad_g, grad_u, u_m = _problem(17)
+    state, _ = _state_after(params, steps, 18, u_m)
+    grad_g["b"][0] = grad_u["b"][0] = 0.0  # a coordinate the loss never reaches
+    gg = float(sum((t**2).sum() for t in grad_g.values()))
+    rs = RealStep(params, grad_g, grad_u, *_buffers(state), LR, BETAS, EPS, WD, clip_at * math.sqrt(gg),
+                  float((u_m**2).sum()))
+    zero, one = torch.zeros((), dtype=DT), torch.ones((), dtype=DT)
+    (theta0, d1), (_, d2) = torch.func.jvp(lambda lam: torch.func.jvp(rs.at, (lam,), (one,)), (zero,), (one,))
+    for mine, ref in zip(rs.derivatives(), (theta0, d1, d2)):
+        torch.testing.assert_close(flatten(mine), flatten(ref), rtol=1e-10, atol=1e-14)

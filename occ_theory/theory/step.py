@@ -440,14 +440,42 @@ class RealStep:
                 _safe_sqrt(v) / self.bc2_sqrt + self.eps)
         return out
 
+    def clip_derivatives(self) -> tuple[float, float, float]:
+        """``(f(0), f'(0), f''(0))`` of the clip factor (the derivatives are 0 where the clip does not act)."""
+        f0 = float(self.clip_factor(0.0))
+        if f0 >= 1.0:
+            return f0, 0.0, 0.0
+        uu = self.uu + self.mtp_grad_sq
+        n = math.sqrt(self.gg)  # N(0); q = N² = gg + 2λ·gu + λ²·uu
+        n1 = self.gu / n  # N' = q'/(2N), q'(0) = 2·gu
+        n2 = uu / n - self.gu**2 / n**3  # N'' = q''/(2N) − q'²/(4N³), q'' = 2·uu
+        den = n + CLIP_EPS
+        return f0, -self.grad_clip * n1 / den**2, -self.grad_clip * n2 / den**2 + 2 * self.grad_clip * n1**2 / den**3
+
     def derivatives(self) -> tuple[Params, Params, Params]:
-        """``(θ⁺(0), θ⁺'(0), θ⁺''(0))``, exact, by forward mode over forward mode in λ."""
-        zero, one = torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)
-
-        def first(lam: Tensor) -> tuple[Params, Params]:
-            return torch.func.jvp(self.at, (lam,), (one,))
-
-        (theta0, d1), (_, d2) = torch.func.jvp(first, (zero,), (one,))
+        """``(θ⁺(0), θ⁺'(0), θ⁺''(0))``, exact: the chain rule through each coordinate's step with the clip factor's
+        derivatives (``clip_derivatives``); where v' = 0 the square root's derivatives are 0, as in ``at``."""
+        f, f1, f2 = self.clip_derivatives()
+        b1, b2, c = self.beta1, self.beta2, self.lr / self.bc1
+        theta0, d1, d2 = {}, {}, {}
+        for k, theta in self.params.items():
+            w, u = self.g[k], self.u[k]
+            grad, grad1, grad2 = -f * w, -(f1 * w + f * u), -(f2 * w + 2 * f1 * u)  # G, G', G''
+            m = b1 * self.m[k] + (1 - b1) * grad
+            m1, m2 = (1 - b1) * grad1, (1 - b1) * grad2
+            v = b2 * self.v[k] + (1 - b2) * grad * grad
+            v1, v2 = 2 * (1 - b2) * grad * grad1, 2 * (1 - b2) * (grad1 * grad1 + grad * grad2)
+            r = _safe_sqrt(v)
+            inv = torch.where(r > 0, 1 / torch.where(r > 0, r, torch.ones_like(r)), torch.zeros_like(r))
+            r1 = v1 * inv / 2
+            r2 = v2 * inv / 2 - v1 * v1 * inv**3 / 4
+            den = r / self.bc2_sqrt + self.eps
+            den1, den2 = r1 / self.bc2_sqrt, r2 / self.bc2_sqrt
+            q = m / den  # the normalised step m'/D and its derivatives
+            q1 = m1 / den - m * den1 / den**2
+            q2 = m2 / den - 2 * m1 * den1 / den**2 - m * den2 / den**2 + 2 * m * den1**2 / den**3
+            theta0[k] = theta * (1 - self.lr * self.weight_decay) - c * q
+            d1[k], d2[k] = -c * q1, -c * q2
         return theta0, d1, d2
 
 

@@ -29,7 +29,7 @@ from pydantic import (
 from typing_extensions import Self
 
 __all__ = ["FieldError", "Float", "NonNegativeFloat", "NonNegativeInt", "PositiveFloat", "PositiveInt",
-           "Settings", "apply_override", "describe", "validate"]
+           "Settings", "apply_override", "describe", "validate", "yaml_problem"]
 
 
 def _number_text(value: Any) -> Any:
@@ -122,7 +122,7 @@ def apply_override(tree: dict[str, Any], item: str, root: type, prefix: str = ""
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ValueError(f"config key '{key}': value {text!r} is not valid YAML: {e}") from None
+            raise ValueError(f"config key '{key}': value {text!r} is not valid YAML: {yaml_problem(e)}") from None
     node = tree
     for i, p in enumerate(parts[:-1]):
         node = node.setdefault(p, {})
@@ -130,6 +130,15 @@ def apply_override(tree: dict[str, Any], item: str, root: type, prefix: str = ""
             raise ValueError(f"config key '{key}': '{'.'.join(parts[:i + 1])}' is not a section")
     node[parts[-1]] = value
     return key
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML parser's error as one line: where (line and column, counted from 1) and what (the parser's own
+    message spans several lines and quotes the text)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    what = getattr(err, "problem", None) or getattr(err, "context", None) or str(err).strip().splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(what).split())
 
 
 def _annotation(tp: Any, parts: list[str]) -> Any:

@@ -25,6 +25,11 @@ from typing import Any
 
 FAMILIES = ("qwen2", "llama", "qwen3")
 MTP_INITS = ("fresh", "copy_last")
+DEFAULT_MTP_INIT = "fresh"
+"""The one default of ``mtp_init`` (``ModelConfig``, ``load_pretrained``, ``load_any``, the config's model section)."""
+TINY = dict(family="qwen2", hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2,
+            max_position_embeddings=128, mtp_depths=1)
+"""The one tiny preset (``ModelConfig.tiny()``, the config's default model, ``configs/tiny.yaml``, ``occ quickstart``)."""
 
 # Architecture fields compared against an ``init_from`` checkpoint (and by ``load_model(expect=...)``).
 ARCH_FIELDS = (
@@ -67,9 +72,10 @@ class ModelConfig:
     """Share the token-embedding matrix with the output head (with init_from: the checkpoint's)."""
     mtp_depths: int = 1
     """Number D >= 0 of chained MTP modules; depth k predicts k+1 tokens ahead."""
-    mtp_init: str = "fresh"
-    """How the MTP blocks start: "fresh" (the trunk's random initialisation) or "copy_last" (a copy of the
-    trunk's last decoder block and final norm; the projection W_k is still fresh)."""
+    mtp_init: str = DEFAULT_MTP_INIT
+    """How the MTP blocks start: "fresh" (default: the trunk's random initialisation) or "copy_last" (a copy of
+    the trunk's last decoder block and final norm; the projection W_k is still fresh), which a pretrained trunk's
+    configs set (smollm2)."""
     init_from: str | None = None
     """Local HF checkpoint directory or ``.gguf`` file for the trunk (None: a freshly initialised trunk)."""
     vocab_size: int | None = None
@@ -127,10 +133,9 @@ class ModelConfig:
 
     @classmethod
     def tiny(cls, **overrides: Any) -> ModelConfig:
-        """About 1M parameters with the 100-token character vocabulary: CPU runs in minutes."""
-        base = dict(family="qwen2", hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
-                    num_kv_heads=2, max_position_embeddings=512)
-        return cls(**{**base, **overrides})
+        """The tiny preset ``TINY``: about 1M parameters with the 100-token character vocabulary and 128
+        positions; CPU runs in minutes."""
+        return cls(**{**TINY, **overrides})
 
     @classmethod
     def small(cls, **overrides: Any) -> ModelConfig:

@@ -48,7 +48,7 @@ from transformers import (
 )
 from transformers.masking_utils import create_causal_mask
 
-from .config import ARCH_FIELDS, FAMILIES, ModelConfig, mismatches
+from .config import ARCH_FIELDS, DEFAULT_MTP_INIT, FAMILIES, ModelConfig, mismatches
 
 GRAD_CUTS = ("full", "detach", "detach_encoder")
 _HF_CLASSES = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
@@ -294,7 +294,8 @@ def _hf_config(cfg: ModelConfig, vocab_size: int, special_ids: Mapping[str, int 
     )
 
 
-def config_from_hf(hf: Any, mtp_depths: int, init_from: str | None = None, mtp_init: str = "fresh") -> ModelConfig:
+def config_from_hf(hf: Any, mtp_depths: int, init_from: str | None = None, mtp_init: str = DEFAULT_MTP_INIT
+                   ) -> ModelConfig:
     """The ``ModelConfig`` describing an existing transformers trunk config."""
     family = getattr(hf, "model_type", None)
     check_family(family)

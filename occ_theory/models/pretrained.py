@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig
+from .config import DEFAULT_MTP_INIT, ModelConfig
 from .io import META_FILE, load_model
 from .mtp import OCCModel, build_model
 from .tokenizer import load_tokenizer
@@ -25,15 +25,15 @@ from .tokenizer import load_tokenizer
 def load_pretrained(
     path: str | os.PathLike,
     mtp_depths: int = 1,
-    mtp_init: str = "copy_last",
+    mtp_init: str = DEFAULT_MTP_INIT,
     *,
     seed: int | None = 0,
     device: str | torch.device | None = None,
 ) -> tuple[OCCModel, Any]:
     """``(model, tokenizer)`` from a local HF causal-LM directory or ``.gguf`` file, float32, eval mode.
 
-    ``mtp_init``: "copy_last" (each MTP block starts as a copy of the trunk's last block and final
-    norm) or "fresh"; ``seed`` fixes the fresh parameters without touching the global RNG.
+    ``mtp_init``: "fresh" (default, ``DEFAULT_MTP_INIT``) or "copy_last" (each MTP block starts as a copy of the
+    trunk's last block and final norm); ``seed`` fixes the fresh parameters without touching the global RNG.
     ``ValueError`` for an unsupported or non-causal-LM checkpoint, a missing tokenizer, or a
     tokenizer with more tokens than the model's vocabulary.
     """
@@ -51,7 +51,7 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 def load_any(
     path: str | os.PathLike,
     mtp_depths: int = 1,
-    mtp_init: str = "copy_last",
+    mtp_init: str = DEFAULT_MTP_INIT,
     *,
     seed: int | None = 0,
     device: str | torch.device | None = None,

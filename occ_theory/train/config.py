@@ -6,7 +6,9 @@ keys and invalid values (wrong type, out of range, inf or nan) are rejected befo
 ``ValueError`` that names the full key, e.g. ``config key 'rl.minibatches': ...``.
 
 ``--config`` takes a path or the name of a config shipped with the package (``tiny``, ``tiny_rl``,
-``small``, ``reference``, ``paper_sketch``; see ``config_path``).
+``small``, ``reference``, ``paper_sketch``, ``smollm2``, ...; see ``config_path``); a packaged config holds only
+what differs from the defaults, and ``occ config NAME`` prints it resolved, every key described
+(``train/describe.py``).
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from ..validated import (
     apply_override,
     describe,
     validate,
+    yaml_problem,
 )
 
-__all__ = ["PACKAGED_CONFIGS", "PROXY_NAMES", "REGIMES", "Config", "DiagConfig", "EvalConfig", "RLConfig",
+__all__ = ["PACKAGED_CONFIGS", "PRETRAINED_MODEL_KEYS", "PROXY_NAMES", "REGIMES", "Config", "DiagConfig", "EvalConfig", "RLConfig",
            "SFTConfig", "TaskConfig", "config_path", "dump_config", "load_config"]
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -257,8 +260,14 @@ class Config(Settings):
     threads: NonNegativeInt = 1
     """torch CPU threads (0: torch's default, one per core). 1 by default: on a shared 2-core machine 10 SFT
     steps of the tiny config took 5-45 s with 1 thread, 26-232 s with torch's default, 63-202 s with 2."""
+    pretrained: bool = False
+    """The config is written for a pretrained trunk (its sft settings suit one: smollm2, smollm2_gpu, paper_sketch).
+    `occ sft` then needs the model (--model DIR or model.init_from; `occ models fetch smollm2` gives one), and refuses
+    a pretrained model with a config without it, whose settings are the fresh tiny model's (sft.lr 3e-3 for
+    1500 steps)."""
     model: InstanceOf[ModelConfig] = Field(default_factory=ModelConfig.tiny)
-    """The model; keys given override the tiny model's, unless init_from is given (then it stands alone)."""
+    """The model; keys given override the tiny preset's (ModelConfig.tiny()), unless init_from is given (then it
+    stands alone: the architecture is the checkpoint's)."""
     task: TaskConfig = TaskConfig()
     sft: SFTConfig = SFTConfig()
     rl: RLConfig = RLConfig()
@@ -295,20 +304,37 @@ def config_path(name: str | Path) -> Path:
     raise FileNotFoundError(f"config file not found: {name} (packaged configs, usable by name: {names})")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+PRETRAINED_MODEL_KEYS = ("mtp_depths", "mtp_init")
+"""The model keys that apply to a pretrained model (its architecture is its own)."""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                model: str | Path | None = None) -> Config:
     """Read a YAML config (a path or a packaged name; None: the defaults), apply ``key=value``
-    overrides, validate."""
+    overrides, validate. ``model`` (``occ sft --model``: a pretrained model's path) makes the model section
+    ``{init_from: model}`` with the config's ``mtp_depths`` and ``mtp_init``; an override of another model key
+    is refused, naming it (the architecture is the model's own)."""
     tree: dict = {}
     if path is not None:
         path = config_path(path)
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ValueError(f"config file {path} is not valid YAML: {e}") from e
+            raise ValueError(f"config file {path} is not valid YAML: {yaml_problem(e)}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"config file {path} is not text (UTF-8): {e.reason} at byte {e.start}") from None
         if not isinstance(tree, dict):
             raise ValueError(f"config file {path} must hold a mapping at the top level")
     for item in overrides:
         apply_override(tree, item, Config)
+    if model is not None:
+        keys = [item.split("=", 1)[0].strip() for item in overrides]
+        fixed = [k for k in keys if k.startswith("model.") and k.removeprefix("model.") not in PRETRAINED_MODEL_KEYS]
+        if fixed:
+            raise ValueError(f"--set {fixed[0]}: --model {model} has its own architecture; of the model keys only "
+                             f"{', '.join('model.' + k for k in PRETRAINED_MODEL_KEYS)} apply to it")
+        section = tree.get("model") if isinstance(tree.get("model"), dict) else {}
+        tree["model"] = {k: v for k, v in section.items() if k in PRETRAINED_MODEL_KEYS} | {"init_from": str(model)}
     return validate(Config, tree)
 
 

@@ -72,8 +72,11 @@ def probe_from_bundle(payload: dict[str, Any], model: nn.Module, settings: dict[
     bundle's ``ProbeSettings`` except the fields given in ``settings`` (e.g. another λ grid)."""
     try:
         model.load_state_dict(payload["model"])
-    except RuntimeError as e:
-        raise ValueError(f"probe bundle weights do not fit the run's model: {e}") from e
+    except RuntimeError:
+        from ..models.io import state_mismatch
+
+        raise ValueError("probe bundle weights do not fit the model they load into (RUN/init, or occ probe --model "
+                         f"/ --init): {state_mismatch(model.state_dict(), payload['model'])}") from None
     heldout = RLBatch.from_tensors(payload["heldout"]) if payload.get("heldout") else None
     return run_probe(model, RLBatch.from_tensors(payload["batch"]), ObjectiveSpec(**payload["spec"]),
                      Coefficient.from_dict(payload["coef"]), OptimizerSnapshot.from_dict(payload["optim"]),

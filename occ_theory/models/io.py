@@ -32,7 +32,7 @@ FORMAT = "occ_theory.model"
 VERSION = 1
 META_FILE = "occ_model.json"
 MTP_FILE = "mtp.safetensors"
-__all__ = ["load_model", "load_tokenizer", "read_model_config", "save_model"]
+__all__ = ["load_model", "load_tokenizer", "read_model_config", "save_model", "state_mismatch"]
 
 
 def save_model(model: OCCModel, path: str | os.PathLike, tokenizer: Any = None) -> str:
@@ -54,6 +54,20 @@ def save_model(model: OCCModel, path: str | os.PathLike, tokenizer: Any = None) 
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
     return path
+
+
+def state_mismatch(expected: Mapping[str, Any], given: Mapping[str, Any], shown: int = 2) -> str:
+    """What keeps state dict ``given`` from loading into a model whose state dict is ``expected``, in one line:
+    how many weights are missing, unexpected, or of another shape, with the first ``shown`` of each (PyTorch's own
+    message lists every key, kilobytes for a real model)."""
+    missing = [k for k in expected if k not in given]
+    extra = [k for k in given if k not in expected]
+    shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
+              if k in given and tuple(given[k].shape) != tuple(expected[k].shape)]
+    parts = [f"{len(keys)} {what} (e.g. {', '.join(keys[:shown])})"
+             for what, keys in (("weights missing", missing), ("unexpected weights", extra),
+                                ("weights of another shape, given vs model", shapes)) if keys]
+    return "; ".join(parts) or "the weights match by name and shape"
 
 
 def read_model_config(path: str | os.PathLike) -> ModelConfig:

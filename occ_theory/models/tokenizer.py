@@ -18,6 +18,8 @@ import os
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from .gguf_file import check_gguf
+
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 CHARACTERS = (*(chr(i) for i in range(32, 127)), "\n")
 
@@ -47,6 +49,7 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     """
     path = os.fspath(path)
     if os.path.isfile(path) and path.endswith(".gguf"):
+        check_gguf(path)  # a truncated file would fail here with a reshape error that names nothing
         where, extra = os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
         loader = AutoTokenizer
     else:

@@ -7,18 +7,57 @@ appears gets the permissions of an ordinary ``open`` / ``mkdir`` under the proce
 
 ``check_output_file`` / ``check_output_dir`` tell, before any work, whether an output can be
 written there, so that a bad location fails in a second and not after minutes of compute.
+
+A write that fails (a full disk) is an ``OSError`` naming the file meant, not the temporary one, also where
+torch or safetensors report it as their own error type (``as_write_error``); ``describe_os_error`` says it
+in one line.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+_WRITE_FAILURE = re.compile(r"writ|IoError|No space|StorageFull|Errno|disk quota", re.IGNORECASE)
+_NO_SPACE = re.compile(r"No space|StorageFull|ENOSPC|code: 28|Errno 28", re.IGNORECASE)
+
+
+def as_write_error(err: BaseException, path: Path) -> OSError | None:
+    """``err``, raised while writing ``path``, as an ``OSError`` naming ``path``; None when it is not a failed write.
+    torch (``PytorchStreamWriter failed writing file``) and safetensors (``SafetensorError: IoError(...)``) report
+    a full disk as their own error types."""
+    if isinstance(err, OSError):
+        return OSError(err.errno, err.strerror or str(err), str(path))
+    text = str(err)
+    if (isinstance(err, RuntimeError) and "inline_container" in text) or (
+            (isinstance(err, RuntimeError) or type(err).__name__ == "SafetensorError") and _WRITE_FAILURE.search(text)):
+        if _NO_SPACE.search(text) or _disk_full(path):
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return OSError(errno.EIO, f"the write failed ({' '.join(text.split())[:200]})", str(path))
+    return None
+
+
+def _disk_full(path: Path, below: int = 64 * 2**20) -> bool:
+    """Whether the file system ``path`` is on has less than ``below`` bytes free (torch names no reason)."""
+    try:
+        return shutil.disk_usage(_nearest_existing(path)).free < below
+    except OSError:
+        return False
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line: ``cannot write PATH: No space left on device`` (the file and the system's reason)."""
+    if err.filename is not None and err.strerror:
+        return f"cannot write {err.filename}: {err.strerror}"
+    return " ".join(str(err).split())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -82,8 +121,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):  # named after the file meant, not the temporary one
+            raise as_write_error(err, path) from err
         raise
     _fsync_dir(path.parent)
 
@@ -125,6 +166,9 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         _fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        failed = as_write_error(err, path)
+        if failed is not None:
+            raise failed from err
         raise

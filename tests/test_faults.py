@@ -16,7 +16,7 @@ from rl_fixtures import inject_random_advantages, make_checkpoint, rl_config, wi
 import occ_theory.rl.batch as batch_mod
 from analysis.load import read_jsonl
 from occ_theory.cli import main
-from occ_theory.errors import RunStopped
+from occ_theory.errors import Interrupted, RunStopped
 from occ_theory.models import load_model
 from occ_theory.train import rl as rl_mod
 from occ_theory.train.rl import RLTrainer, latest_checkpoint, run_rl
@@ -102,9 +102,26 @@ def test_sigkill_mid_run_then_resume_loses_no_completed_record(ckpt, tmp_path):
     assert not list((run / "checkpoints").glob("*.tmp"))  # the resumed run cleared the killed writer's leftovers
 
 
+def _stopped_at_3(ckpt, run, monkeypatch, *extra):
+    """A run SIGTERM stops after step 3 of 4 (a finished run deletes its checkpoints: this one keeps its last)."""
+    original = RLTrainer.train_step
+
+    def step(self, mb, first_after_rollout, **kw):
+        rec = original(self, mb, first_after_rollout, **kw)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return rec
+
+    monkeypatch.setattr(RLTrainer, "train_step", step)
+    with pytest.raises(Interrupted):
+        run_rl(rl_config(ckpt, "policy", *extra), out_dir=run)
+    monkeypatch.setattr(RLTrainer, "train_step", original)
+    return run
+
+
 def test_corrupt_probe_bundle_and_checkpoint_are_named(ckpt, tmp_path, monkeypatch, capsys):
     inject_random_advantages(monkeypatch)
-    run = run_rl(rl_config(ckpt, "policy", "diag.every=2", "rl.checkpoint_every=1"), out_dir=tmp_path / "r")
+    run = _stopped_at_3(ckpt, tmp_path / "r", monkeypatch, "diag.every=2", "rl.checkpoint_every=1")
     bundle = run / "probes" / "step_000002" / "bundle.pt"
     bundle.write_bytes(bundle.read_bytes()[:100])
     assert main(["probe", str(run)]) == 2
@@ -198,7 +215,7 @@ def test_probes_never_change_the_training_they_measure(ckpt, tmp_path, monkeypat
 
 def test_checkpoint_of_another_model_is_refused_on_resume(ckpt, tmp_path, monkeypatch, capsys):
     inject_random_advantages(monkeypatch)
-    run = run_rl(rl_config(ckpt, "policy", "diag.every=0", "rl.checkpoint_every=1"), out_dir=tmp_path / "r")
+    run = _stopped_at_3(ckpt, tmp_path / "r", monkeypatch, "diag.every=0", "rl.checkpoint_every=1")
     ck = latest_checkpoint(run)
     state = torch.load(ck, weights_only=True)
     state["model"] = {k + "_x": v for k, v in state["model"].items()}

@@ -1,12 +1,17 @@
-"""An RL run's checkpoint files and the metrics a resumed run keeps (``checkpoints/step_NNNNNN.pt``)."""
+"""A run's checkpoint files (``checkpoints/step_NNNNNN.pt``, RL and SFT), the metrics a resumed run keeps, which
+runs can be resumed, and the one-line error of a write that failed mid-run (``write_failed``)."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from ..atomic import atomic_write_text
+from ..atomic import as_write_error, atomic_write_text, describe_os_error
+from ..errors import WriteFailed
 from ..jsonl import read_jsonl
 
 CKPT_RE = re.compile(r"^step_(\d{6,})\.pt$")
@@ -39,3 +44,69 @@ def truncate_metrics(run_dir: Path, step: int) -> int:
             f.writelines(json.dumps(r) + "\n" for r in orphans)
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
     return len(orphans)
+
+
+def run_kind(run_dir: Path) -> str | None:
+    """``"rl"`` or ``"sft"`` for a run directory of ``occ rl`` / ``occ sft`` (None when it cannot be told): an RL
+    run writes ``init/`` before its first step, an SFT run ``checkpoint/`` at its end; else its first metrics
+    record (``rl/…`` or ``sft/…`` keys) or its latest checkpoint's name says it."""
+    run_dir = Path(run_dir)
+    if (run_dir / "init").is_dir() or (run_dir / "probes").is_dir():
+        return "rl"
+    if (run_dir / "checkpoint").is_dir() or (run_dir / "mtp_agreement.json").is_file():
+        return "sft"
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        with open(metrics, encoding="utf-8") as f:
+            first = f.readline()
+        for kind in ("sft", "rl"):
+            if f'"{kind}/' in first:
+                return kind
+    return None
+
+
+def check_resumable(run_dir: Path, kind: str) -> None:
+    """Refuse, with one line saying what to do instead, ``occ {kind} --resume run_dir`` on a directory that is not a
+    run, is a run of the other command, or finished (its checkpoints were deleted once final/ or checkpoint/ and its
+    evaluation were written)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"--resume {run_dir}: not a run directory (config.yaml is missing)")
+    found = run_kind(run_dir)
+    if found is not None and found != kind:
+        hint = (f"continue it with: occ sft --resume {run_dir}; RL from its checkpoint is occ rl --init "
+                f"{run_dir / 'checkpoint'}" if found == "sft" else f"continue it with: occ rl --resume {run_dir}")
+        raise ValueError(f"--resume {run_dir}: this is an {found.upper()} run, not an {kind.upper()} one; {hint}")
+    result = run_dir / ("final" if kind == "rl" else "checkpoint")
+    if result.is_dir() and latest_checkpoint(run_dir) is None:
+        raise ValueError(f"--resume {run_dir}: the run finished ({result.name}/ is written); nothing to resume")
+
+
+def write_failed(err: OSError, save: Callable[[], Path], run_dir: Path, command: str) -> WriteFailed:
+    """The error of a write that failed mid-run (``err``: a full disk, a lost permission): it tries ``save`` (the
+    run's checkpoint) first, then says in one line what failed and what ``occ {command} --resume`` continues from."""
+    resume = f"occ {command} --resume {run_dir}"
+    try:
+        path = save()
+        kept = f"checkpoint saved to {path}; make room, then {resume} continues from it"
+    except Exception as again:  # the disk is full: any failure here is reported, not raised
+        again_os = as_write_error(again, Path(run_dir) / "checkpoints") or again
+        why = describe_os_error(again_os) if isinstance(again_os, OSError) else f"{type(again).__name__}: {again}"
+        last = latest_checkpoint(run_dir)
+        kept = (f"no checkpoint could be saved either ({why}); make room, then {resume} "
+                + (f"continues from the last one, {last.name}" if last is not None else "starts again from step 0"))
+    return WriteFailed(f"{describe_os_error(err)}; {kept}")
+
+
+def drop_checkpoints(run_dir: Path) -> None:
+    """Delete a finished run's ``checkpoints/`` (what ``--resume`` needs, no longer needed: the run wrote its result;
+    at 135M parameters each is 1.6 GB)."""
+    shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)
+
+
+def completed_steps(optimizer: Any, guard: Any) -> int:
+    """The optimizer steps a run completed: those AdamW took plus those ``guard`` skipped (non-finite). Below the
+    trainer's step counter when a failure cut the step in progress short (after its counter moved, before the
+    optimizer stepped): a checkpoint then resumes at that step's start."""
+    taken = max((int(st["step"]) for st in optimizer.state.values() if "step" in st), default=0)
+    return taken + guard.total

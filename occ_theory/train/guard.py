@@ -3,20 +3,21 @@
 ``StepGuard``: a step whose loss or gradient is not finite is skipped and counted; ``max_bad`` in a
 row raise ``BadStepsError``. ``params_finite`` tells whether weights are still finite (a step with
 finite gradients can still overflow them). ``StopSignals`` turns the first SIGINT or SIGTERM into
-a flag the training loop checks after each optimizer step (it then saves and stops); a second
-signal stops at once.
+a flag the training loop checks after each optimizer step (it then saves and stops), and says so at
+once on stderr; a second signal stops at once (``Aborted``), saving nothing.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import FrameType
 
 import torch
 
-from ..errors import BadStepsError
+from ..errors import Aborted, BadStepsError
 
 
 class StepGuard:
@@ -47,19 +48,27 @@ def params_finite(params: Iterable[torch.Tensor]) -> bool:
 
 
 class StopSignals:
-    """Within ``with``: the first SIGINT / SIGTERM sets ``received`` (its name); a second raises
-    ``KeyboardInterrupt`` at once. Outside the main thread it installs nothing."""
+    """Within ``with``: the first SIGINT / SIGTERM sets ``received`` (its name) and prints at once where the run
+    will stop (``step()``: the step after which the loop checks the flag) and that a second signal aborts without
+    saving; a second raises ``Aborted`` at once. Outside the main thread it installs nothing."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, step: Callable[[], int] | None = None, stream=None) -> None:
         self.received: str | None = None
+        self.step = step
+        self.stream = stream
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
         if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+            raise Aborted(name)
+        self.received = name
+        where = f"after step {self.step()}" if self.step is not None else "at the end of this step"
+        again = "Ctrl-C again" if signum == signal.SIGINT else "a second signal"
+        print(f"\n{name}: stopping {where} and saving a checkpoint; {again} aborts without saving",
+              file=self.stream or sys.stderr, flush=True)
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():

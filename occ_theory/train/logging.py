@@ -39,9 +39,12 @@ class MetricsWriter:
         if "step" not in record:
             raise ValueError("every metrics record needs a 'step'")
         clean = json_safe(record)
-        self._file.write(json.dumps(clean, allow_nan=False) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.write(json.dumps(clean, allow_nan=False) + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as e:  # a full disk: named after the file (a torn last line is dropped on reading)
+            raise OSError(e.errno, e.strerror or str(e), str(self.path)) from e
         if self._tb is not None:
             step = int(record["step"])
             for k, v in clean.items():
@@ -49,7 +52,10 @@ class MetricsWriter:
                     self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # only after a write failed (each record is flushed): that error is the one reported
+            pass
         if self._tb is not None:
             self._tb.close()
 

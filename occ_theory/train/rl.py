@@ -60,7 +60,14 @@ from ..rl.coef import (
 )
 from ..rl.objectives import entropy_from_logits, mtp_objective
 from ..rl.sampler import NonFiniteLogitsError, generate
-from .checkpoints import checkpoint_files, latest_checkpoint, truncate_metrics
+from .checkpoints import (
+    checkpoint_files,
+    completed_steps,
+    drop_checkpoints,
+    latest_checkpoint,
+    truncate_metrics,
+    write_failed,
+)
 from .config import Config, load_config
 from .dist import Dist, init_from_env
 from .evaluate import decode_response, prompt_ids, tasks_for
@@ -368,21 +375,29 @@ class RLTrainer:
                              "metrics mark those steps with first_after_rollout = true")
         progress = Progress(f"rl {rc.regime}", rc.steps)
         resume = f"continue with: occ rl --resume {self.ctx.run_dir}"
-        with StopSignals() as stop:  # a second SIGINT / SIGTERM (e.g. during the save) stops at once
+        # a second SIGINT / SIGTERM (e.g. during the save) stops at once; the loop checks after each step (the one
+        # in progress, or the next one during a rollout)
+        with StopSignals(lambda: self.step + (self.pending is None)) as stop:
             try:
                 self._loop(progress, stop)
             except (BadStepsError, Interrupted) as e:
                 path = self.save_checkpoint()
-                self.ctx.log(f"stopped: {e}; checkpoint {path}; {resume}")
+                self.ctx.log(f"stopped: {e}; checkpoint {path}; {resume}", echo=False)  # the command prints it
                 raise type(e)(f"{e}; checkpoint saved to {path}; {resume}") from e
+            except OSError as e:  # a write failed (a full disk): the checkpoint first, then one line saying so
+                self.step = completed_steps(self.optimizer, self.guard)  # a step the failure cut short runs again
+                raise write_failed(e, self.save_checkpoint, self.ctx.run_dir, "rl") from e
             except Diverged as e:
                 path = self.save_checkpoint() if params_finite(self.trainable) else latest_checkpoint(self.ctx.run_dir)
                 saved = (f"the last checkpoint is {path}" if path is not None else
                          "no checkpoint was saved (rl.checkpoint_every keeps earlier ones)")
-                self.ctx.log(f"stopped: {e}; {saved}")
+                self.ctx.log(f"stopped: {e}; {saved}", echo=False)
                 raise Diverged(f"{e}; {saved}") from e
-        self.save_checkpoint()
-        return self._finish()
+        try:
+            self.save_checkpoint()
+            return self._finish()
+        except OSError as e:
+            raise write_failed(e, self.save_checkpoint, self.ctx.run_dir, "rl") from e
 
     def _next_rollout(self) -> dict[str, Any]:
         try:
@@ -435,6 +450,8 @@ class RLTrainer:
         result = self.evaluate(ec.size, ec.samples, progress="eval")
         if result:
             atomic_write_text(self.ctx.run_dir / "eval.json", json.dumps(result, indent=2))
+        if self.dist.main:  # final/ and eval.json are written: --resume has nothing left to do
+            drop_checkpoints(self.ctx.run_dir)
         self.ctx.log(f"RL {rc.regime} done: {self.step} steps in {time.perf_counter() - self.ctx.start:.0f}s "
                      f"-> {self.ctx.run_dir}")
         return self.ctx.run_dir

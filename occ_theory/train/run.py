@@ -1,5 +1,6 @@
 """What every run shares: device, threads, run directory, config dump, autocast, the task mixture and
-its checks (a user dataset must fit the model's context), the held-out evaluation, log lines."""
+its checks (a user dataset must fit the model's context, as the model is asked it), the held-out evaluation,
+log lines."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import numpy as np
 import torch
 
 from ..atomic import check_output_dir
+from ..extras import check_run, is_gguf, require
+from ..models.tokenizer import is_character_tokenizer
 from ..names import EVAL_FILE
 from ..runtime import resolve_device, set_threads
 from ..tasks import SUITES, Problem, Task, UserTask, get_task, train_stream
@@ -38,14 +41,16 @@ class RunContext:
     @classmethod
     def create(cls, cfg: Config, kind: str, run_name: str | None = None, out_dir: Path | None = None,
                resume: bool = False) -> RunContext:
+        check_run(cfg, kind)  # the optional dependencies the run needs, before anything is written
         device = resolve_device(cfg.device)
         set_threads(cfg.threads)
         run_dir = Path(out_dir) if out_dir is not None else Path(cfg.out_dir) / (run_name or
                                                                                    default_run_name(cfg, kind))
         check_output_dir(run_dir, "run directory (--out)")
         if not resume and run_dir.exists() and any(run_dir.iterdir()):
-            raise ValueError(f"run directory {run_dir} already exists and is not empty (use --resume or another "
-                             "--out)")
+            command = "sft" if kind == "sft" else "rl"
+            raise ValueError(f"run directory {run_dir} already exists and is not empty (continue its run with occ "
+                             f"{command} --resume {run_dir}, or give another --out)")
         return cls(cfg, run_dir, device)
 
     def begin(self) -> None:
@@ -65,13 +70,20 @@ class RunContext:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def log(self, msg: str) -> None:
+    def log(self, msg: str, echo: bool = True) -> None:
+        """``msg`` to ``run.log`` and (``echo``) stderr. A ``run.log`` that cannot be written (a full disk) is
+        skipped: the line still reaches stderr, and the write error that stops the run is reported once."""
         if not self.main:
             return
         line = f"[occ {time.strftime('%H:%M:%S')}] {msg}"
-        print(line, file=sys.stderr, flush=True)
-        with open(self.run_dir / "run.log", "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        if echo:
+            print(line, file=sys.stderr, flush=True)
+        try:
+            with open(self.run_dir / "run.log", "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        except OSError:
+            if not echo:
+                print(line, file=sys.stderr, flush=True)
 
 
 def training_tasks(cfg: Config) -> list[Task]:
@@ -90,28 +102,38 @@ def training_data(cfg: Config) -> str:
     return f"user data {cfg.task.user_data}" if cfg.task.user_data is not None else ", ".join(cfg.task.suites)
 
 
-def check_user_data(tasks: list[Task], tokenizer: Any, context: int, new_tokens: int) -> list[str]:
+def check_user_data(tasks: list[Task], tokenizer: Any, context: int, new_tokens: int, held_out_only: bool = False
+                    ) -> list[str]:
     """Refuse a user record that does not fit the model's ``context`` positions (``max_position_embeddings``):
-    the prompt's tokens plus ``new_tokens`` generated ones, or plus its target and EOS (SFT). Returns the
-    warnings for the run's log: one counting the characters the tokenizer turns into its unknown token,
-    one when no problem is held out (no evaluation then)."""
+    the prompt's tokens as the model is asked it (``tasks`` as ``tasks_for`` gives them: a pretrained model's
+    ``ChatTask`` adds the answer-format instruction; ``prompt_ids`` the chat template) plus ``new_tokens``
+    generated ones, or plus its target and EOS (SFT). Returns the notes for the run's log: one counting the
+    characters the tokenizer turns into its unknown token, one when no problem is held out (no evaluation then),
+    one when a pretrained model's tokenizer has no chat template (its prompts go in raw). ``held_out_only``: check
+    only the held-out problems (``occ eval`` asks no other)."""
     warnings = []
+    if not is_character_tokenizer(tokenizer) and not getattr(tokenizer, "chat_template", None):
+        warnings.append("note: the model's tokenizer has no chat template: prompts go in as plain text "
+                        f"({'its BOS token, then ' if tokenizer.bos_token_id is not None else ''}the question and "
+                        "the answer-format instruction), not as a chat turn")
     longest = max(len(t) for t in tokenizer.get_vocab())  # a token spells at most this many characters
     for task in tasks:
-        if not isinstance(task, UserTask):
+        user = task.task if isinstance(task, ChatTask) else task
+        if not isinstance(user, UserTask):
             continue
         unk, records, first = 0, 0, None
-        for p in task.problems:
+        for raw in user.held_out(len(user.problems)) if held_out_only else user.problems:
+            p = natural_problem(raw) if task is not user else raw  # as the model is asked it
             line = p.meta.get("where", f"record {p.meta.get('index')}")
             where = f"{p.meta.get('source', 'user data')}, {line}"
             if len(p.prompt) > longest * context:  # cannot fit: refused without tokenizing it
-                raise ValueError(f"{where}: the prompt has {len(p.prompt)} characters, far more than the model's "
+                raise ValueError(f"{where}: the prompt has {len(raw.prompt)} characters, far more than the model's "
                                  f"{context} positions (max_position_embeddings) can hold")
             ids = prompt_ids(tokenizer, p.prompt)
             target = tokenizer.encode(p.target, add_special_tokens=False)
             need = len(ids) + max(new_tokens, len(target) + 1)
             if need > context:
-                raise ValueError(f"{where}: the prompt is {len(ids)} tokens and needs up to "
+                raise ValueError(f"{where}: the prompt is {len(ids)} tokens as the model is asked it and needs up to "
                                  f"{need - len(ids)} more (response or target), {need} in all, but the model has "
                                  f"{context} positions (max_position_embeddings): shorten the prompt, lower the "
                                  "new-token limit or use a model with a longer context")
@@ -119,11 +141,12 @@ def check_user_data(tasks: list[Task], tokenizer: Any, context: int, new_tokens:
             if n:
                 unk, records, first = unk + n, records + 1, first or where
         if unk:
-            warnings.append(f"warning: {unk} characters in {records} records of the user data are not in the tokenizer's "
-                f"vocabulary (e.g. tabs, non-ASCII) and become its unknown token; first at {first}")
-        if not task.held_out(1):
-            warnings.append(f"warning: none of the {len(task.problems)} user problems falls in the held-out split (about 20% "
-                "of prompts, by a hash of the prompt): the run has no held-out evaluation")
+            warnings.append(f"warning: {unk} characters in {records} records of the user data are not in the "
+                            "tokenizer's vocabulary (e.g. tabs, non-ASCII) and become its unknown token; first at "
+                            f"{first}")
+        if not user.held_out(1):
+            warnings.append(f"warning: none of the {len(user.problems)} user problems falls in the held-out split "
+                            "(about 20% of prompts, by a hash of the prompt): the run has no held-out evaluation")
     return warnings
 
 
@@ -165,7 +188,8 @@ def evaluate_checkpoint(checkpoint: Path, cfg: Config, out: Path | None = None, 
                         ) -> tuple[dict[str, Any], Path]:
     """``occ eval``: the held-out evaluation of a saved checkpoint (or of a pretrained model, ``models.load_any``)
     with ``cfg``'s ``eval`` settings, written atomically to ``out`` (default ``CHECKPOINT/eval.json``; checked
-    before any work); returns it and the path."""
+    before any work); returns it and the path. A user dataset is checked against the model's context first
+    (``check_user_data``), its notes printed on stderr."""
     import json
 
     from ..atomic import atomic_write_text, check_output_file
@@ -173,11 +197,18 @@ def evaluate_checkpoint(checkpoint: Path, cfg: Config, out: Path | None = None, 
 
     out = Path(out) if out is not None else Path(checkpoint) / EVAL_FILE
     check_output_file(out, "--json")
+    if is_gguf(checkpoint):
+        require("gguf", f"{checkpoint} (a .gguf file)")
+    data = [UserTask.from_file(cfg.task.user_data)] if cfg.task.user_data is not None else []
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     model, tok = load_any(checkpoint, cfg.model.mtp_depths, cfg.model.mtp_init, seed=cfg.seed, device=device)
+    tasks = tasks_for(tok, data, cfg.task.parse) if data else None
+    for note in check_user_data(tasks or [], tok, model.trunk.config.max_position_embeddings,
+                                cfg.eval.max_new_tokens, held_out_only=True):
+        print(f"occ eval: {note}", file=sys.stderr)
     ec = cfg.eval
-    res = evaluate_run(model, tok, cfg, ec.size, ec.samples, progress=progress,
+    res = evaluate_run(model, tok, cfg, ec.size, ec.samples, tasks=tasks, progress=progress,
                        autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
     if not res:
         raise ValueError(f"config key 'task.user_data': {cfg.task.user_data} has no held-out problem to evaluate")

@@ -14,6 +14,13 @@ its train split and evaluated on its held-out one (``UserTask.held_out``). A ste
 gradient is not finite is skipped and counted, ``sft.max_bad_steps`` in a row stop the run
 (``train.guard``); weights that turn non-finite stop it, and no non-finite checkpoint is saved.
 
+SIGINT / SIGTERM stop the run after the step in progress with a checkpoint (``checkpoints/step_N.pt``: model,
+optimizer, schedule, the problem stream's and the sampler's generators), and ``occ sft --resume RUN`` continues it,
+bit-for-bit on CPU (later metrics records move to ``metrics.orphaned.jsonl``); a write that fails (a full disk)
+saves one too when it can. A finished run deletes its checkpoints (``checkpoint/`` is its result). A pretrained
+model (``--model``, ``model.init_from``) needs a config written for one (``pretrained: true``), and such a config
+needs the model.
+
 ``sft.train=mtp`` trains θ_M alone with the trunk frozen (the loss is the mean MTP cross-entropy;
 the trunk's logits, and so the policy, do not change); ``sft.data=self`` makes the targets the
 model's own sampled responses to the training prompts (self-distillation, temperature 1,
@@ -34,17 +41,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..atomic import atomic_write_text
-from ..errors import RunStopped
+from ..atomic import atomic_torch_save, atomic_write_text
+from ..errors import Interrupted, RunStopped
 from ..models import align_logprobs, build_model, build_tokenizer, load_tokenizer, save_model
 from ..rl.objectives import token_mean
 from ..rl.sampler import generate
 from ..tasks import Problem
-from .config import Config
+from .checkpoints import checkpoint_files, drop_checkpoints, latest_checkpoint, truncate_metrics, write_failed
+from .config import Config, load_config
 from .evaluate import mtp_agreement, prompt_ids, tasks_for
-from .guard import StepGuard, params_finite
+from .guard import StepGuard, StopSignals, params_finite
 from .logging import MetricsWriter, Progress
 from .run import RunContext, check_user_data, evaluate_run, problem_stream, training_data, training_tasks
+
+CHECKPOINT_FORMAT = "occ_theory.sft_checkpoint"
 
 
 def encode(tokenizer: Any, problem: Problem) -> tuple[list[int], list[int]]:
@@ -103,98 +113,225 @@ def self_distillation_batch(model: torch.nn.Module, tokenizer: Any, problems: li
     return ro.input_ids, ro.attention_mask, ro.response_mask.float()
 
 
+def check_model_source(cfg: Config) -> None:
+    """A pretrained model needs a config written for one (``pretrained: true``), and such a config the model."""
+    init = cfg.model.init_from
+    if cfg.pretrained and init is None:
+        raise ValueError(f"config '{cfg.name}' is for a pretrained model (pretrained: true): give it with --model DIR "
+                         "(or model.init_from); `occ models fetch smollm2` downloads SmolLM2-135M and prints its DIR")
+    if init is not None and not cfg.pretrained:
+        raise ValueError(f"--model / model.init_from {init}: config '{cfg.name}' is written for the fresh tiny model "
+                         f"(sft.lr {cfg.sft.lr:g} for {cfg.sft.steps} steps); with a pretrained model use a config "
+                         "for one (--config smollm2, smollm2_gpu or paper_sketch), or your own with pretrained: true")
+
+
+class SFTRun:
+    """One SFT run: the model, its optimizer and schedule, the problem stream and the generators (all checkpointed),
+    built and checked before anything is written (``begin`` writes the run directory)."""
+
+    def __init__(self, cfg: Config, ctx: RunContext):
+        self.cfg, self.sc, self.ctx = cfg, cfg.sft, ctx
+        sc = self.sc
+        self.mtp_only = sc.train == "mtp"
+        if sc.data == "self" and not self.mtp_only:
+            raise ValueError("config key 'sft.data': 'self' (the model's own responses) needs sft.train=mtp")
+        init = cfg.model.init_from
+        self.tokenizer = load_tokenizer(init) if init is not None else build_tokenizer()
+        self.model = build_model(cfg.model, self.tokenizer, seed=cfg.seed).to(ctx.device)
+        if self.mtp_only:
+            if self.model.num_mtp == 0:
+                raise ValueError("config key 'sft.train': 'mtp' trains the MTP modules, but model.mtp_depths is 0")
+            self.model.trunk.requires_grad_(False)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.model.train()
+        self.opt = torch.optim.AdamW(self.params, lr=sc.lr, weight_decay=sc.weight_decay, betas=(0.9, 0.98))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, sc.warmup, sc.steps, sc.lr_min_ratio))
+        self.tasks = tasks_for(self.tokenizer, training_tasks(cfg), cfg.task.parse)
+        self.notes = check_user_data(self.tasks, self.tokenizer, self.model.trunk.config.max_position_embeddings,
+                                     cfg.eval.max_new_tokens)
+        self.task_rng = np.random.default_rng(cfg.seed)
+        self.stream = problem_stream(cfg, self.task_rng, self.tasks)
+        self.sample_gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
+        held_rng = np.random.default_rng(cfg.eval.seed)
+        self.held_out = [prompt_ids(self.tokenizer, self.tasks[i % len(self.tasks)].sample(held_rng, "eval").prompt)
+                         for i in range(sc.eval_size)] if self.mtp_only else []
+        self.guard = StepGuard(sc.max_bad_steps, "sft.max_bad_steps")
+        self.step = 0
+        self.before: dict[str, float] = {}
+        """MTP top-1 agreement before training (train=mtp), measured once and checkpointed."""
+        self.record: dict[str, Any] = {}
+        """The last step's metrics record (the final agreement is read from it)."""
+
+    def begin(self) -> None:
+        """Write the run directory and the run's log header (after every check)."""
+        self.ctx.begin()
+        for note in self.notes:
+            self.ctx.log(note)
+        n_train, n_all = sum(p.numel() for p in self.params), sum(p.numel() for p in self.model.parameters())
+        sc = self.sc
+        self.ctx.log(f"SFT {n_train / 1e6:.2f}M trained of {n_all / 1e6:.2f}M parameters ({sc.train}, data {sc.data}), "
+                     f"{sc.steps} steps on {training_data(self.cfg)} -> {self.ctx.run_dir}")
+
+    def agreement(self, when: str) -> dict[str, float]:
+        """MTP top-1 agreement with the main head on greedy generations of the held-out prompts, logged with its
+        duration (at 135M parameters it takes minutes)."""
+        t0 = time.perf_counter()
+        self.ctx.log(f"MTP top-1 agreement {when}: {len(self.held_out)} greedy generations of up to "
+                     f"{self.cfg.eval.max_new_tokens} tokens ...")
+        found = mtp_agreement(self.model, self.tokenizer, self.held_out, self.cfg.eval.max_new_tokens,
+                              autocast_dtype=self.ctx.autocast_dtype)
+        self.ctx.log(f"MTP top-1 agreement {when}: " + ", ".join(f"d{k} {v:.3f}" for k, v in found.items())
+                     + f" ({time.perf_counter() - t0:.0f} s)")
+        return {f"eval/mtp_agree_d{k}": v for k, v in found.items()}
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step on a fresh batch (a non-finite one is skipped: neither the weights nor the schedule
+        move); its metrics record, with the periodic evaluation when due."""
+        sc, ctx, model = self.sc, self.ctx, self.model
+        step = self.step + 1
+        t0 = time.perf_counter()
+        problems = [next(self.stream) for _ in range(sc.batch_size)]
+        if sc.data == "self":
+            batch = self_distillation_batch(model, self.tokenizer, problems, self.cfg.eval.max_new_tokens,
+                                            self.sample_gen, ctx.autocast_dtype)
+        else:
+            batch = collate([encode(self.tokenizer, p) for p in problems], self.tokenizer.pad_token_id)
+        ids, attn, loss_mask = (t.to(ctx.device) for t in batch)
+        with ctx.autocast():
+            losses = sft_losses(model, ids, attn, loss_mask)
+        mtp_terms = [v for k, v in losses.items() if k.startswith("mtp_nll")]
+        if self.mtp_only:
+            loss = torch.stack(mtp_terms).mean()
+        else:
+            loss = losses["nll"] + (sc.mtp_coef * torch.stack(mtp_terms).mean() if mtp_terms else 0.0)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, sc.grad_clip or float("inf"))
+        finite = self.guard.check(bool(torch.isfinite(loss.detach())) and bool(torch.isfinite(gnorm)), step)
+        if finite:
+            self.opt.step()
+            self.sched.step()
+            if not params_finite(self.params):
+                raise RunStopped(f"the weights became non-finite at step {step} (the run diverged: lower sft.lr "
+                                 "or set sft.grad_clip); no checkpoint saved")
+        self.opt.zero_grad(set_to_none=True)
+        rec = {"step": step, "sft/loss": float(loss.detach()), "sft/lr": self.sched.get_last_lr()[0],
+               "perf/step_s": time.perf_counter() - t0}
+        rec |= {f"sft/{k}": float(v.detach()) for k, v in losses.items()}
+        rec |= {"sft/grad_norm": float(gnorm), "sft/skipped": not finite, "sft/bad_steps_total": self.guard.total}
+        if (sc.eval_every and step % sc.eval_every == 0) or step == sc.steps:
+            if self.mtp_only:  # the trunk is frozen: its accuracy cannot change, the drafts' agreement can
+                rec |= self.agreement("at step " + str(step))
+            else:
+                res = evaluate_run(model, self.tokenizer, self.cfg, sc.eval_size, 0, self.tasks, ctx.autocast_dtype)
+                rec |= {f"eval/{s}/greedy_acc": e["greedy_acc"] for s, e in res.get("suites", {}).items()}
+                if res:
+                    rec["eval/mean_greedy_acc"] = res["mean_greedy_acc"]
+        self.step = step
+        return rec
+
+    def run(self) -> Path:
+        """Train to ``sft.steps`` (from the checkpoint's step when resumed), then save ``checkpoint/``."""
+        sc, ctx = self.sc, self.ctx
+        if self.mtp_only and not self.before:
+            self.before = self.agreement("before training")
+        progress = Progress("sft", sc.steps)
+        resume = f"continue with: occ sft --resume {ctx.run_dir}"
+        with StopSignals(lambda: self.step + 1) as stop:
+            try:
+                with MetricsWriter(ctx.run_dir, purge_step=self.step + 1 if self.step else None) as writer:
+                    while self.step < sc.steps:
+                        self.record = self.train_step()
+                        writer.write(self.record)
+                        progress.update(self.step, loss=self.record["sft/loss"], nll=self.record["sft/nll"])
+                        if stop.received is not None and self.step < sc.steps:
+                            raise Interrupted(f"interrupted by {stop.received} after step {self.step}", stop.received)
+            except Interrupted as e:
+                path = self.save_checkpoint()
+                ctx.log(f"stopped: {e}; checkpoint {path}; {resume}", echo=False)
+                raise Interrupted(f"{e}; checkpoint saved to {path}; {resume}", e.signal) from e
+            except OSError as e:  # a write failed (a full disk): the checkpoint first, then one line
+                raise write_failed(e, self.save_checkpoint, ctx.run_dir, "sft") from e
+        try:
+            return self.finish()
+        except OSError as e:
+            raise write_failed(e, self.save_checkpoint, ctx.run_dir, "sft") from e
+
+    def finish(self) -> Path:
+        """Save ``checkpoint/`` (and ``mtp_agreement.json``); the training checkpoints are then no longer needed."""
+        ctx = self.ctx
+        self.model.eval()
+        ckpt = Path(save_model(self.model, ctx.run_dir / "checkpoint", self.tokenizer))
+        if self.mtp_only:
+            after = {k: self.record[k] for k in self.before}
+            atomic_write_text(ctx.run_dir / "mtp_agreement.json",
+                              json.dumps({"before": self.before, "after": after}, indent=2))
+        drop_checkpoints(ctx.run_dir)
+        ctx.log(f"SFT done in {time.perf_counter() - ctx.start:.0f}s; checkpoint {ckpt}")
+        return ckpt
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"format": CHECKPOINT_FORMAT, "step": self.step, "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(), "lr_schedule": self.sched.state_dict(),
+                "task_rng": self.task_rng.bit_generator.state, "sample_gen": self.sample_gen.get_state().cpu(),
+                "bad_in_row": self.guard.in_row, "bad_total": self.guard.total, "before": self.before,
+                "record": self.record}
+
+    def save_checkpoint(self) -> Path:
+        """``checkpoints/step_N.pt`` (atomic); only the latest is kept."""
+        d = self.ctx.run_dir / "checkpoints"
+        path = d / f"step_{self.step:06d}.pt"
+        atomic_torch_save(self.checkpoint_state(), path)
+        for old in checkpoint_files(d)[:-1]:
+            old.unlink()
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        try:
+            st = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"checkpoint {path} is corrupt or unreadable: {type(e).__name__}") from e
+        if not isinstance(st, dict) or st.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not an occ_theory SFT checkpoint")
+        try:
+            self.model.load_state_dict(st["model"])
+            self.opt.load_state_dict(st["optimizer"])
+            self.sched.load_state_dict(st["lr_schedule"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ValueError(f"checkpoint {path} does not match this run's model or optimizer "
+                             f"({type(e).__name__})") from e
+        self.task_rng.bit_generator.state = st["task_rng"]
+        self.stream = problem_stream(self.cfg, self.task_rng, self.tasks)
+        self.sample_gen.set_state(st["sample_gen"])
+        self.guard.in_row, self.guard.total = st["bad_in_row"], st["bad_total"]
+        self.step, self.before, self.record = st["step"], st["before"], st["record"]
+
+
 def run_sft(cfg: Config, run_name: str | None = None, out_dir: Path | None = None) -> Path:
     """Train from scratch (or from ``model.init_from``, with that checkpoint's tokenizer); returns the
     checkpoint directory."""
-    ctx = RunContext.create(cfg, kind="sft", run_name=run_name, out_dir=out_dir)
-    sc = cfg.sft
-    mtp_only = sc.train == "mtp"
-    if sc.data == "self" and not mtp_only:
-        raise ValueError("config key 'sft.data': 'self' (the model's own responses) needs sft.train=mtp")
-    init = cfg.model.init_from
-    tokenizer = load_tokenizer(init) if init is not None else build_tokenizer()
-    model = build_model(cfg.model, tokenizer, seed=cfg.seed).to(ctx.device)
-    if mtp_only:
-        if model.num_mtp == 0:
-            raise ValueError("config key 'sft.train': 'mtp' trains the MTP modules, but model.mtp_depths is 0")
-        model.trunk.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-    opt = torch.optim.AdamW(params, lr=sc.lr, weight_decay=sc.weight_decay, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, sc.warmup, sc.steps, sc.lr_min_ratio))
-    data = training_tasks(cfg)
-    warnings = check_user_data(data, tokenizer, model.trunk.config.max_position_embeddings,
-                               cfg.eval.max_new_tokens)
-    tasks = tasks_for(tokenizer, data, cfg.task.parse)
-    stream = problem_stream(cfg, np.random.default_rng(cfg.seed), tasks)
-    sample_gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
-    held_rng = np.random.default_rng(cfg.eval.seed)
-    held_out = [prompt_ids(tokenizer, tasks[i % len(tasks)].sample(held_rng, "eval").prompt)
-                for i in range(sc.eval_size)] if mtp_only else []
+    check_model_source(cfg)
+    run = SFTRun(cfg, RunContext.create(cfg, kind="sft", run_name=run_name, out_dir=out_dir))
+    run.begin()
+    return run.run()
 
-    def agreement() -> dict[str, float]:
-        found = mtp_agreement(model, tokenizer, held_out, cfg.eval.max_new_tokens, autocast_dtype=ctx.autocast_dtype)
-        return {f"eval/mtp_agree_d{k}": v for k, v in found.items()}
 
-    guard = StepGuard(sc.max_bad_steps, "sft.max_bad_steps")
-    ctx.begin()
-    for w in warnings:
-        ctx.log(w)
-    ctx.log(f"SFT {sum(p.numel() for p in params) / 1e6:.2f}M trained of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-            f"parameters ({sc.train}, data {sc.data}), {sc.steps} steps on {training_data(cfg)} -> {ctx.run_dir}")
-    before = agreement() if mtp_only else {}
-    if before:
-        ctx.log("MTP top-1 agreement before: " + ", ".join(f"{k.rsplit('_', 1)[1]} {v:.3f}" for k, v in before.items()))
-    progress = Progress("sft", sc.steps)
-    rec: dict[str, Any] = {}
-    with MetricsWriter(ctx.run_dir) as writer:
-        for step in range(1, sc.steps + 1):
-            t0 = time.perf_counter()
-            problems = [next(stream) for _ in range(sc.batch_size)]
-            if sc.data == "self":
-                batch = self_distillation_batch(model, tokenizer, problems, cfg.eval.max_new_tokens, sample_gen,
-                                                ctx.autocast_dtype)
-            else:
-                batch = collate([encode(tokenizer, p) for p in problems], tokenizer.pad_token_id)
-            ids, attn, loss_mask = (t.to(ctx.device) for t in batch)
-            with ctx.autocast():
-                losses = sft_losses(model, ids, attn, loss_mask)
-            mtp_terms = [v for k, v in losses.items() if k.startswith("mtp_nll")]
-            if mtp_only:
-                loss = torch.stack(mtp_terms).mean()
-            else:
-                loss = losses["nll"] + (sc.mtp_coef * torch.stack(mtp_terms).mean() if mtp_terms else 0.0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, sc.grad_clip or float("inf"))
-            finite = guard.check(bool(torch.isfinite(loss.detach())) and bool(torch.isfinite(gnorm)), step)
-            if finite:  # a non-finite step is skipped: neither the weights nor the schedule move
-                opt.step()
-                sched.step()
-                if not params_finite(params):
-                    raise RunStopped(f"the weights became non-finite at step {step} (the run diverged: lower sft.lr "
-                                     "or set sft.grad_clip); no checkpoint saved")
-            opt.zero_grad(set_to_none=True)
-            rec = {"step": step, "sft/loss": float(loss.detach()), "sft/lr": sched.get_last_lr()[0],
-                   "perf/step_s": time.perf_counter() - t0}
-            rec |= {f"sft/{k}": float(v.detach()) for k, v in losses.items()}
-            rec |= {"sft/grad_norm": float(gnorm), "sft/skipped": not finite, "sft/bad_steps_total": guard.total}
-            if (sc.eval_every and step % sc.eval_every == 0) or step == sc.steps:
-                if mtp_only:  # the trunk is frozen: its accuracy cannot change, the drafts' agreement can
-                    rec |= agreement()
-                else:
-                    res = evaluate_run(model, tokenizer, cfg, sc.eval_size, 0, tasks, ctx.autocast_dtype)
-                    rec |= {f"eval/{s}/greedy_acc": e["greedy_acc"] for s, e in res.get("suites", {}).items()}
-                    if res:
-                        rec["eval/mean_greedy_acc"] = res["mean_greedy_acc"]
-            writer.write(rec)
-            progress.update(step, loss=rec["sft/loss"], nll=rec["sft/nll"])
-    model.eval()
-    ckpt = Path(save_model(model, ctx.run_dir / "checkpoint", tokenizer))
-    if mtp_only:
-        after = {k: rec[k] for k in before}
-        atomic_write_text(ctx.run_dir / "mtp_agreement.json", json.dumps({"before": before, "after": after}, indent=2))
-        ctx.log("MTP top-1 agreement after: " + ", ".join(f"{k.rsplit('_', 1)[1]} {v:.3f}" for k, v in after.items()))
-    ctx.log(f"SFT done in {time.perf_counter() - ctx.start:.0f}s; checkpoint {ckpt}")
-    return ckpt
+def resume_sft(run_dir: Path) -> Path:
+    """Continue the SFT run in ``run_dir`` from its latest checkpoint (from step 0 without one), with its own
+    config; metrics records after the checkpoint move to ``metrics.orphaned.jsonl``."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    run = SFTRun(cfg, RunContext.create(cfg, kind="sft", out_dir=run_dir, resume=True))
+    for leftover in (run_dir / "checkpoints").glob(".step_*.tmp"):  # a writer killed mid-write
+        leftover.unlink()
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        truncate_metrics(run_dir, 0)
+        run.ctx.log("no checkpoint yet: restarting from step 0")
+    else:
+        run.load_checkpoint(ckpt)
+        dropped = truncate_metrics(run_dir, run.step)
+        run.ctx.log(f"resumed from {ckpt.name} (step {run.step}); {dropped} later records moved to "
+                    "metrics.orphaned.jsonl")
+    return run.run()

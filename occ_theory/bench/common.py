@@ -225,8 +225,11 @@ def interleave(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1, 
                progress: str = "") -> dict[str, Samples]:
     """Call every contender ``warmup`` times, then ``rounds`` timed rounds (one call of each per
     round, the starting contender rotating), then (``memory``) one untimed memory call each."""
+    from ..progress import Progress
+
     keys = list(fns)
     out = {k: Samples() for k in keys}
+    bar = Progress(progress, rounds) if progress else None  # one status line, not one line per round
     for _ in range(warmup):
         for k in keys:
             fns[k]()
@@ -238,8 +241,8 @@ def interleave(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1, 
             _sync()
             out[k].times.append(time.perf_counter() - t0)
             out[k].values.append(value)
-        if progress:
-            print(f"[bench] {progress}: round {r + 1}/{rounds}", flush=True)
+        if bar is not None:
+            bar.update(r + 1)
     if memory:
         for k in keys:
             measure_memory(fns[k], out[k])
@@ -294,7 +297,11 @@ def machine(threads: int) -> dict[str, Any]:
 
 class LoadMeter:
     """How busy the machine was with other work while a benchmark ran: CPU-seconds per second spent
-    by every other process (``/proc/stat`` busy time minus this process's own) and steal time."""
+    by every other process (``/proc/stat`` busy time minus this process's own) and steal time. Nothing is reported
+    over less than ``MIN_WALL_S`` (a skipped benchmark: a few ticks over a few milliseconds read as 19 cores), and
+    no figure exceeds the cores there are."""
+
+    MIN_WALL_S = 1.0
 
     def __init__(self) -> None:
         self.start = self._read()
@@ -317,8 +324,9 @@ class LoadMeter:
         if self.start is None or end is None:
             return {}
         wall = end[0] - self.start[0]
-        if wall <= 0:
+        if wall < self.MIN_WALL_S:  # /proc/stat counts in clock ticks (10 ms): a shorter interval is noise
             return {}
-        own = (end[3] - self.start[3]) / wall
-        others = max((end[1] - self.start[1]) / wall - own, 0.0)
-        return {"own_cores": own, "other_cores": others, "steal_cores": (end[2] - self.start[2]) / wall}
+        cores = float(os.cpu_count() or 1)
+        own = min((end[3] - self.start[3]) / wall, cores)
+        others = min(max((end[1] - self.start[1]) / wall - own, 0.0), cores)
+        return {"own_cores": own, "other_cores": others, "steal_cores": min((end[2] - self.start[2]) / wall, cores)}

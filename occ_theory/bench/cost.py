@@ -8,12 +8,15 @@ starting checkpoint (``rl.init``), and each takes real steps on one and the same
 of a rollout of the first arm, with l_old nudged and random advantages, so that every arm's loss and
 coefficient do real work), called round-robin with the starting arm rotating: load drift hits them
 alike, and round ``i``'s calls ran back to back. The raw per-round times go to ``step_cost.json``
-(``STEP_COST_FILE``); ``analysis.claims.occ_time_cost`` turns them into claim 6's ratios and intervals.
+(``STEP_COST_FILE``); ``analysis.claims.occ_time_cost`` turns them into claim 6's ratios and intervals, and
+``format_step_cost`` into a per-arm table (median step, and the median per-round ratio to the first arm). An
+experiment of one arm is refused: there is nothing to compare its step with.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +28,8 @@ from ..atomic import atomic_write_text
 from .common import LoadMeter, interleave, machine
 from .fixtures import DIAG_OFF, rollout_minibatch
 
-__all__ = ["DEFAULT_ROUNDS", "MIN_ROUNDS", "STEP_COST_FILE", "arm_runs", "step_cost", "write_step_cost"]
+__all__ = ["DEFAULT_ROUNDS", "MIN_ROUNDS", "STEP_COST_FILE", "arm_runs", "format_step_cost", "step_cost",
+           "write_step_cost"]
 
 DEFAULT_ROUNDS = 32
 MIN_ROUNDS = 6
@@ -52,6 +56,9 @@ def arm_runs(run_dirs: list[Path]) -> tuple[dict[str, Path], Path]:
     arms: dict[str, Path] = {}
     for r in runs:
         arms.setdefault(r.arm, r.path)
+    if len(arms) < 2:
+        raise ValueError(f"occ cost compares the arms of an experiment, but these runs are all one arm "
+                         f"({next(iter(arms))}): give the runs of two arms or more")
     return dict(sorted(arms.items(), key=lambda kv: kv[0] != "detach")), next(iter(inits.values()))
 
 
@@ -88,8 +95,27 @@ def step_cost(run_dirs: list[Path], rounds: int = DEFAULT_ROUNDS, threads: int =
             "machine": machine(threads), "load": load.report(), "wall_s": time.perf_counter() - t0}
 
 
-def write_step_cost(run_dirs: list[Path], out: Path, rounds: int = DEFAULT_ROUNDS, threads: int = 1) -> Path:
-    """``step_cost`` written to ``out`` (atomically: an interrupted measurement leaves no file)."""
+def write_step_cost(run_dirs: list[Path], out: Path, rounds: int = DEFAULT_ROUNDS, threads: int = 1
+                    ) -> dict[str, Any]:
+    """``step_cost`` written to ``out`` (atomically: an interrupted measurement leaves no file); returns it."""
     result = step_cost(run_dirs, rounds, threads)
     atomic_write_text(out, json.dumps(result, indent=1))
-    return out
+    return result
+
+
+def format_step_cost(result: dict[str, Any]) -> str:
+    """One row per arm: its median step, and the median over rounds of its step over the first arm's (``detach``
+    when timed), with the rounds' range; claim 6's interval is ``occ figures``'s (``analysis.claims``)."""
+    arms = result["arms"]
+    base_name, base = next(iter(arms.items()))
+    width = max(len(a) for a in arms) + 2
+    lines = [f"{'arm':<{width}}{'median step':>14}{f'/ {base_name} (median, range)':>34}"]
+    for arm, entry in arms.items():
+        times = entry["times_s"]
+        ratios = [t / b for t, b in zip(times, base["times_s"])]
+        vs = (f"{statistics.median(ratios):.3f} ({min(ratios):.3f}–{max(ratios):.3f})" if arm != base_name else "1")
+        lines.append(f"{arm:<{width}}{1e3 * statistics.median(times):>11.1f} ms{vs:>34}")
+    mb = result["minibatch"]
+    lines.append(f"{result['rounds']} interleaved rounds on one minibatch ({mb['rows']} rows, {mb['response_tokens']} "
+                 f"response tokens), {result['threads']} thread(s), {result['wall_s']:.0f} s")
+    return "\n".join(lines)

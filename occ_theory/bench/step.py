@@ -147,9 +147,13 @@ def _run_rows(ckpt: Path, d: Path, threads: int, rounds: int, steps: int, every:
                 probed: [f"diag.every={every}", "diag.curve_real_step=true"]}
 
     def run(name: str) -> Any:
-        out = d / "runs" / name.replace(" ", "_")
-        shutil.rmtree(out, ignore_errors=True)
-        return lambda: run_rl(load_config(None, [*base, *variants[name]]), out_dir=out)
+        out = d / "runs" / name.replace(" ", "_").replace("+", "and")
+
+        def once() -> Any:  # each round a fresh run directory (the last round's is removed first)
+            shutil.rmtree(out, ignore_errors=True)
+            return run_rl(load_config(None, [*base, *variants[name]]), out_dir=out)
+
+        return once
 
     s = interleave({k: run(k) for k in variants}, rounds=rounds, warmup=0, memory=False, progress="step/run")
     plain = s["run, no probes"]

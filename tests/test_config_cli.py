@@ -84,13 +84,13 @@ def test_cli_bad_input_exits_2_with_a_message_and_writes_nothing(tmp_path, capsy
     assert main(["rl", "--init", str(tmp_path / "no_ckpt"), "--out", str(out)]) == 2
     assert "no_ckpt" in capsys.readouterr().err
     assert main(["probe", str(tmp_path)]) == 2
-    assert main(["probe", str(tmp_path), "--set", "diag.grid_cap=1", "--out", "../escape.parquet"]) == 2
+    assert main(["probe", str(tmp_path), "--set", "diag.grid_cap=1", "--probes", "../escape.parquet"]) == 2
     assert main(["eval", str(tmp_path / "no_ckpt")]) == 2
     assert main(["cost", str(tmp_path)]) == 2
     assert "no run directory" in capsys.readouterr().err
     assert main(["cost", str(tmp_path), "--rounds", "5"]) == 2
     assert "--rounds must be >= 6" in capsys.readouterr().err
-    assert main(["cost", str(tmp_path), "--out", str(tmp_path)]) == 2  # a directory: refused before any timing
+    assert main(["cost", str(tmp_path), "--json", str(tmp_path)]) == 2  # a directory: refused before any timing
     assert "is a directory" in capsys.readouterr().err
     assert not out.exists() or not any(p.name == "metrics.jsonl" for p in out.rglob("*"))
 

@@ -110,7 +110,7 @@ TEXTS = ["what is 12 plus 30 = 42.", "solve for x 7 = 20."]
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_load_pretrained_attaches_mtp_modules_of_the_trunks_own_layer_class(checkpoints, family):
-    model, tok = load_pretrained(checkpoints[family], mtp_depths=2)
+    model, tok = load_pretrained(checkpoints[family], mtp_depths=2, mtp_init="copy_last")
     layer = type(model.trunk.base_model.layers[0])
     assert model.num_mtp == 2 and all(type(m.block) is layer for m in model.mtp)
     assert model.config.family == family and model.config.vocab_size == VOCAB
@@ -139,7 +139,7 @@ def test_the_tokenizers_special_tokens_are_the_checkpoints(checkpoints):
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_aligned_logprobs_are_causal_and_aligned_on_a_pretrained_trunk(checkpoints, family):
-    model, tok = load_pretrained(checkpoints[family], mtp_depths=2)
+    model, tok = load_pretrained(checkpoints[family], mtp_depths=2, mtp_init="copy_last")
     model = model.double()
     ids, mask = _batch(tok, TEXTS)
     logits, mtp_logits = model(ids, mask)
@@ -172,7 +172,7 @@ def _mtp_group_grads(model, grad_cut, ids, mask):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_regimes_gradient_cut_holds_on_a_pretrained_trunk(checkpoints, family):
     """u = ∇_θS M: zero under detach, the output head's only under detach_encoder, the trunk's under full."""
-    model, tok = load_pretrained(checkpoints[family])
+    model, tok = load_pretrained(checkpoints[family], mtp_init="copy_last")
     model = model.double()
     ids, mask = _batch(tok, TEXTS)
     head = "head" if family == "llama" else "embed"  # tied Qwen: the head is the embedding matrix
@@ -189,7 +189,7 @@ def test_every_regimes_gradient_cut_holds_on_a_pretrained_trunk(checkpoints, fam
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_save_load_round_trip_keeps_logits_and_the_tokenizer(checkpoints, family, tmp_path):
-    model, tok = load_pretrained(checkpoints[family])
+    model, tok = load_pretrained(checkpoints[family], mtp_init="copy_last")
     path = save_model(model, tmp_path / "ckpt", tok)
     again, tok2 = load_model(path), load_tokenizer(path)
     ids, mask = _batch(tok, TEXTS)
@@ -250,7 +250,8 @@ def test_prompt_ids_use_the_chat_template_or_a_bos_token_only_when_there_is_one(
 def _cfg(*overrides):
     from occ_theory.train.config import load_config
 
-    return load_config(None, ["task.suites=[addition,linear]", "threads=1", "device=cpu", "eval.max_new_tokens=6",
+    return load_config(None, ["pretrained=true", "task.suites=[addition,linear]", "threads=1", "device=cpu",
+                              "eval.max_new_tokens=6",
                               "sft.batch_size=4", "sft.eval_size=4", "sft.eval_every=0", *overrides])
 
 
@@ -303,7 +304,7 @@ def test_one_rl_step_with_a_probe_from_a_tokenizer_without_bos(checkpoints, tmp_
     from occ_theory.train.config import load_config
     from occ_theory.train.rl import run_rl
 
-    model, tok = load_pretrained(checkpoints["qwen2"])
+    model, tok = load_pretrained(checkpoints["qwen2"], mtp_init="copy_last")
     init = save_model(model, tmp_path / "init", tok)
     cfg = load_config(None, [f"rl.init={init}", "rl.regime=detach_encoder", "rl.steps=1", "rl.prompts_per_rollout=2",
                              "rl.group_size=2", "rl.minibatches=1", "rl.max_new_tokens=4", "diag.every=1",
@@ -338,26 +339,26 @@ def test_rl_eval_and_probe_take_a_pretrained_model_with_model(checkpoints, tmp_p
     start = load_model(run / "init")  # the saved start is the HF trunk with fresh MTP modules
     ref, _ = load_pretrained(hf, mtp_init="fresh", seed=0)
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in start.state_dict().items())
-    assert main(["probe", str(run), "--out", "a.parquet"]) == 0
-    assert main(["probe", str(run), "--online", "--out", "o.parquet"]) == 0  # collected, not recomputed
+    assert main(["probe", str(run), "--probes", "a.parquet"]) == 0
+    assert main(["probe", str(run), "--online", "--probes", "o.parquet"]) == 0  # collected, not recomputed
     a, o = pd.read_parquet(run / "a.parquet"), pd.read_parquet(run / "o.parquet")
     assert list(a.columns) == list(o.columns) and list(a.dtypes) == list(o.dtypes)
     num = [c for c in a.columns if pd.api.types.is_float_dtype(a[c])]
     assert len(num) > 50 and np.allclose(a[num].to_numpy(), o[num].to_numpy(), rtol=1e-9, equal_nan=True)
     assert np.allclose(a["curve/deltas"][0], o["curve/deltas"][0], rtol=1e-9)
-    assert main(["probe", str(run), "--online", "--set", "diag.grid_cap=1", "--out", "x.parquet"]) == 2
+    assert main(["probe", str(run), "--online", "--set", "diag.grid_cap=1", "--probes", "x.parquet"]) == 2
     assert "--online collects" in capsys.readouterr().err
     next((run / "probes").rglob("online.json")).unlink()  # checked before anything is written
-    assert main(["probe", str(run), "--online", "--out", "y.parquet"]) == 2 and not (run / "y.parquet").exists()
+    assert main(["probe", str(run), "--online", "--probes", "y.parquet"]) == 2 and not (run / "y.parquet").exists()
     assert "no online.json" in capsys.readouterr().err
     shutil.rmtree(run / "init")
-    assert main(["probe", str(run), "--out", "b.parquet"]) == 2
+    assert main(["probe", str(run), "--probes", "b.parquet"]) == 2
     assert "occ probe --model" in capsys.readouterr().err
-    assert main(["probe", str(run), "--out", "b.parquet", "--model", hf]) == 0
+    assert main(["probe", str(run), "--probes", "b.parquet", "--model", hf]) == 0
     a, b = pd.read_parquet(run / "a.parquet"), pd.read_parquet(run / "b.parquet")
     num = [c for c in a.columns if c.startswith("diag/") and pd.api.types.is_float_dtype(a[c])]
     assert num and np.allclose(a[num].to_numpy(), b[num].to_numpy(), equal_nan=True)
-    assert main(["probe", str(run), "--out", "c.parquet", "--model", checkpoints["llama"]]) == 2
+    assert main(["probe", str(run), "--probes", "c.parquet", "--model", checkpoints["llama"]]) == 2
     assert "do not fit" in capsys.readouterr().err
 
     out = tmp_path / "eval.json"
@@ -552,7 +553,7 @@ def test_row_chunks_and_jvp_batch_give_the_unbounded_probes_numbers(checkpoints)
     from occ_theory.rl.batch import ObjectiveSpec, RLBatch, forward_logprobs
     from occ_theory.rl.coef import Coefficient
 
-    model, tok = load_pretrained(checkpoints["qwen2"])
+    model, tok = load_pretrained(checkpoints["qwen2"], mtp_init="copy_last")
     texts = ["what is 12 plus 30 = 42.", "solve for x 7 = 20.", "the answer is 5 plus 8", "times 3 = 9.",
              "minus 4 number 13 = 17."]
     ids, attn = _batch(tok, texts)
@@ -585,8 +586,10 @@ def test_row_chunks_and_jvp_batch_give_the_unbounded_probes_numbers(checkpoints)
         got = run_probe(model, batch, spec, coef, snap, bounded).record
         for k, v in ref.items():
             if isinstance(v, float) and math.isfinite(v):
-                assert got[k] == pytest.approx(v, rel=1e-9, abs=1e-15), (k, rows, directions, geometries)
-            elif not isinstance(v, list):
+                # an optimum located by a bounded search moves with the last bits of Δ: to its tolerance only
+                rel = 1e-6 if "optimum" in k else 1e-9
+                assert got[k] == pytest.approx(v, rel=rel, abs=1e-15), (k, rows, directions, geometries)
+            elif not isinstance(v, list) and not k.endswith("/evaluations"):  # the search's own step count
                 assert got[k] == v or (isinstance(v, float) and math.isnan(got[k])), (k, rows, directions, geometries)
 
 

@@ -81,7 +81,7 @@ def test_unwritable_outputs_fail_at_once_with_one_line(ckpt, probed_run, tmp_pat
         assert str(blocker) in err or str(tmp_path) in err
         assert time.perf_counter() - t0 < 10, argv  # no model was loaded, nothing computed
     (probed_run / "busy.parquet").mkdir()
-    assert main(["probe", str(probed_run), "--set", "diag.grid_cap=1", "--out", "busy.parquet"]) == 2
+    assert main(["probe", str(probed_run), "--set", "diag.grid_cap=1", "--probes", "busy.parquet"]) == 2
     assert "busy.parquet" in capsys.readouterr().err
 
 
@@ -104,7 +104,7 @@ def test_a_bad_bundle_keeps_what_was_computed_and_skip_bad_goes_on(probed_run, t
     assert "step_000002" in capsys.readouterr().err
     assert list(pd.read_parquet(run / "probes.parquet")["step"]) == [1, 4]
     (run / "probes" / "step_000004" / "bundle.pt").unlink()  # a missing bundle
-    assert main(["probe", str(run), "--steps", "4", "--out", "p4.parquet"]) == 2
+    assert main(["probe", str(run), "--steps", "4", "--probes", "p4.parquet"]) == 2
     assert "step_000004" in capsys.readouterr().err
 
 
@@ -274,7 +274,7 @@ def test_eval_and_probe_honour_the_thread_setting(ckpt, probed_run, tmp_path):
     assert torch.get_num_threads() == 1
     torch.set_num_threads(2)
     assert main(["probe", str(probed_run), "--steps", "1", "--threads", "1", "--set", "diag.bootstrap=0",
-                 "--out", "t.parquet"]) == 0
+                 "--probes", "t.parquet"]) == 0
     assert torch.get_num_threads() == 1
 
 
@@ -293,7 +293,7 @@ def test_bad_options_are_named(argv, named, capsys):
 
 
 def test_errors_name_the_option(ckpt, probed_run, tmp_path, capsys):
-    assert main(["probe", str(probed_run), "--steps", "999", "--out", "x.parquet"]) == 2
+    assert main(["probe", str(probed_run), "--steps", "999", "--probes", "x.parquet"]) == 2
     assert "--steps" in (err := capsys.readouterr().err) and "999" in err and "1, 2, 4" in err
     assert main(["rl", "--init", str(tmp_path / "nonexistent"), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err

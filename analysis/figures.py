@@ -9,6 +9,7 @@ colour everywhere (``style.REGIME_COLORS``).
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -210,13 +211,15 @@ def f3_curves(probes: pd.DataFrame, out: Path, pdf: bool = False, regimes: tuple
     shown = regimes_in(d)
     if not shown:
         raise ValueError(f"F3 measured curves: no probe with a measured, non-flat curve in regimes {list(regimes)}")
+    evidence = control(d) == ""
+    d = d[evidence] if evidence.any() else d  # the first step (a sign step) only when nothing else was probed
     picks = {}
     for regime in shown:
         r = d[d["regime"] == regime].sort_values(["seed", "run", "step"])
         run = r[r["run"] == r["run"].iloc[0]]
         picks[regime] = (run, sorted({0, len(run) // 2, len(run) - 1}))
     ncol = max(len(p) for _, p in picks.values())
-    fig = new_figure(4.6 * ncol, 3.8 * len(shown))
+    fig = new_figure(4.8 * ncol, 5.6 * len(shown))
     axes = fig.subplots(len(shown), ncol, squeeze=False)
     for row_axes, regime in zip(axes, shown):
         run, idx = picks[regime]
@@ -261,11 +264,25 @@ def _curve_panel(ax, row: pd.Series, regime: str, when: str) -> None:
     if real and curves[0][0] == "real step, fine grid":  # log-spaced |λ| over decades: a symlog axis
         local = [c for c in curves if c[3] == REAL_LOCAL]
         width = float(np.max(np.abs(local[0][1]))) if local else (hi - lo) / 100
-        ax.set_xscale("symlog", linthresh=max(width / 10, 1e-12))
+        _symlog_decades(ax, max(width / 10, 1e-12), max(abs(lo), abs(hi)))
     ax.axhline(0, color="0.7", lw=0.5)
-    ax.set(xlabel="λ", ylabel="Δ(λ) = J(θ⁺(λ)) − J(θ⁺(0))",
+    ax.set(xlabel="λ" + (" (symlog)" if ax.get_xscale() == "symlog" else ""), ylabel="Δ(λ) = J(θ⁺(λ)) − J(θ⁺(0))",
            title=f"{regime} (seed {row['seed']}), step {int(row['step'])}, {when}")
-    ax.legend(handles=ax.get_legend_handles_labels()[0] + handles, fontsize=6)
+    ax.legend(handles=ax.get_legend_handles_labels()[0] + handles, fontsize=6, ncol=2, loc="upper center",
+              bbox_to_anchor=(0.5, -0.16))
+
+
+def _symlog_decades(ax, linthresh: float, top: float) -> None:
+    """A symlog x axis whose ticks are 0 and at most three decades on each side (labels never crowd)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter
+
+    ax.set_xscale("symlog", linthresh=linthresh, linscale=0.5)
+    lo_k, hi_k = math.ceil(math.log10(linthresh)), math.floor(math.log10(max(top, linthresh)))
+    step = max(1, math.ceil((hi_k - lo_k + 1) / 3))
+    ks = list(range(hi_k, lo_k - 1, -step))
+    ax.xaxis.set_major_locator(FixedLocator(sorted([0.0, *(10.0**k for k in ks), *(-(10.0**k) for k in ks)])))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: "0" if x == 0 else
+                                               f"{'−' if x < 0 else ''}1e{round(math.log10(abs(x)))}"))
 
 
 # ------------------------------------------------------------------ F4
@@ -478,7 +495,7 @@ def f8_geometries(probes: pd.DataFrame, out: Path, pdf: bool = False) -> Path:
     axes = fig.subplots(len(shown), 3 if has_opt else 2, squeeze=False)
     for row_axes, regime in zip(axes, shown):
         r = d[d["regime"] == regime]
-        name = f"{regime} (control: the clip alone)" if regime == "detach" else regime
+        name = f"{regime} (control)" if regime == "detach" else regime
         for ax, coef in zip(row_axes, ("alpha", "beta")):
             lines = [("real step (local fit)", REAL_LOCAL + coef, "0.5", "-")]
             lines += [(g, _model_key(g, coef), GEOMETRY_COLORS[g], "-" if g == REAL_GEOMETRY else "--")
@@ -486,7 +503,7 @@ def f8_geometries(probes: pd.DataFrame, out: Path, pdf: bool = False) -> Path:
             scale = " (symlog)" if _mean_series(ax, r, lines) else ""
             ax.axhline(0, color="0.7", lw=0.5)
             sym = "α" if coef == "alpha" else "β"
-            ax.set(xlabel="optimizer step", ylabel=sym + scale, title=f"{name}: each model's {sym} vs the real step's")
+            ax.set(xlabel="optimizer step", ylabel=sym + scale, title=f"{name}: {sym} of each model vs the real step")
             ax.title.set_color(regime_color(regime))
             ax.legend(fontsize=7)
         if has_opt:
@@ -496,7 +513,7 @@ def f8_geometries(probes: pd.DataFrame, out: Path, pdf: bool = False) -> Path:
                       for g in geometries]
             scale = " (symlog)" if _mean_series(ax, r, lines) else ""
             ax.axhline(0, color="0.7", lw=0.5)
-            ax.set(xlabel="optimizer step", ylabel="λ" + scale, title=f"{name}: each model's λ* vs the real optimum")
+            ax.set(xlabel="optimizer step", ylabel="λ" + scale, title=f"{name}: λ* vs the real optimum")
             ax.title.set_color(regime_color(regime))
             ax.legend(fontsize=7)
     fig.suptitle(f"Each geometry's second-order model against the real AdamW step ({_runs(d)})", fontsize=10)

@@ -262,7 +262,7 @@ def test_probe_settings_round_trip_and_read_old_bundles():
     dumped = ProbeSettings(**old).model_dump()  # what the dataclass's asdict stored reads back as it was,
     assert {k: dumped[k] for k in old} == old   # and the memory bounds added since are off (0)
     assert {k: dumped[k] for k in set(dumped) - set(old)} == {"row_chunk": 0, "jvp_batch": 0, "geometries_per_pass": 0,
-                                                              "optimum_per_decade": 5}
+                                                              "optimum_per_decade": 5, "fisher_all_geometries": False}
     older = {k: v for k, v in old.items() if k not in ("grid_cap", "taylor_halvings")}
     assert ProbeSettings(**older).grid_cap == 0.0
     assert s.replace(seed=12).seed == 12 and s.seed == 11

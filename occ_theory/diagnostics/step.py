@@ -80,6 +80,7 @@ class StepDiagnostics:
         realised_weights = None if realised is None else weights
         probe = run_probe(self.model, batch, spec, coef, snap, settings, heldout, dist, realised_weights)
         rec = {k: v for k, v in probe.record.items() if not isinstance(v, list)}
+        rec |= {f"perf/probe/{name}_s": s for name, s in probe.cost.items()}
         if probe.g is not None:
             rec |= self.recorder.check(probe.g, probe.u, *weights)
         where = {"first_after_rollout": first_after_rollout, "minibatch_index": minibatch_index}

@@ -21,33 +21,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .hvp import ScalarFn, grad, grad_and_hvps, jvps
-from .params import Params, axpy, check_alike, check_params, dot, is_zero, mul, sq_norm
+from .common import NAN, Reduce, check_lr, check_precond, fisher_curvature
+from .hvp import GradGraph, ScalarFn, grad
+from .params import Params, axpy, check_alike, check_params, dot, mul, sq_norm
+from .step import StepDecomposition, decompose_steps, fixed_precond_directions
 
-NAN = float("nan")
-Reduce = Callable[[dict[str, Tensor]], dict[str, Tensor]]
-"""Sums a dict of tensors over processes (``None``: one process). Data-parallel J and M are sums of
-per-process terms (each normalised by the global token count), so their gradients, HVPs and values
-are sums too."""
+__all__ = ["REASON_NOT_CONCAVE", "REASON_U_ZERO", "Decomposition", "Reduce", "check_precond", "decompose",
+           "decompose_geometries", "directions", "fisher_curvature", "measure_delta"]
+
 REASON_U_ZERO = "u = 0: the MTP loss sends no gradient to the shared parameters, Δ ≡ 0"
 REASON_NOT_CONCAVE = "Q >= 0: Δ(λ) is not concave, there is no finite optimum"
-
-
-def _check_lr(lr: float) -> float:
-    lr = float(lr)
-    if not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a finite positive step size, got {lr}")
-    return lr
-
-
-def check_precond(params: Mapping[str, Tensor], precond: Mapping[str, Tensor] | None) -> None:
-    """A preconditioner is a dict alike ``params`` of finite, non-negative diagonal entries."""
-    if precond is None:
-        return
-    check_alike(params, precond, "precond")
-    for k, p in precond.items():
-        if not torch.all(torch.isfinite(p)) or torch.any(p < 0):
-            raise ValueError(f"precond[{k!r}] must be finite and non-negative")
 
 
 @dataclass(frozen=True)
@@ -136,23 +119,25 @@ class Decomposition:
             out[name] = getattr(self, name)
         return out
 
+    @classmethod
+    def from_step(cls, step: StepDecomposition, lr: float, g: Mapping[str, Tensor], u: Mapping[str, Tensor]
+                  ) -> Decomposition:
+        """C, X, Q of a fixed-P geometry (s = ηPg, a = ηPu) from its step form (``step.decompose_steps``): C = gᵀa/η,
+        X = (α_m − gᵀa)/η², Q = β_m/η², Q_F = β_F/η², δ = ∇l·Pu = (∇l·a)/η. The one home of C, X, Q: the user API
+        (``decompose``) and the probe both read them off the step form."""
+        g_norm, u_norm = float(sq_norm(g)) ** 0.5, float(sq_norm(u)) ** 0.5
+        gu = float(dot(g, u))
+        return cls(
+            lr=lr, corr=step.alpha_first_order / lr, cross=(step.alpha_model - step.alpha_first_order) / lr**2,
+            curv=step.beta_model / lr**2, g_norm=g_norm, u_norm=u_norm,
+            cosine=gu / (g_norm * u_norm) if g_norm > 0 and u_norm > 0 else NAN, pu_norm_sq=(step.a_norm / lr) ** 2,
+            pg_norm=step.s_norm / lr, curv_fisher=step.beta_fisher / lr**2, geometry=step.geometry,
+            method=step.method, dlogp=None if step.dlogp is None else step.dlogp / lr, grad_rl=step.grad_rl)
+
 
 def directions(rl_objective: ScalarFn, mtp_objective: ScalarFn, params: Mapping[str, Tensor]) -> tuple[Params, Params]:
     """``(g, u) = (∇J, ∇M)`` on ``params``."""
     return grad(rl_objective, params)[1], grad(mtp_objective, params)[1]
-
-
-def fisher_curvature(dlogp: Tensor, mask: Tensor, reduce: Reduce | None = None) -> float:
-    """Q_F = −Σ m·δ² / Σ m over valid positions; NaN when the mask is empty."""
-    if dlogp.shape != mask.shape:
-        raise ValueError(f"dlogp has shape {tuple(dlogp.shape)}, mask has {tuple(mask.shape)}")
-    m = mask.to(torch.float64)
-    d = torch.where(m > 0, dlogp.to(torch.float64), 0.0)
-    sums = {"num": (m * d * d).sum(), "den": m.sum()}
-    if reduce is not None:
-        sums = reduce(sums)
-    total = float(sums["den"])
-    return NAN if total == 0.0 else -float(sums["num"]) / total
 
 
 def decompose(
@@ -196,48 +181,26 @@ def decompose_geometries(
 ) -> dict[str, Decomposition]:
     """``decompose`` in several geometries at once (e.g. ``{"sgd": None, "adam": P}``), sharing u, g and
     the gradient graph of J across the HVPs (``batched``: one vectorised call, see ``grad_and_hvps``);
-    the Fisher JVPs are one vectorised ``jvps`` call. Each result carries its key as ``geometry`` and g in ``grad_rl``."""
+    the Fisher JVPs are one vectorised ``jvps`` call. Each result carries its key as ``geometry`` and g in
+    ``grad_rl``. Computed as the step form θ + ηPg + λ·ηPu (``step.decompose_steps``) read back as C, X, Q
+    (``Decomposition.from_step``)."""
     red = reduce or (lambda d: d)
     check_params(params)
-    lr = _check_lr(lr)
+    lr = check_lr(lr)
     for p in preconds.values():
         check_precond(params, p)
     if (logp_fn is None) != (mask is None):
         raise ValueError("pass logp_fn and mask together (the Fisher curvature needs both)")
     u = dict(mtp_grad) if mtp_grad is not None else red(grad(mtp_objective, params)[1])
     check_alike(params, u, "mtp_grad")
-    pus = {name: mul(u, p) for name, p in preconds.items()}
-    active = [name for name, pu in pus.items() if not is_zero(pu)]
-    if active:
-        g, hvs = grad_and_hvps(rl_objective, params, [pus[n] for n in active], method, batched=batched)
-        g, hpus = red(g), dict(zip(active, (red(h) for h in hvs)))
-    else:
-        g, hpus = red(grad(rl_objective, params)[1]), {}
-    dlogps = dict.fromkeys(active)
-    if logp_fn is not None and active:
-        dlogps = dict(zip(active, jvps(logp_fn, params, [pus[n] for n in active])[1]))
-    g_norm = float(sq_norm(g)) ** 0.5
-    u_norm = float(sq_norm(u)) ** 0.5
-    gu = float(dot(g, u))
-    cosine = gu / (g_norm * u_norm) if g_norm > 0 and u_norm > 0 else NAN
-    out = {}
-    for name, precond in preconds.items():
-        pu, hpu = pus[name], hpus.get(name)
-        corr = cross = curv = 0.0
-        curv_fisher, dlogp = NAN, None
-        if hpu is not None:
-            corr = float(dot(g, pu))
-            cross = float(dot(mul(g, precond), hpu))
-            curv = float(dot(pu, hpu))
-            dlogp = dlogps[name]
-            if dlogp is not None:
-                curv_fisher = fisher_curvature(dlogp, mask, reduce)
-        out[name] = Decomposition(
-            lr=lr, corr=corr, cross=cross, curv=curv, g_norm=g_norm, u_norm=u_norm, cosine=cosine,
-            pu_norm_sq=float(sq_norm(pu)), pg_norm=float(sq_norm(mul(g, precond))) ** 0.5, curv_fisher=curv_fisher,
-            geometry=name, method=method, dlogp=dlogp, grad_rl=g,
-        )
-    return out
+    # s = ηPg needs g before the HVPs: rev-rev keeps g's graph for them (one forward, one backward), the other
+    # methods take g from a pass of its own
+    graph = GradGraph.of(rl_objective, params) if method == "rev-rev" and not batched else None
+    g = red(graph.grad if graph is not None else grad(rl_objective, params)[1])
+    steps = {name: fixed_precond_directions(g, u, lr, p) for name, p in preconds.items()}
+    decs = decompose_steps(rl_objective, params, steps, method, reduce, logp_fn, mask, batched, grad_rl=g,
+                           graph=graph)
+    return {name: Decomposition.from_step(decs[name], lr, g, u) for name in preconds}
 
 
 def measure_delta(
@@ -260,7 +223,7 @@ def measure_delta(
     J, a gather for per-sequence terms.
     """
     check_params(params)
-    lr = _check_lr(lr)
+    lr = check_lr(lr)
     check_precond(params, precond)
     red = reduce or (lambda d: d)
     if grads is not None:

@@ -122,6 +122,46 @@ def grad_and_hvps(
         return _rev_rev(f, base, vs, batched, keep)
 
 
+class GradGraph:
+    """∇f at θ with its reverse-mode graph kept: the gradient now, Hessian-vector products (rev-rev) later, along
+    directions chosen after seeing the gradient (the optimizer's step depends on ∇J). One forward and one backward
+    then serve the gradient and every HVP, instead of one forward and backward for the gradient and another for
+    the HVPs. ``value`` is f at ``leaves`` (tensors that require grad), computed by the caller, so that one forward
+    pass can also serve other gradients first (``retain_graph=True`` there)."""
+
+    def __init__(self, value: Tensor, leaves: Mapping[str, Tensor]):
+        self.keys, self.inputs = list(leaves), list(leaves.values())
+        self.shapes = {k: t for k, t in leaves.items()}
+        with _explain_fused_attention(), torch.enable_grad():
+            gs = torch.autograd.grad(_scalar(value), self.inputs, create_graph=True, allow_unused=True,
+                                     materialize_grads=True)
+        self.value = value.detach()
+        self.grad = {k: gk.detach() for k, gk in zip(self.keys, gs)}
+        self._live = [(i, gk) for i, gk in enumerate(gs) if gk.requires_grad]  # the others are constant in θ
+
+    @classmethod
+    def of(cls, f: ScalarFn, params: Mapping[str, Tensor]) -> GradGraph:
+        check_params(params)
+        leaves = {k: t.detach().clone().requires_grad_(True) for k, t in params.items()}
+        with torch.enable_grad():
+            return cls(f(leaves), leaves)
+
+    def hvp(self, v: Mapping[str, Tensor]) -> Params:
+        """∇²f·v on the kept graph (the graph stays for the next one)."""
+        v = _as_tangent(self.shapes, v)
+        if not self._live:  # f is linear in θ
+            return {k: torch.zeros_like(t) for k, t in self.shapes.items()}
+        with _explain_fused_attention():
+            hv = torch.autograd.grad([gk for _, gk in self._live], self.inputs,
+                                     grad_outputs=[v[self.keys[i]] for i, _ in self._live], allow_unused=True,
+                                     materialize_grads=True, retain_graph=True)
+        return {k: h.detach() for k, h in zip(self.keys, hv)}
+
+    def close(self) -> None:
+        """Drop the graph (its activations and their gradients)."""
+        self._live, self.inputs = [], []
+
+
 def _fwd_rev(f: ScalarFn, base: Params, vs: list[Params], batched: bool, keep: Callable) -> tuple[Params, list]:
     g_fn = torch.func.grad(lambda q: _scalar(f(q)))
     if batched:

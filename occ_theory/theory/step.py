@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .decompose import Reduce, _check_lr, check_precond, fisher_curvature
-from .hvp import ScalarFn, grad, grad_and_hvps, jvps
+from .common import Reduce, check_lr, check_precond, fisher_curvature
+from .hvp import GradGraph, ScalarFn, grad, grad_and_hvps, jvps
 from .params import Params, check_alike, check_params, dot, is_zero, mul, sq_norm
 
 NAN = float("nan")
@@ -109,7 +109,7 @@ def fixed_precond_directions(g: Mapping[str, Tensor], u: Mapping[str, Tensor], l
                              precond: Mapping[str, Tensor] | None = None) -> tuple[Params, Params]:
     """``(s, a) = (η·P·g, η·P·u)``: ``sgd`` (``precond=None``, P = I), ``adam`` (P = 1/(sqrt(v̂)+ε)) and,
     given the momentum buffers ``m_g``, ``m_u`` in place of ``g``, ``u``, ``adam_stationary``."""
-    lr = _check_lr(lr)
+    lr = check_lr(lr)
     check_alike(g, u, "u")
     check_precond(g, precond)
     return {k: lr * t for k, t in mul(g, precond).items()}, {k: lr * t for k, t in mul(u, precond).items()}
@@ -121,7 +121,7 @@ def _adamw_args(params, g, u, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_
     check_params(params)
     check_alike(params, g, "g")
     check_alike(params, u, "u")
-    lr = _check_lr(lr)
+    lr = check_lr(lr)
     beta1, beta2 = (float(b) for b in betas)
     if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
         raise ValueError(f"betas must lie in [0, 1), got {tuple(betas)}")
@@ -207,6 +207,8 @@ def decompose_steps(
     batched: bool = False,
     jvp_batch: int = 0,
     grad_rl: Mapping[str, Tensor] | None = None,
+    graph: GradGraph | None = None,
+    fisher: Sequence[str] | None = None,
 ) -> dict[str, StepDecomposition]:
     """α_m, β_m (and β_F when ``logp_fn`` and ``mask`` are given) of each geometry ``name: (s, a)``.
 
@@ -222,6 +224,8 @@ def decompose_steps(
     the log-probs are the terms' rows concatenated in order. Each term gets its own gradient graph, so
     the peak activation memory is one chunk's; the numbers are those of one call on the whole batch.
     ``grad_rl``: g = ∇J (reduced) when the caller has it already; the graph's own copy is then dropped.
+    ``graph``: a kept gradient graph of J at ``params`` (``GradGraph``, one term), whose HVPs serve instead of a new
+    forward and backward pass. ``fisher``: the geometries whose β_F is computed (default: every one).
     """
     check_params(params)
     if (logp_fn is None) != (mask is None):
@@ -246,6 +250,13 @@ def decompose_steps(
 
     g: Params | None = None  # Σ of the terms' gradients, the graphs' by-product (unless the caller gave g)
     curv = None  # (K, 2): sᵀHa, aᵀHa per active geometry, summed over terms
+    if graph is not None:
+        if len(terms) != 1:
+            raise ValueError("a kept gradient graph serves one term of J, not row chunks")
+        g = dict(graph.grad)
+        if active:
+            curv = torch.stack([curvature(i, graph.hvp(v)) for i, v in enumerate(vs)])
+        terms = []
     for term in terms:
         g_c = None
         if active:
@@ -262,9 +273,11 @@ def decompose_steps(
     if active:
         curv = red({"curv": curv})["curv"]
     dlogps = dict.fromkeys(active)
-    if logp_terms is not None and active:
-        parts = [jvps(fn, params, vs, max_batch=jvp_batch)[1] for fn in logp_terms]
-        dlogps = {n: torch.cat([p[i] for p in parts]) for i, n in enumerate(active)}  # (B, T): rows in order
+    fisher_active = [n for n in active if fisher is None or n in fisher]
+    if logp_terms is not None and fisher_active:
+        fvs = [steps[n][1] for n in fisher_active]
+        parts = [jvps(fn, params, fvs, max_batch=jvp_batch)[1] for fn in logp_terms]
+        dlogps |= {n: torch.cat([p[i] for p in parts]) for i, n in enumerate(fisher_active)}  # (B, T): rows in order
     out = {}
     for name, (s, a) in steps.items():
         alpha = alpha1 = beta = 0.0

@@ -1,0 +1,75 @@
+"""The probe as a list of quantities: each owns its keys, runs alone or with the rest to the same numbers, and the
+kept gradient graph that serves the geometries' HVPs gives the HVPs a fresh graph gives."""
+
+import math
+
+import pytest
+import torch
+from rl_fixtures import make_checkpoint, rl_config, with_signal
+from theory_problems import SoftmaxPolicy, gen, random_params
+
+from occ_theory.diagnostics.probe import OptimizerSnapshot, ProbeSettings, run_probe
+from occ_theory.diagnostics.quantities import QUANTITIES, quantity_names
+from occ_theory.theory import grad_and_hvps
+from occ_theory.theory.hvp import GradGraph
+from occ_theory.theory.params import flatten
+from occ_theory.theory.step import decompose_steps
+
+
+def test_a_kept_gradient_graph_gives_the_gradient_and_the_hvps_of_a_fresh_one():
+    prob = SoftmaxPolicy(seed=31)
+    vs = [random_params(gen(32 + i), prob.shapes) for i in range(3)]
+    g_ref, hv_ref = grad_and_hvps(prob.rl_objective, prob.params, vs, "rev-rev")
+    graph = GradGraph.of(prob.rl_objective, prob.params)
+    torch.testing.assert_close(flatten(graph.grad), flatten(g_ref), rtol=1e-12, atol=1e-14)
+    for v, ref in zip(vs, hv_ref):  # the graph stays for the next direction
+        torch.testing.assert_close(flatten(graph.hvp(v)), flatten(ref), rtol=1e-12, atol=1e-14)
+    steps = {"one": (vs[0], vs[1]), "two": (vs[2], vs[0])}
+    fresh = decompose_steps(prob.rl_objective, prob.params, steps)
+    kept = decompose_steps(prob.rl_objective, prob.params, steps, graph=graph)
+    for name in steps:
+        assert kept[name].alpha_model == pytest.approx(fresh[name].alpha_model, rel=1e-12)
+        assert kept[name].beta_model == pytest.approx(fresh[name].beta_model, rel=1e-12)
+    graph.close()
+    with pytest.raises(ValueError, match="one term"):
+        decompose_steps([prob.rl_objective, prob.rl_objective], prob.params, steps, graph=graph)
+
+
+@pytest.fixture(scope="module")
+def probe_inputs(tmp_path_factory):
+    from occ_theory.train.rl import RLTrainer
+    from occ_theory.train.run import RunContext
+
+    tmp = tmp_path_factory.mktemp("q")
+    ckpt = make_checkpoint(tmp / "sft")
+    cfg = rl_config(ckpt, "policy", "diag.every=0", "diag.first=false", "rl.grad_clip=0.5")
+    tr = RLTrainer(cfg, RunContext.create(cfg, "policy", out_dir=tmp / "run"))
+    batch, _ = tr.rollout()
+    first, mb = (with_signal(tr, m) for m in batch.split(2))
+    tr.train_step(first, first_after_rollout=True)  # Adam has state: every geometry is measured
+    snap = OptimizerSnapshot.capture(tr.optimizer, tr.shared, tr.rc.grad_clip)
+    settings = ProbeSettings(dtype="float64", curve_points=5, bootstrap=5, taylor_halvings=1, curve_real_step=True)
+    return tr.model, mb, tr.spec, tr.rule(), snap, settings
+
+
+def test_each_quantity_writes_only_the_keys_it_owns(probe_inputs):
+    probe = run_probe(*probe_inputs)
+    owners = {k: [q.name for q in QUANTITIES if any(k.startswith(p) for p in q.keys)] for k in probe.record}
+    base = {"diag/lr", "diag/dtype", "diag/hvp_method"}
+    assert {k: o for k, o in owners.items() if len(o) != 1 and k not in base} == {}
+    assert set(probe.cost) >= set(quantity_names()) - {"realised"}  # each quantity's line in the cost profile
+    assert all(s >= 0 for s in probe.cost.values())
+
+
+def test_a_quantity_run_alone_gives_the_numbers_it_gives_among_the_others(probe_inputs):
+    every = run_probe(*probe_inputs).record
+    for name in ("adam_real", "geometries", "real_step"):
+        alone = run_probe(*probe_inputs, quantities=(name,)).record
+        mine = [k for k in alone if k not in ("diag/lr", "diag/dtype", "diag/hvp_method")]
+        assert mine and all(k in every for k in mine)
+        for k in mine:
+            v = alone[k]
+            if isinstance(v, float) and math.isfinite(v):
+                assert v == pytest.approx(every[k], rel=1e-9, abs=1e-15), (name, k)
+    with pytest.raises(ValueError, match="unknown probe quantities"):
+        run_probe(*probe_inputs, quantities=("nope",))

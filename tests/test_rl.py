@@ -480,3 +480,20 @@ def test_clip_scope_decides_whether_the_mtp_loss_moves_detachs_step(ckpt, tmp_pa
         assert rec["rl/grad_norm"] == pytest.approx(math.hypot(rec["rl/grad_norm_shared"], rec["rl/grad_norm_mtp"]))
         shared_after.append(torch.cat([p.detach().reshape(-1) for p in tr.shared.values()]))
     assert (not torch.equal(*shared_after)) == coupled
+
+
+def test_l_old_is_recomputed_once_per_rollout_in_row_chunks_to_the_same_numbers(ckpt, tmp_path, monkeypatch):
+    """l_old comes from one training-layout forward over the rollout batch (rl.old_logp_rows rows a pass: the same
+    numbers), so the first minibatch after a rollout has l = l_old and the reference proxy applies exactly 0."""
+    tr = _trainer(ckpt, tmp_path, "occ", "diag.every=0", "diag.first=false")
+    calls = []
+    fill = tr.fill_old_logp
+    monkeypatch.setattr(tr, "fill_old_logp", lambda mb: calls.append(mb.size) or fill(mb))
+    pending = tr._next_rollout()
+    assert calls == [tr.rc.batch_size] and len(pending["batches"]) == tr.rc.minibatches
+    whole = torch.cat([mb.old_logp for mb in pending["batches"]])
+    chunked = _trainer(ckpt, tmp_path / "c", "occ", "rl.old_logp_rows=3", "diag.every=0", "diag.first=false")
+    again = chunked._next_rollout()
+    assert torch.equal(torch.cat([mb.old_logp for mb in again["batches"]]), whole)
+    rec = tr.train_step(pending["batches"][0], first_after_rollout=True, minibatch_index=0)
+    assert rec["lambda/reference"] == 0.0 and rec["lambda/used"] == 0.0

@@ -19,6 +19,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -188,7 +189,8 @@ class ProbeContext:
     # ---------------------------------------------------------------- shared intermediates
 
     def objectives(self) -> Any:
-        """The objectives at θ without gradients (the log-prob proxies read them)."""
+        """The objectives at θ, detached (the log-prob proxies read them): the forward pass of ``directions`` where it
+        ran on the whole batch, else one of their own without gradients."""
         if "objectives" not in self.cache:
             with self.timed("objectives"), torch.no_grad():
                 self.cache["objectives"] = compute_objectives(self.work, self.batch, self.spec)
@@ -208,6 +210,9 @@ class ProbeContext:
                                                 allow_unused=True, materialize_grads=True)
                     u_all = red({k: t.detach() for k, t in zip(leaves, grads)})
                     graph = GradGraph(obj.rl_objective, {k: leaves[k] for k in self.params})
+                # the same forward serves the log-prob proxies (only what they read is kept)
+                self.cache["objectives"] = SimpleNamespace(logp=obj.logp.detach(),
+                                                           mtp_logp=[q.detach() for q in obj.mtp_logp])
                 g = red(graph.grad)
             else:  # row chunks (or fwd-rev HVPs): g and u chunk by chunk; the HVPs make their own graphs
                 u_all = red(summed_grad([self.M_of(c) for c in self.chunks], self.params | self.mtp_params))

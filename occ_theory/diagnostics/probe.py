@@ -144,7 +144,7 @@ def run_probe(model: nn.Module, batch: RLBatch, spec: ObjectiveSpec, coef: Coeff
                 continue
             if q.needs_mtp and spec.mtp_kind is None:
                 out["diag/skipped"] = "regime has no MTP loss"
-                break
+                continue
             if q.wanted(ctx):
                 with ctx.timed(q.name):
                     out |= q.compute(ctx)

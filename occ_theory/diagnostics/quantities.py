@@ -40,7 +40,8 @@ cos(g, u) in P's metric, gᵀPu/√(gᵀPg·uᵀPu)."""
 STEP_KEYS = ("alpha_model", "beta_model", "alpha_first_order", "beta_fisher", "lambda_star", "lambda_star_first_order",
              "lambda_star_fisher", "lambda_bal", "s_norm", "a_norm", "proj")
 """The general step form θ + s + λ·a, for every geometry (``proj`` = η·gᵀa/‖a‖², which is κ = C/‖Pu‖² for the
-fixed-P geometries; ``beta_fisher`` only where ``diag.fisher_all_geometries`` or a fixed-P geometry)."""
+fixed-P geometries; ``beta_fisher`` for the curve's geometry, ``adam`` (``sgd`` before Adam has state), and for
+every geometry with ``diag.fisher_all_geometries``)."""
 
 
 def geometry_names(params: dict[str, Tensor], optim: Any) -> list[str]:
@@ -117,7 +118,8 @@ def geometries(ctx: ProbeContext) -> dict[str, Any]:
     d, s = ctx.directions(), ctx.settings
     names = geometry_names(ctx.params, ctx.optim)
     per_pass = s.geometries_per_pass or len(names)
-    fisher = None if s.fisher_all_geometries else FIXED_P
+    curve_geometry = "adam" if "adam" in names else "sgd"  # the fixed-P geometry of the curve and the fisher proxy
+    fisher = None if s.fisher_all_geometries else (curve_geometry,)
     steps, metric, step_dirs = {}, {}, None
     with ctx.timed("geometries"), ctx.curvature():
         for i in range(0, len(names), per_pass):
@@ -131,7 +133,6 @@ def geometries(ctx: ProbeContext) -> dict[str, Any]:
             del dirs
     ctx.release_graph()
     decs = {name: Decomposition.from_step(steps[name], ctx.lr, d.g, d.u) for name in FIXED_P if name in steps}
-    curve_geometry = "adam" if "adam" in decs else "sgd"
     precond = ctx.optim.preconditioner(ctx.params) if curve_geometry == "adam" else None
     ctx.cache["geometries"] = {"steps": steps, "decs": decs, "metric": metric, "step_dirs": step_dirs,
                                "curve": curve_geometry, "precond": precond}
@@ -307,9 +308,10 @@ class TaylorResidual(Quantity):
                                     ctx.settings, ctx.reductions.sum)
 
 
-QUANTITIES: tuple[Quantity, ...] = (LogprobProxies(), Geometries(), ModuleBreakdown(), AdamReal(), FisherProxy(),
+QUANTITIES: tuple[Quantity, ...] = (Geometries(), LogprobProxies(), ModuleBreakdown(), AdamReal(), FisherProxy(),
                                     ModelCurve(), RealStepCurves(), Realised(), TaylorResidual())
-"""Every quantity a probe measures, in the order it runs (later ones read what earlier ones cached)."""
+"""Every quantity a probe measures, in the order it runs (later ones read what earlier ones cached: the proxies
+read the forward pass the geometries' directions ran; without an MTP loss only the proxies run)."""
 
 
 def quantity_names() -> tuple[str, ...]:

@@ -145,10 +145,21 @@ def real_step_curves(J: Callable, J_terms: list, params: dict[str, Tensor], g: d
 
     def delta_fn(clip: bool) -> Callable[[float], float]:
         base = _value(J, real_step_params(params, g, u, 0.0, optim, 0.0, clip), sums)
-        return lambda lam: _value(J, real_step_params(params, g, u, lam, optim, lam * lam * mtp_grad_sq, clip),
-                                  sums) - base
+        seen: dict[float, float] = {}
 
-    clipped, free = delta_fn(True), delta_fn(False)
+        def delta(lam: float) -> float:  # each λ evaluated once (the local and fine grids share points)
+            if lam not in seen:
+                point = real_step_params(params, g, u, lam, optim, lam * lam * mtp_grad_sq, clip)
+                seen[lam] = _value(J, point, sums) - base
+            return seen[lam]
+        return delta
+
+    clipped, unclipped = delta_fn(True), delta_fn(False)
+    lo, hi = interval
+
+    def free(lam: float) -> float:
+        # where the clip acts neither at 0 nor at λ the two steps are the same step: the clipped value serves
+        return clipped(lam) if not real.clip_active and lo <= lam <= hi else unclipped(lam)
     own = geometries.get("adam_step")
     bal = next((x for x in (own.lambda_bal if own else NAN, real.lambda_bal, nc.lambda_bal)
                 if math.isfinite(x) and x > 0), settings.curve_default)

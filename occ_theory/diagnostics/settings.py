@@ -56,8 +56,8 @@ class ProbeFields(Settings):
     """Directions per vectorised JVP (the Fisher's δ = ∇l·a of each geometry; 0: every geometry in one pass, the
     fastest). Each direction in a pass is a stacked copy of θ_S and of every activation's tangent: 1 holds one."""
     fisher_all_geometries: bool = False
-    """Also compute the Fisher curvature β_F (one forward-mode pass each) of adam_step and adam_stationary; it is
-    always computed for sgd and adam, the paper's fixed-P form, whose δ the fisher proxy reads."""
+    """Compute the Fisher curvature β_F (one forward-mode pass each) of every geometry; by default only of adam (sgd
+    before Adam has state), the paper's fixed-P form, whose δ the fisher proxy and the model curve read."""
     geometries_per_pass: NonNegativeInt = 0
     """Geometries whose directions (s, a) are built and decomposed together (0: all four, sharing one gradient graph
     per row chunk). Each geometry holds two copies of θ_S: 1 builds one at a time, with one more gradient graph per

@@ -143,6 +143,9 @@ class RLConfig(Settings):
     prompts_per_rollout × group_size."""
     max_new_tokens: PositiveInt = 40
     """Longest response."""
+    old_logp_rows: NonNegativeInt = 0
+    """Rows per forward pass when l_old is recomputed once per rollout (0: the whole rollout batch in one pass; set it
+    to bound the memory of the logits, rows × tokens × vocabulary)."""
     temperature: PositiveFloat = 1.0
     """Sampling temperature (log-probs are of the temperature-scaled policy)."""
     top_p: typing.Annotated[Float, Field(gt=0, le=1)] = 1.0

@@ -5,9 +5,10 @@ Variant implemented (GRPO with DAPO's loss), per rollout batch:
 1. rollout: ``prompts_per_rollout`` prompts from the training mixture, ``group_size`` sampled
    responses each (temperature, top-p, stop at EOS); reward 1/0 from each problem's own task;
 2. advantage: group-relative, ``(r − mean)/(std + 1e-6)`` (``adv_scale: group``) or ``r − mean``;
-3. the batch is shuffled into ``minibatches`` equal minibatches, and the sampling policy's
-   log-probs ``l_old`` are recomputed per minibatch at the rollout parameters (as verl does), so
-   the first update after a rollout has ``l = l_old`` exactly;
+3. the sampling policy's log-probs ``l_old`` are recomputed once per rollout at the rollout parameters
+   with the training forward (``rl.old_logp_rows`` rows a pass; as verl recomputes them), so the first update
+   after a rollout has ``l = l_old`` (exactly on CPU); the batch is then shuffled into ``minibatches`` equal
+   minibatches;
 4. one AdamW step per minibatch on ``L = −J − λ·M`` (+ ``kl_coef``·k3-KL to the initial policy,
    off by default): ``J`` the token-mean clipped surrogate (ε_lo, ε_hi), ``M`` the regime's MTP
    objective (docs/theory.md section 1), ``λ`` the regime's coefficient (``rl/coef.py``); gradient
@@ -182,13 +183,17 @@ class RLTrainer:
 
     @torch.no_grad()
     def fill_old_logp(self, mb: RLBatch) -> tuple[RLBatch, float]:
-        """l_old (and the reference log-probs) recomputed at the current parameters with the shapes of
-        training, and max |sampler log-prob − l_old| (a sampler/trainer mismatch check)."""
+        """l_old (and the reference log-probs) recomputed at the current parameters with the column layout of
+        training, ``rl.old_logp_rows`` rows per forward pass, and max |sampler log-prob − l_old| (a sampler/trainer
+        mismatch check)."""
+        rows = self.rc.old_logp_rows or mb.size
+        parts = [mb.select(slice(i, i + rows)) for i in range(0, mb.size, rows)]
         with self.ctx.autocast():
-            lp = forward_logprobs(self.model, mb, self.rc.temperature, "full", False)[0]
+            lp = torch.cat([forward_logprobs(self.model, p, self.rc.temperature, "full", False)[0] for p in parts])
             ref = None
             if self.ref_model is not None:
-                ref = forward_logprobs(self.ref_model, mb, self.rc.temperature, "full", False)[0]
+                ref = torch.cat([forward_logprobs(self.ref_model, p, self.rc.temperature, "full", False)[0]
+                                 for p in parts])
         m = mb.response_mask > 0
         old = torch.where(m, lp.float(), 0.0)
         gap = float((old - mb.old_logp).abs().max()) if m.any() else 0.0
@@ -405,9 +410,9 @@ class RLTrainer:
         except NonFiniteLogitsError as e:
             raise Diverged(f"before step {self.step + 1}: {e}") from e
         self.rollouts += 1
-        filled = [self.fill_old_logp(mb) for mb in batch.split(self.rc.minibatches, self.shuffle_gen)]
-        ro_rec["rollout/logp_gap"] = max(self.dist.gather(max(gap for _, gap in filled)))
-        return {"batches": [mb for mb, _ in filled], "record": ro_rec, "next": 0}
+        batch, gap = self.fill_old_logp(batch)  # once per rollout, at the rollout's parameters
+        ro_rec["rollout/logp_gap"] = max(self.dist.gather(gap))
+        return {"batches": batch.split(self.rc.minibatches, self.shuffle_gen), "record": ro_rec, "next": 0}
 
     def _loop(self, progress: Progress, stop: StopSignals) -> None:
         """Rollouts and their minibatch steps; after each step, stop on non-finite weights or on a signal

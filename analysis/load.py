@@ -25,11 +25,11 @@ import pandas as pd
 import yaml
 
 from occ_theory.jsonl import RunFileError, read_jsonl
-from occ_theory.names import CONFIG_FILE, EVAL_FILE, METRICS_FILE, PROBES_FILE
+from occ_theory.names import CONFIG_FILE, EVAL_FILE, METRICS_FILE, PROBES_FILE, REGIME_TABLE
 
-FIXED_LAMBDA_REGIMES = ("ce", "policy")
+FIXED_LAMBDA_REGIMES = tuple(r.name for r in REGIME_TABLE.values() if r.arm == "coef")
 """Regimes trained with a fixed λ = ``rl.mtp_coef`` on a loss into θ_S (outcome against λ: claim 7): ``rl.mtp_coef``
-names their arm."""
+names their arm (``names.REGIME_TABLE``)."""
 
 
 @dataclass
@@ -238,10 +238,10 @@ def arm_name(regime: str, rl: dict[str, Any]) -> str:
     """What distinguishes runs of one regime: ``occ/<proxy>`` (``occ/reference``), ``<regime>@<mtp_coef>`` for the
     fixed-λ regimes (``ce@0.1``, ``policy@0.3``), the rule otherwise (``off``, ``detach``, ``real``, ``cosine``,
     ``upgrad``); then ``/<clip_scope>`` when the clip is not the global one (``detach/separate``)."""
-    coef = rl.get("mtp_coef")
-    if regime == "occ":
-        arm = f"occ/{rl.get('proxy', 'reference')}"
-    elif regime in FIXED_LAMBDA_REGIMES and isinstance(coef, int | float):
+    coef, kind = rl.get("mtp_coef"), REGIME_TABLE[regime].arm if regime in REGIME_TABLE else "regime"
+    if kind == "proxy":
+        arm = f"{regime}/{rl.get('proxy', 'reference')}"
+    elif kind == "coef" and isinstance(coef, int | float):
         arm = f"{regime}@{coef:g}"
     else:
         arm = regime

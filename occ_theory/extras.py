@@ -10,6 +10,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from .names import REGIME_TABLE
+
 EXTRAS = {
     "surgery": ("torchjd",),  # the pcgrad and upgrad regimes
     "gguf": ("gguf", "accelerate"),  # reading .gguf files (occ models fetch, a .gguf --model)
@@ -18,7 +20,8 @@ EXTRAS = {
 }
 """Extra name → the modules it installs (``pip install -e ".[NAME]"``)."""
 
-SURGERY_REGIMES = ("pcgrad", "upgrad")
+SURGERY_REGIMES = tuple(r.name for r in REGIME_TABLE.values() if r.extra == "surgery")
+"""The regimes that need torchjd (their row of ``names.REGIME_TABLE``)."""
 
 
 def available(module: str) -> bool:
@@ -48,8 +51,9 @@ def is_gguf(path: Any) -> bool:
 
 def check_run(cfg: Any, kind: str) -> None:
     """Every extra a run of ``cfg`` needs (``kind``: "sft", "eval" or an RL regime), before anything is written."""
-    if kind not in ("sft", "eval") and cfg.rl.regime in SURGERY_REGIMES:
-        require("surgery", f"regime {cfg.rl.regime!r} (torchjd aggregates the RL and MTP gradients)")
+    extra = REGIME_TABLE[cfg.rl.regime].extra if kind not in ("sft", "eval") else None
+    if extra is not None:
+        require(extra, f"regime {cfg.rl.regime!r} ({REGIME_TABLE[cfg.rl.regime].doc})")
     for key, path in (("model.init_from", cfg.model.init_from), ("rl.init", cfg.rl.init if kind not in ("sft", "eval")
                                                                   else None)):
         if is_gguf(path):

@@ -187,3 +187,24 @@ def test_the_real_rule_applies_the_probes_adam_real_optimum(ckpt, tmp_path):
     assert rec["lambda/rule"] == "real" and math.isfinite(probe)
     assert rec["lambda/raw"] == pytest.approx(probe, rel=1e-3)
     assert abs(rec["lambda/used"]) <= tr.rc.coef_max
+
+
+def test_every_regime_of_the_table_is_wired_through():
+    """A regime is one row of names.REGIME_TABLE: its objectives, its rule, the config and the analysis all read it."""
+    from analysis.load import arm_name
+    from occ_theory.names import REGIME_TABLE
+    from occ_theory.rl.batch import ObjectiveSpec
+    from occ_theory.rl.coef import CoefInputs
+    from occ_theory.train.config import RLConfig, load_config
+
+    doc = RLConfig.model_fields["regime"].description
+    for name, row in REGIME_TABLE.items():
+        spec = ObjectiveSpec.for_regime(name, detach_mtp_loss="policy")
+        assert spec.grad_cut == row.grad_cut and (spec.mtp_kind is None) == (row.mtp_loss is None)
+        rule = CoefficientRule(name, 0.2, proxy="least_squares")
+        assert rule.name == ("least_squares" if row.rule == "proxy" else row.rule)
+        assert rule.edits_shared == row.edits_shared and rule.needs_mtp_grad == row.needs_u
+        inputs = CoefInputs({"least_squares": 0.5}, real=lambda: 0.3, adam_step=lambda: 0.3)
+        assert math.isfinite(rule(inputs).value)
+        assert load_config(None, [f"rl.regime={name}"]).rl.regime == name and name in doc
+        assert arm_name(name, {"mtp_coef": 0.2, "proxy": "fisher"}).startswith(name)

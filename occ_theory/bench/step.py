@@ -29,12 +29,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..names import REGIME_TABLE
 from .common import BenchResult, Samples, interleave, paired_ratio, target
 from .fixtures import DIAG_EVERY_STEP, checkpoint, rollout_minibatch, trainer
 from .profiling import describe_ops, describe_phases, phase_times, top_ops
 
 OCC_PROXIES = ("reference", "least_squares", "fisher")
-OTHER_RULES = ("real", "adam_step", "cosine", "cosine_weighted", "pcgrad", "upgrad")
+OTHER_RULES = tuple(r.name for r in REGIME_TABLE.values() if r.needs_u)  # real, adam_step, cosine, …
 OCC_TARGET = 1.03
 DIAG_TARGET = 8.0
 GEOMETRY_TARGET = 1.0
@@ -51,7 +52,7 @@ def bench_step(repeats: int, threads: int, quick: bool = False) -> BenchResult:
             cheap[f"occ/{proxy}"] = trainer(ckpt, d / f"occ-{proxy}", "occ", f"rl.proxy={proxy}", threads=threads)
         rules = {}  # the other coefficient rules: a cost against detach, no target
         for rule in OTHER_RULES:
-            if rule in ("pcgrad", "upgrad") and importlib.util.find_spec("torchjd") is None:
+            if REGIME_TABLE[rule].extra == "surgery" and importlib.util.find_spec("torchjd") is None:
                 res.notes.append(f"{rule}: skipped (torchjd is not installed: pip install '.[surgery]')")
                 continue
             rules[rule] = trainer(ckpt, d / rule, rule, threads=threads)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor, nn
 
+from ..names import REGIME_TABLE
 from .objectives import Surrogate, clipped_surrogate, k3_terms, mtp_objective, token_mean
 
 
@@ -85,20 +86,9 @@ class ObjectiveSpec:
     @classmethod
     def for_regime(cls, regime: str, eps_lo: float = 0.2, eps_hi: float = 0.28, temperature: float = 1.0,
                    kl_coef: float = 0.0, detach_mtp_loss: str = "ce") -> ObjectiveSpec:
-        kind, cut = {
-            "off": (None, "full"),
-            "detach": (detach_mtp_loss, "detach"),
-            "detach_encoder": (detach_mtp_loss, "detach_encoder"),
-            "ce": ("ce", "full"),
-            "policy": ("policy", "full"),
-            "occ": ("policy", "full"),
-            "real": ("policy", "full"),
-            "adam_step": ("policy", "full"),
-            "cosine": ("policy", "full"),
-            "cosine_weighted": ("policy", "full"),
-            "pcgrad": ("policy", "full"),
-            "upgrad": ("policy", "full"),
-        }[regime]
+        spec = REGIME_TABLE[regime]  # the regime table (occ_theory/names.py)
+        kind = detach_mtp_loss if spec.mtp_loss == "config" else spec.mtp_loss
+        cut = spec.grad_cut
         return cls(kind, cut, eps_lo, eps_hi, temperature, kl_coef)
 
 

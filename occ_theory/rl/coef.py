@@ -48,16 +48,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..names import REGIME_TABLE
 from ..theory import proxies
 from ..theory.params import Params, axpy, dot, mul, sq_norm
 from ..theory.precond import adam_preconditioner
 from .batch import forward_logprobs, mtp_mask
 
 NAN = float("nan")
-SHARED_RULES = ("cosine", "cosine_weighted", "pcgrad", "upgrad")
+SHARED_RULES = tuple(r.rule for r in REGIME_TABLE.values() if r.edits_shared)
 """Rules that replace the update on θ_S after the backward pass (``shared_update``)."""
-STEP_RULES = ("real", "adam_step")
+STEP_RULES = tuple(r.rule for r in REGIME_TABLE.values() if r.step_model)
 """Rules whose λ is a model optimum of the next step (an HVP of J), recomputed every ``every`` steps."""
+NEEDS_U = tuple(r.rule for r in REGIME_TABLE.values() if r.needs_u)
+"""Rules that need u = ∇M on θ_S from the live step (``fisher`` too, an occ proxy)."""
 CALIBRATED = ("reference", "least_squares", "fisher", *STEP_RULES)
 """Rules whose λ is computed at each step: they take the EMA, the clip and the bound."""
 SCALED_PROXIES = ("reference", "least_squares")
@@ -123,14 +126,14 @@ class CoefficientRule:
 
     @property
     def name(self) -> str:
-        if self.regime in (*STEP_RULES, *SHARED_RULES):
-            return self.regime
-        return {"off": "off", "occ": self.proxy}.get(self.regime, "fixed")
+        """The rule the regime's row of ``REGIME_TABLE`` names (``proxy``: ``rl.proxy``)."""
+        rule = REGIME_TABLE[self.regime].rule
+        return self.proxy if rule == "proxy" else rule
 
     @property
     def needs_mtp_grad(self) -> bool:
         """Whether the rule needs u = ∇M on θ_S from the live step (at some steps)."""
-        return self.name in ("fisher", *STEP_RULES, *SHARED_RULES)
+        return self.name in ("fisher", *NEEDS_U)
 
     @property
     def needs_mtp_grad_now(self) -> bool:

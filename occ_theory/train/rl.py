@@ -38,6 +38,7 @@ from ..atomic import atomic_torch_save, atomic_write_text
 from ..diagnostics.step import StepDiagnostics
 from ..errors import BadStepsError, Diverged, Interrupted
 from ..models import load_any, save_model
+from ..names import REGIME_TABLE
 from ..rl.advantages import group_advantages
 from ..rl.batch import (
     Norms,
@@ -106,11 +107,12 @@ class RLTrainer:
         if len(self.tokenizer) > vocab:
             raise ValueError(f"checkpoint {init}: its tokenizer has {len(self.tokenizer)} tokens but the model's "
                              f"vocabulary only {vocab}")
-        if rc.regime != "off" and self.model.num_mtp == 0:
+        regime = REGIME_TABLE[rc.regime]
+        if regime.mtp_loss is not None and self.model.num_mtp == 0:
             raise ValueError(f"regime {rc.regime!r} needs MTP modules, but {init} has mtp_depths = 0")
         self.spec = ObjectiveSpec.for_regime(rc.regime, rc.eps_lo, rc.eps_hi, rc.temperature, rc.kl_coef,
                                              rc.detach_mtp_loss)
-        if rc.regime == "off":
+        if regime.mtp_loss is None:  # no MTP loss: θ_M frozen
             for p in self.model.mtp.parameters():
                 p.requires_grad_(False)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -130,7 +132,8 @@ class RLTrainer:
         self.diagnostics = StepDiagnostics(self.model, self.shared, self.optimizer, cfg.diag, total_steps=rc.steps,
                                            seed=cfg.seed, grad_clip=rc.grad_clip, clip_scope=rc.clip_scope,
                                            bundle_dir=ctx.run_dir / "probes",
-                                           enabled=rc.regime != "off", dist=self.dist, heldout=self.heldout_batch)
+                                           enabled=regime.mtp_loss is not None, dist=self.dist,
+                                           heldout=self.heldout_batch)
         # a pretrained model's tokenizer gets the tasks in natural language (its chat template, "Answer: N")
         self.tasks = {t.name: t for t in tasks_for(self.tokenizer, training_tasks(cfg), cfg.task.parse)}
         # randomness: every source is a seeded generator whose state is checkpointed (one set per process)

@@ -7,8 +7,9 @@ one trainer per contender loaded from the same checkpoint. Two interleaved group
 * ``detach`` and ``occ`` with each proxy (``reference``, ``least_squares``, ``fisher``): the ratio
   occ/detach is the paper's "negligible cost" claim (target ≤ 1.03);
 * ``policy`` plain and ``policy`` with the diagnostics forced on every step (momentum buffers, the
-  four geometries with Q_F from one gradient graph, identity 3, an 8-point λ-curve; no bootstrap,
-  Taylor halvings, real-step curves or probe bundles): target ≤ 8;
+  four affine geometries on one kept gradient graph with the curve geometry's Q_F, adam_real, identity 3, an
+  8-point λ-curve; no bootstrap, Taylor halvings, real-step curves or probe bundles): target ≤ 8; the probe's
+  own cost profile per quantity (``perf/probe/<name>_s``) is written beside it;
 * the other coefficient rules (``real``, ``adam_step``, ``cosine``, ``cosine_weighted``, ``pcgrad``, ``upgrad``) against
   detach: their cost per step, reported without a target;
 * the marginal cost of one more geometry (``decompose_steps`` with four geometries against three,
@@ -82,9 +83,12 @@ def bench_step(repeats: int, threads: int, quick: bool = False) -> BenchResult:
         for name in ("occ/reference", "occ/least_squares"):
             if name in missed:
                 res.notes.append(_explain_ops(name, step(cheap[name]), step(cheap["detach"]), missed[name], calls))
+        diag_records = [v for v in b["policy+diagnostics"].values if isinstance(v, dict)]
+        res.notes.append("probe profile (ms, median over the timed instrumented steps): " + ", ".join(
+            f"{name} {ms:.0f}" for name, ms in probe_profile(diag_records).items()))
         if "policy+diagnostics" in missed:
             res.notes.append(_explain_diagnostics(step(diag["policy+diagnostics"]), missed["policy+diagnostics"],
-                                                  b["policy"], calls))
+                                                  b["policy"], calls, diag_records))
     return res
 
 
@@ -185,13 +189,17 @@ FISHER_PHASES = {
 DIAG_PHASES = {
     "u = ∇M on the live graph (momentum buffers)": "occ_theory.diagnostics.recorder:GradientRecorder.mtp_grad",
     "run_probe": "occ_theory.diagnostics.step:run_probe",
-    "of it g and u, functionally": "occ_theory.diagnostics.probe:grad",
-    "decompose_steps (four geometries, one graph)": "occ_theory.diagnostics.probe:decompose_steps",
-    "of it grad_and_hvps": "occ_theory.theory.step:grad_and_hvps",
-    "of it the JVPs for β_F": "occ_theory.theory.step:jvps",
-    "curve": "occ_theory.diagnostics.probe:measure_curve",
     "identity 3": "occ_theory.diagnostics.recorder:GradientRecorder.check",
 }
+
+
+def probe_profile(records: list[dict[str, Any]]) -> dict[str, float]:
+    """The probe's own cost profile (``perf/probe/<name>_s``, exclusive seconds per quantity and per shared
+    intermediate), median over the records, in ms, largest first."""
+    keys = {k for r in records for k in r if k.startswith("perf/probe/")}
+    med = {k.removeprefix("perf/probe/").removesuffix("_s"): 1e3 * statistics.median(r[k] for r in records if k in r)
+           for k in keys}
+    return dict(sorted(med.items(), key=lambda kv: -kv[1]))
 
 
 def _forward_ms(tr: Any, mb: Any, calls: int) -> float:
@@ -229,10 +237,15 @@ def _explain_ops(name: str, fn: Any, base: Any, row: dict[str, Any], calls: int)
             "log-prob proxies; a miss within the rounds' range is the machine's noise.")
 
 
-def _explain_diagnostics(fn: Any, row: dict[str, Any], plain: Samples, calls: int) -> str:
+def _explain_diagnostics(fn: Any, row: dict[str, Any], plain: Samples, calls: int,
+                         records: list[dict[str, Any]]) -> str:
     phases = phase_times(fn, DIAG_PHASES, calls)
-    return (f"policy+diagnostics misses ({row['ratio']:.1f}× the plain step's {1e3 * plain.median_s:.0f} ms). "
-            f"Profile per step (inclusive; 'of it' phases are inside the one above): {describe_phases(phases)}. "
-            "The floor: one gradient graph of J with four HVPs (one per geometry), one JVP per geometry for "
-            "β_F, u and g functionally, u again on the live graph for the momentum buffers, and the curve's "
-            "forwards.")
+    unit = 1e3 * plain.median_s
+    profile = "; ".join(f"{name} {ms:.0f} ms ({ms / unit:.1f} plain steps)" for name, ms in probe_profile(records).items())
+    return (f"policy+diagnostics misses ({row['ratio']:.1f}× the plain step's {unit:.0f} ms). Profile per step: "
+            f"{describe_phases(phases)}. The probe's own profile (exclusive, per quantity and shared intermediate): "
+            f"{profile}. The floor: the directions (one forward for J and M, u with θ_M's gradient from one "
+            "backward, g from another that keeps its graph), one HVP per affine geometry on that graph (four: "
+            "sgd, adam, adam_step, adam_stationary; each about one plain step), the Fisher JVP of the curve's "
+            "geometry, adam_real (a gradient and an HVP of J at θ⁺(0), another point), the curve's forwards, and u "
+            "on the live graph every step for adam_stationary's momentum buffers.")

@@ -78,8 +78,8 @@ else
 fi
 
 # claim 6: one optimizer step of each arm timed round-robin on one minibatch (occ cost; about 3 min), once
-[ -f "$OUT/step_cost.json" ] || occ cost "${runs[@]}" --rounds 60 --out "$OUT/step_cost.json"
+[ -f "$OUT/step_cost.json" ] || occ cost "${runs[@]}" --rounds 60 --json "$OUT/step_cost.json"
 occ figures "${runs[@]}" --out "$FIG" --force --step-cost "$OUT/step_cost.json"
-# the README's reference tables are generated from the committed summary.json (a test checks they agree)
-if [ "$FIG" = figures ]; then python -m analysis.readme_table figures/summary.json README.md
+# docs/results.md's tables are generated from the committed summary.json (a test checks they agree)
+if [ "$FIG" = figures ]; then python -m analysis.readme_table figures/summary.json docs/results.md
 else python -m analysis.readme_table "$FIG/summary.json"; fi

@@ -122,13 +122,13 @@ def test_the_readme_table_is_spliced_between_its_markers_and_nothing_else_moves(
     assert readme.read_text() == "no markers\n"
 
 
-def test_the_committed_readme_holds_the_committed_summary():
-    """The reference section's numbers are figures/summary.json's, rendered, never typed in."""
+def test_the_committed_results_page_holds_the_committed_summary():
+    """The reference experiment's numbers are figures/summary.json's, rendered, never typed in."""
     root = Path(__file__).resolve().parents[1]
     summary = root / "figures" / SUMMARY_JSON
     if not summary.is_file():
         pytest.skip("no committed figures/summary.json yet")
-    assert generated_block((root / "README.md").read_text()) == render(json.loads(summary.read_text()))
+    assert generated_block((root / "docs" / "results.md").read_text()) == render(json.loads(summary.read_text()))
 
 
 def test_copies_of_one_run_count_once_whatever_their_names(tmp_path):

@@ -41,6 +41,7 @@ from .verdict import (
     INCONCLUSIVE,
     MIN_POINTS,
     MIN_RUNS,
+    NOT_MEASURED,
     NOT_SUPPORTED,
     SHARE_HIGH,
     SHARE_LOW,
@@ -86,6 +87,12 @@ THRESHOLDS: dict[str, str] = {
 }
 
 
+def _absent(n: int) -> str:
+    """The inconclusive verdict's wording: not measured when there is nothing at all to judge (an arm not run, a
+    setting off), at this scale when there is some but too little."""
+    return NOT_MEASURED if not n else INCONCLUSIVE
+
+
 def _regime(df: pd.DataFrame, regime: str) -> pd.DataFrame:
     return df[df["regime"] == regime] if "regime" in df else df.iloc[0:0]
 
@@ -125,7 +132,7 @@ def ce_penalty_dominates(probes: pd.DataFrame) -> Verdict:
     nums: dict[str, Any] = {"geometry": g, "fit_source": fit_src, "ce_probes": int(in_g.sum()),
                             "excluded_other_geometry": int((np.isfinite(lam) & ~in_g).sum())}
     if why := too_few_runs(ce.loc[in_g, "run"], f"ce probes in the {g} geometry"):
-        return inconclusive("2", CLAIM_CE, why, **nums)
+        return inconclusive("2", CLAIM_CE, why, _absent(in_g.sum()), **nums)
     d, a, b, lam, fit = ce[in_g], alpha[in_g], beta[in_g], lam[in_g], fit[in_g]
     has_fit = np.isfinite(fit)
     nums["nan_fit"] = int((~has_fit).sum())
@@ -172,7 +179,7 @@ def policy_corr_decays(probes: pd.DataFrame) -> Verdict:
     nums: dict[str, Any] = {"geometry": g, "policy_probes": int(ok.sum()),
                             "excluded_other_geometry": int((np.isfinite(step) & ~ok).sum())}
     if why := too_few_runs(pol.loc[ok, "run"], f"policy probes in the {g} geometry"):
-        return inconclusive("3", CLAIM_DECAY, why, **nums)
+        return inconclusive("3", CLAIM_DECAY, why, _absent(ok.sum()), **nums)
     c, q, step, runs = c[ok].to_numpy(), q[ok].to_numpy(), step[ok].to_numpy(), pol.loc[ok, "run"].to_numpy()
     if step.max() == step.min():
         return inconclusive("3", CLAIM_DECAY, "every policy probe is at one step", **nums)
@@ -284,7 +291,8 @@ def proxy_tracks_lambda_star(probes: pd.DataFrame) -> Verdict:
                    f"(the proxy is 0 there by construction); {nan_points} with a NaN proxy or λ_opt, counted")
     if len(pts) < MIN_POINTS or (why := too_few_runs(pts["run"], "(proxy, λ_opt) pairs")):
         why = why if len(pts) >= MIN_POINTS else f"only {len(pts)} (proxy, λ_opt) pair(s)"
-        return inconclusive("5", CLAIM_PROXY, f"{why}; {why_dropped}", **nums, **_reading(probes))
+        return inconclusive("5", CLAIM_PROXY, f"{why}; {why_dropped}", _absent(len(every)), **nums,
+                            **_reading(probes))
     t = tracking(pts)
     worst = _within_k_rho(*(every[c].to_numpy(float) for c in ("fit", "proxy", "k")), worst=True) \
         if nan_points else t["spearman"]
@@ -385,7 +393,8 @@ def occ_time_cost(metrics: pd.DataFrame, step_cost: dict[str, Any] | None = None
     sep_ratio, sep_nums, sep_detail = _separate_runs_cost(metrics)
     if step_cost is None:
         if not math.isfinite(sep_ratio):
-            return inconclusive("6", CLAIM_COST, sep_detail, **sep_nums)
+            return inconclusive("6", CLAIM_COST, sep_detail, _absent(sep_nums["occ_runs"] * sep_nums["detach_runs"]),
+                                **sep_nums)
         detail = sep_detail + (" (separate runs' step times, which also differ by load, response length and the "
                                "recorder's work; `occ cost` times every arm interleaved on one minibatch)")
         verdict = (SUPPORTED if sep_ratio <= COST_SUPPORTED else NOT_SUPPORTED if sep_ratio > COST_NOT_SUPPORTED

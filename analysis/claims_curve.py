@@ -38,7 +38,7 @@ from .frames import (
     numeric,
 )
 from .stats import share_interval
-from .verdict import INCONCLUSIVE, NOT_SUPPORTED, Verdict, combine, inconclusive, judge_share
+from .verdict import INCONCLUSIVE, NOT_SUPPORTED, Verdict, combine, inconclusive, judge_share, not_measured
 
 LOCAL_R2 = 0.9
 """1a: the local real-step curve counts as quadratic at R² ≥ 0.9."""
@@ -119,7 +119,7 @@ def local_quadratic(probes: pd.DataFrame) -> Verdict:
     clip, v̂(λ) and the rest, and each geometry's median relative error of α and β against the local fit."""
     need = [REAL_LOCAL + k for k in ("alpha", "beta", "r2")]
     if missing := _missing(probes, need):
-        return inconclusive("1a", CLAIM_LOCAL, f"no real-step local curve: the probes lack {missing} (set "
+        return not_measured("1a", CLAIM_LOCAL, f"no real-step local curve: the probes lack {missing} (set "
                             "diag.curve_real_step: true)", **controls_record(probes))
     ev = _evidence(probes)
     a, b, r2 = (numeric(ev, c) for c in need)
@@ -191,7 +191,7 @@ def wide_interior_maximum(probes: pd.DataFrame) -> Verdict:
     """Claim 1b (see the module docstring). Named for its place in the claim list (the old claim asked for an
     interior maximum of a fitted parabola; the real optimum is now found, not fitted)."""
     if missing := _missing(probes, [REAL_OPT + "lambda"]):
-        return inconclusive("1b", CLAIM_WIDE, f"no real optimum: the probes lack {missing} (set "
+        return not_measured("1b", CLAIM_WIDE, f"no real optimum: the probes lack {missing} (set "
                             "diag.curve_real_step: true)", **controls_record(probes))
     ev = _evidence(probes)
     d = ev[np.isfinite(numeric(ev, REAL_OPT + "lambda"))]
@@ -247,7 +247,7 @@ def clip_coupling(probes: pd.DataFrame, metrics: pd.DataFrame | None = None,
     nums |= {"detach_probes": int(ok.sum()), "detach_median_delta_at_used": _median(at_used[ok]),
              "detach_share_delta_at_used_negative": float((at_used[ok] < 0).mean()) if ok.any() else math.nan}
     if not ok.any():
-        return inconclusive("clip", CLAIM_CLIP, "no detach probe with the real step's Δ at the λ used (set "
+        return not_measured("clip", CLAIM_CLIP, "no detach probe with the real step's Δ at the λ used (set "
                             "diag.curve_real_step: true in a detach arm)", **nums)
     verdict, s = judge_share(at_used[ok] != 0, det.loc[ok, "run"], "coupled")
     nums |= s

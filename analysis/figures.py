@@ -9,7 +9,6 @@ colour everywhere (``style.REGIME_COLORS``).
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
@@ -37,7 +36,16 @@ from .frames import (
 from .frames import cosine as cosine_of
 from .outcome import BESIDE, LAMBDA_LOSSES, lambda_points, primary_metric, run_accuracy
 from .stats import loglog_slope, spearman, spread
-from .style import PROXY_COLORS, PROXY_MARKERS, figure, new_figure, regime_color, save, symlog_if_mixed
+from .style import (
+    PROXY_COLORS,
+    PROXY_MARKERS,
+    figure,
+    new_figure,
+    regime_color,
+    save,
+    symlog_decades,
+    symlog_if_mixed,
+)
 
 __all__ = ["f1_reward", "f2_decomposition", "f3_curves", "f4_proxies", "f5_eval", "f6_module_cosine", "f7_taylor",
            "f8_geometries", "f9_accuracy_vs_lambda", "f10_rules_lambda", "held_out_accuracy", "require"]
@@ -45,8 +53,13 @@ __all__ = ["f1_reward", "f2_decomposition", "f3_curves", "f4_proxies", "f5_eval"
 BAND = "band: min–max over runs"
 
 
-def _band(ax, sp: pd.DataFrame, x: str, color: str, label: str, marker: str | None = None) -> None:
-    ax.plot(sp[x], sp["mean"], color=color, label=label, marker=marker, ms=3, lw=1.4)
+DASHES = ((), (6, 2), (2, 2), (6, 2, 2, 2), (10, 3), (1, 1))
+"""Line dashes cycled over regimes where curves may coincide (off and detach train the policy alike)."""
+
+
+def _band(ax, sp: pd.DataFrame, x: str, color: str, label: str, marker: str | None = None,
+          dashes: tuple = ()) -> None:
+    ax.plot(sp[x], sp["mean"], color=color, label=label, marker=marker, ms=3, lw=1.4, dashes=dashes)
     if (sp["n"] > 1).any():
         ax.fill_between(sp[x], sp["min"], sp["max"], color=color, alpha=0.18, lw=0)
 
@@ -93,9 +106,10 @@ def f1_reward(metrics: pd.DataFrame, out: Path, pdf: bool = False, smooth: int |
     has_acc = bool(np.isfinite(d["_acc"]).any())
     fig = new_figure(11 if has_acc else 6, 3.8)
     axes = fig.subplots(1, 2 if has_acc else 1, squeeze=False)[0]
-    for regime in regimes_in(d):
+    for i, regime in enumerate(regimes_in(d)):  # each regime its own dash: identical curves stay visible
         r = d[d["regime"] == regime]
-        _band(axes[0], spread(r, "step", "_rs"), "step", regime_color(regime), f"{regime} ({_runs(r)})")
+        _band(axes[0], spread(r, "step", "_rs"), "step", regime_color(regime), f"{regime} ({_runs(r)})",
+              dashes=DASHES[i % len(DASHES)])
         if has_acc and np.isfinite(r["_acc"]).any():
             _band(axes[1], spread(r, "step", "_acc"), "step", regime_color(regime), regime, marker="o")
     axes[0].set(xlabel="optimizer step", ylabel=f"reward (rolling mean, {window} steps)" if window > 1 else "reward",
@@ -114,6 +128,7 @@ def f1_reward(metrics: pd.DataFrame, out: Path, pdf: bool = False, smooth: int |
 def f2_decomposition(probes: pd.DataFrame, out: Path, pdf: bool = False) -> Path:
     """C, Q and cos(g, u) per regime over training, in the runs' geometry (``run_geometry``; probes without
     it, e.g. step 1 without Adam state, are left out rather than drawn in another geometry)."""
+    probes = probes[control(probes) != "first_step"]  # the first step (a sign step) is a control, as in claim 3
     geom = run_geometry(probes, "corr")
     cos, cos_geom = cosine_of(probes, geom)
     panels = [(geo_key(geom, "corr"), f"C ({geom} geometry)"), (geo_key(geom, "curv"), f"Q ({geom} geometry)"),
@@ -136,7 +151,8 @@ def f2_decomposition(probes: pd.DataFrame, out: Path, pdf: bool = False) -> Path
         ax.axhline(0, color="0.6", lw=0.6)
         ax.set(xlabel="optimizer step", ylabel=label + scale)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Decomposition over training: does C decay while Q persists? ({BAND})", fontsize=10)
+    fig.suptitle(f"Decomposition over training in the {geom} geometry, as claim 3 reads it: does C decay while Q "
+                 f"persists? ({BAND})", fontsize=10)
     return save(fig, out, pdf)
 
 
@@ -264,25 +280,12 @@ def _curve_panel(ax, row: pd.Series, regime: str, when: str) -> None:
     if real and curves[0][0] == "real step, fine grid":  # log-spaced |λ| over decades: a symlog axis
         local = [c for c in curves if c[3] == REAL_LOCAL]
         width = float(np.max(np.abs(local[0][1]))) if local else (hi - lo) / 100
-        _symlog_decades(ax, max(width / 10, 1e-12), max(abs(lo), abs(hi)))
+        symlog_decades(ax, max(width / 10, 1e-12), max(abs(lo), abs(hi)), "x")
     ax.axhline(0, color="0.7", lw=0.5)
     ax.set(xlabel="λ" + (" (symlog)" if ax.get_xscale() == "symlog" else ""), ylabel="Δ(λ) = J(θ⁺(λ)) − J(θ⁺(0))",
            title=f"{regime} (seed {row['seed']}), step {int(row['step'])}, {when}")
     ax.legend(handles=ax.get_legend_handles_labels()[0] + handles, fontsize=6, ncol=2, loc="upper center",
               bbox_to_anchor=(0.5, -0.16))
-
-
-def _symlog_decades(ax, linthresh: float, top: float) -> None:
-    """A symlog x axis whose ticks are 0 and at most three decades on each side (labels never crowd)."""
-    from matplotlib.ticker import FixedLocator, FuncFormatter
-
-    ax.set_xscale("symlog", linthresh=linthresh, linscale=0.5)
-    lo_k, hi_k = math.ceil(math.log10(linthresh)), math.floor(math.log10(max(top, linthresh)))
-    step = max(1, math.ceil((hi_k - lo_k + 1) / 3))
-    ks = list(range(hi_k, lo_k - 1, -step))
-    ax.xaxis.set_major_locator(FixedLocator(sorted([0.0, *(10.0**k for k in ks), *(-(10.0**k) for k in ks)])))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: "0" if x == 0 else
-                                               f"{'−' if x < 0 else ''}1e{round(math.log10(abs(x)))}"))
 
 
 # ------------------------------------------------------------------ F4
@@ -451,7 +454,7 @@ def f7_taylor(probes: pd.DataFrame, out: Path, pdf: bool = False) -> Path:
             allx += list(x[ok])
             ally += list(y[ok])
         slope = loglog_slope([x for x, _ in pairs], [y for _, y in pairs])
-        handles.append(Line2D([], [], color=color, marker="o", label=f"{regime}: slope {slope:.2f} ({len(pairs)} probes)"))
+        handles.append(Line2D([], [], color=color, marker="o", label=f"{regime}: slope {slope:.2f} ({len(pairs)} probe{'s' if len(pairs) != 1 else ''})"))
     if not handles:
         raise ValueError("F7 Taylor residual: no probe with at least two positive residuals")
     x0, y0 = np.exp(np.mean(np.log(allx))), np.exp(np.mean(np.log(ally)))

@@ -35,7 +35,7 @@ from .verdict import (
     SUPPORTED,
     Verdict,
     combine,
-    inconclusive,
+    not_measured,
 )
 
 PRIMARY, BESIDE = "mean_at_k", "greedy_acc"
@@ -136,8 +136,8 @@ def learning(evals: pd.DataFrame, sft_evals: pd.DataFrame) -> dict[str, Any]:
     runs = run_accuracy(evals[evals["arm"] == base], metric, trained_only=True)
     start = run_accuracy(sft_evals[sft_evals["run"].isin(runs["run"])], metric, trained_only=True)
     if start.empty:
-        return out | {"reason": f"no eval.json in the SFT checkpoint the {base} runs started from (rl.init; "
-                                "write it with occ eval CHECKPOINT)"}
+        return out | {"reason": f"no eval.json in the SFT checkpoint the {base} runs started from, rl.init: "
+                                "write it with occ eval CHECKPOINT"}
     gain = runs.set_index("run")["acc"] - start.set_index("run")["acc"].reindex(runs["run"]).to_numpy()
     if nans := nan_suites(evals[evals["arm"] == base], metric, trained_only=True):
         return out | {"nan": nans, "reason": f"{base} has a NaN {metric} on an RL suite ({', '.join(nans)}): its "
@@ -212,7 +212,7 @@ def occ_matches_detach(evals: pd.DataFrame, learn: dict[str, Any], sft_evals: pd
     arms = tested_arms(evals, ref) if ref is not None else []
     occ_arms = [a for a in arms if a.startswith("occ/")]
     if ref is None or not occ_arms:
-        return inconclusive("4", CLAIM_OCC, "needs eval.json from occ runs and from detach (or off) runs")
+        return not_measured("4", CLAIM_OCC, "needs eval.json from occ runs and from detach (or off) runs")
     metric = primary_metric(evals)
     judged = "occ/reference" if "occ/reference" in occ_arms else occ_arms[0]
     gain = learn.get("baseline_gain", math.nan)
@@ -316,7 +316,7 @@ def accuracy_vs_lambda(evals: pd.DataFrame, learn: dict[str, Any], seed: int = 0
         notes.append(f"{loss}: curvature {curv:.3g} [{lo:.3g}, {hi:.3g}], {where}, best arm λ = "
                      f"{nums[f'{loss}/best_lambda']:g}")
     if not parts:
-        return inconclusive("7", CLAIM_LAMBDA, "no fixed-λ ce or policy arm with an eval.json", **nums)
+        return not_measured("7", CLAIM_LAMBDA, "no fixed-λ ce or policy arm with an eval.json", **nums)
     detail = "; ".join(notes)
     if judged and (gate := _learning_gate(learn)):
         return Verdict("7", CLAIM_LAMBDA, gate[0], nums, f"{gate[1]}; {detail}")

@@ -61,7 +61,7 @@ def claims_markdown(claims: list[dict[str, Any]]) -> str:
 def learning_line(learning: dict[str, Any]) -> str:
     arm, gain, spread = learning.get("baseline_arm"), learning.get("baseline_gain"), learning.get("baseline_spread")
     if arm is None or gain is None:
-        return f"Learning: not measured ({learning.get('reason', 'no baseline')})."
+        return f"Learning: not measured: {learning.get('reason', 'no baseline')}."
     verdict = {True: "learned", False: "did not learn (gain within its seed-to-seed spread)", None: "unknown"}[
         learning.get("learned")]
     return (f"Learning: the baseline `{arm}` gained {_num(gain)} held-out {learning.get('metric')} over the SFT "

@@ -7,6 +7,7 @@ never touched, so the analysis runs headless and figures never leak between call
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from .frames import require
 
@@ -54,14 +55,21 @@ def symlog_if_mixed(ax, values: Iterable[float], axis: str = "y") -> bool:
         return False
     a = np.abs(v[v != 0])
     linthresh = max(float(np.percentile(a, 25)), float(a.max()) * 1e-4)  # at most ~4 decades per sign
-    (ax.set_yscale if axis == "y" else ax.set_xscale)("symlog", linthresh=linthresh, linscale=1.0)
-    # the ±linthresh ticks sit next to 0: label 0 and the decades beyond them only
-    which = ax.yaxis if axis == "y" else ax.xaxis
-    log_fmt = LogFormatterSciNotation(linthresh=linthresh)
-    log_fmt.set_axis(which)
-    which.set_major_formatter(FuncFormatter(
-        lambda x, pos: "" if 0 < abs(x) <= linthresh * 1.0001 else log_fmt(x, pos)))
+    symlog_decades(ax, linthresh, float(a.max()), axis)
     return True
+
+
+def symlog_decades(ax, linthresh: float, top: float, axis: str = "y") -> None:
+    """A symlog ``axis`` whose ticks are 0 and at most three decades on each side, so labels never crowd around 0."""
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("symlog", linthresh=linthresh, linscale=0.5)
+    lo_k, hi_k = math.ceil(math.log10(linthresh)), math.floor(math.log10(max(top, linthresh)))
+    step = max(1, math.ceil((hi_k - lo_k + 1) / 3))
+    ks = list(range(hi_k, lo_k - 1, -step))
+    which = ax.yaxis if axis == "y" else ax.xaxis
+    which.set_major_locator(FixedLocator(sorted([0.0, *(10.0**k for k in ks), *(-(10.0**k) for k in ks)])))
+    which.set_major_formatter(FuncFormatter(lambda x, _: "0" if x == 0 else
+                                            f"{'−' if x < 0 else ''}1e{round(math.log10(abs(x)))}"))
+    which.set_minor_locator(NullLocator())
 
 
 def figure(title: str, *requires: str) -> Callable:

@@ -23,7 +23,9 @@ from .stats import share_interval
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive at this scale"
 NO_LEARNING = "inconclusive: no learning"
 """The baseline's held-out gain over the SFT checkpoint is within its seed-to-seed spread."""
-VERDICTS = (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NO_LEARNING)
+NOT_MEASURED = "inconclusive: not measured"
+"""The claim's inputs are absent (an arm not run, a setting off): the detail says which; not a matter of scale."""
+VERDICTS = (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NO_LEARNING, NOT_MEASURED)
 
 MIN_RUNS = 3
 """Fewer runs (seeds) than this in an arm a claim reads: inconclusive."""
@@ -46,6 +48,10 @@ class Verdict:
 
 def inconclusive(claim_id: str, claim: str, why: str, verdict: str = INCONCLUSIVE, **numbers: Any) -> Verdict:
     return Verdict(claim_id, claim, verdict, numbers, why)
+
+
+def not_measured(claim_id: str, claim: str, why: str, **numbers: Any) -> Verdict:
+    return Verdict(claim_id, claim, NOT_MEASURED, numbers, why)
 
 
 def too_few_runs(runs: pd.Series | Sequence, what: str) -> str | None:

@@ -272,7 +272,7 @@ def test_claim1_without_the_real_step_columns_is_inconclusive_naming_them():
     for fn, col in ((K.local_quadratic, "diag/curve_real_local/alpha"), (K.wide_interior_maximum,
                                                                         "diag/real_optimum/lambda")):
         v = fn(old)
-        assert v.verdict == INC and col in v.detail and "curve_real_step" in v.detail
+        assert v.verdict == "inconclusive: not measured" and col in v.detail and "curve_real_step" in v.detail
 
 
 def detach_probes(delta_at_used: float, n_runs: int = 3) -> pd.DataFrame:
@@ -288,7 +288,7 @@ def test_clip_coupling_is_read_off_detachs_real_delta_at_the_lambda_used():
     assert v.verdict == S and v.numbers["detach_probes"] == 15 and v.numbers["detach_share_delta_at_used_negative"] == 1
     assert v.numbers["clip_active_at_0_points"] == 12  # the first-step controls left out
     assert K.clip_coupling(detach_probes(0.0)).verdict == N  # the clip never acts: no coupling
-    assert K.clip_coupling(real_curves()).verdict == INC
+    assert K.clip_coupling(real_curves()).verdict == "inconclusive: not measured"  # no detach arm
 
 
 # ------------------------------------------------------------------ claim 2: ce
@@ -504,4 +504,4 @@ def test_every_claim_is_inconclusive_without_data():
                                "mean_at_k"])
     verdicts, _ = C.evaluate_claims(empty, empty, ev, ev)
     assert [v.id for v in verdicts] == ["1a", "1b", "clip", "2", "3", "4", "5", "6", "7"]
-    assert all(v.verdict == INC for v in verdicts)
+    assert all(v.verdict == "inconclusive: not measured" for v in verdicts), [v.verdict for v in verdicts]

@@ -2,7 +2,7 @@
 
 ``occ probe RUN_DIR --online`` collects the values the run computed online (``probes/step_N/online.json``)
 into the same table without recomputing them: the fast path when only the table is wanted.
-``occ probe RUN_DIR --set diag.grid_cap=1 --out probes_cap1.parquet`` recomputes them with other
+``occ probe RUN_DIR --set diag.grid_cap=1 --probes probes_cap1.parquet`` recomputes them with other
 probe settings (any ``ProbeSettings`` field: the λ grid, the dtype, the HVP method, ...) into a
 file of its own, leaving ``probes.parquet`` (the online values) as it is.
 
@@ -31,9 +31,11 @@ import yaml
 
 from ..atomic import atomic_write_bytes, check_output_file
 from ..models import load_any
+from ..models.config import DEFAULT_MTP_INIT
 from ..names import ONLINE_FILE, PROBES_FILE
 from ..progress import Progress
 from ..runtime import set_threads
+from ..validated import yaml_problem
 from .bundle import load_bundle, probe_from_bundle
 from .probe import ProbeSettings
 
@@ -78,12 +80,15 @@ def plan_run(run_dir: Path, steps: list[int] | None = None, overrides: list[str]
     if not cfg_path.is_file():
         raise ValueError(f"{run_dir} is not a run directory: config.yaml is missing")
     if overrides and out_name == PROBES_FILE:
-        raise ValueError(f"changed probe settings go to a file of their own (--out NAME), not {PROBES_FILE}, "
+        raise ValueError(f"changed probe settings go to a file of their own (--probes NAME), not {PROBES_FILE}, "
                          "which holds the values the run computed online")
     if Path(out_name).name != out_name or not out_name.endswith(".parquet"):
-        raise ValueError(f"--out {out_name!r}: a file name ending in .parquet (written inside each run directory)")
+        raise ValueError(f"--probes {out_name!r}: a file name ending in .parquet (written inside each run directory)")
     changed = ProbeSettings.parse_overrides(overrides) if overrides else None
-    cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    try:
+        cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{cfg_path}: not valid YAML ({yaml_problem(e)})") from e
     bundles = bundle_dirs(run_dir)
     if not bundles:
         raise ValueError(f"{run_dir} has no probe bundles under probes/ (was diag.probes on?)")
@@ -105,7 +110,7 @@ def plan_run(run_dir: Path, steps: list[int] | None = None, overrides: list[str]
         raise ValueError(f"{run_dir}: the model its probe bundles load into, {model}, is missing "
                          "(occ probe --model PATH names the run's starting model)")
     out = run_dir / out_name
-    check_output_file(out, "occ probe --out")
+    check_output_file(out, "occ probe --probes")
     return ProbeJob(run_dir, bundles, changed, cfg, out, model, online)
 
 
@@ -117,7 +122,7 @@ def run_job(job: ProbeJob, skip_bad: bool = False, threads: int | None = None) -
 
     set_threads(int(job.cfg.get("threads") or 0) if threads is None else threads)
     mc = job.cfg.get("model") or {}
-    model = None if job.online else load_any(job.model, mc.get("mtp_depths", 1), mc.get("mtp_init", "copy_last"),
+    model = None if job.online else load_any(job.model, mc.get("mtp_depths", 1), mc.get("mtp_init", DEFAULT_MTP_INIT),
                                              seed=job.cfg.get("seed", 0))[0]
     rl = job.cfg.get("rl", {})
     rows, bad = [], []
@@ -157,9 +162,11 @@ def run_job(job: ProbeJob, skip_bad: bool = False, threads: int | None = None) -
 
 
 def recompute_run(run_dir: Path, steps: list[int] | None = None, overrides: list[str] | None = None,
-                  out_name: str = PROBES_FILE, skip_bad: bool = False, threads: int | None = None) -> Path:
-    """Rerun the probe bundles of ``run_dir`` into ``run_dir/out_name`` (``plan_run``, then ``run_job``)."""
-    return run_job(plan_run(run_dir, steps, overrides, out_name), skip_bad, threads)
+                  out_name: str = PROBES_FILE, skip_bad: bool = False, threads: int | None = None,
+                  online: bool = False) -> Path:
+    """Rerun the probe bundles of ``run_dir`` into ``run_dir/out_name`` (``plan_run``, then ``run_job``); ``online``:
+    collect the values the run computed instead."""
+    return run_job(plan_run(run_dir, steps, overrides, out_name, online=online), skip_bad, threads)
 
 
 def _write(rows: list[dict[str, Any]], out: Path) -> Path:

@@ -355,3 +355,16 @@ def test_analysis_never_imports_torch():
     code = "import analysis.report, sys; assert 'torch' not in sys.modules, 'torch was imported'"
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_f3_marks_each_curve_with_its_own_models_lambda_star():
+    """The new user's case: a model-step curve in the fixed-P adam geometry was marked with adam_step's λ*_m (767,
+    7× off) beside a fit of 112; each curve is marked with its own model's λ*, the real step with the real optimum."""
+    row = pd.Series({"lambda/used": 0.1, "diag/curve/geometry": "adam", "diag/adam/lambda_star": 96.7,
+                     "diag/adam_step/lambda_star": 767.0, "diag/curve/lambda_star": 112.0,
+                     "diag/real_optimum/lambda": 0.05, "diag/adam_real/lambda_star_clamped": 0.04})
+    model = {name: v for name, v, *_ in F._markers(row, real=False, color="red")}
+    assert model["λ*_m (adam, this curve's model)"] == 96.7 and model["vertex of the fit"] == 112.0
+    assert not any("adam_step" in name for name in model)
+    real = {name: v for name, v, *_ in F._markers(row, real=True, color="red")}
+    assert real["λ_opt (real optimum)"] == 0.05 and real["λ*_real (adam_real, clamped)"] == 0.04

@@ -439,7 +439,8 @@ SEPARATE_ARM = "detach/separate"
 def evaluate_claims(metrics: pd.DataFrame, probes: pd.DataFrame, evals: pd.DataFrame,
                     sft_evals: pd.DataFrame | None = None, step_cost: dict[str, Any] | None = None
                     ) -> tuple[list[Verdict], dict[str, Any]]:
-    """Every verdict, in order (1a, 1b, clip, 2, 3, 4, 5, 6, 7), and the learning check behind 4 and 7.
+    """Every verdict, in order (1a, 1b, clip, 2, 3, 4, forgetting, length, 5, 6, 7), and the learning check behind 4
+    and 7.
     ``step_cost``: ``occ cost``'s interleaved step times, the design claim 6 is judged on when given."""
     sft_evals = sft_evals if sft_evals is not None else evals.iloc[0:0]
     learn = outcome.learning(evals, sft_evals)
@@ -449,5 +450,6 @@ def evaluate_claims(metrics: pd.DataFrame, probes: pd.DataFrame, evals: pd.DataF
     return [claims_curve.local_quadratic(probes), claims_curve.wide_interior_maximum(probes),
             claims_curve.clip_coupling(probes, metrics, remedy), ce_penalty_dominates(probes),
             policy_corr_decays(probes), outcome.occ_matches_detach(evals, learn, sft_evals),
+            outcome.forgetting(evals, sft_evals), outcome.length_generalisation(evals, sft_evals),
             proxy_tracks_lambda_star(probes), occ_time_cost(metrics, step_cost),
             outcome.accuracy_vs_lambda(evals, learn)], learn

@@ -58,6 +58,11 @@ THRESHOLDS = {
          "checkpoint entered as an arm (the negative control) must read not supported, else the design cannot tell "
          "and the claim is inconclusive; a NaN suite accuracy makes its arm inconclusive; inconclusive: no learning "
          "when the baseline did not learn; the six-suite mean and the other suites (forgetting) are reported beside",
+    "forgetting": "baseline − SFT checkpoint on the suites RL does not train on (length_gen apart), paired by seed, "
+                  "one-sided 95% t bounds: supported when the upper bound is below 0, not supported when the lower "
+                  "is above 0; every arm − baseline reported",
+    "length": "baseline − SFT checkpoint on length_gen, paired by seed: supported when a one-sided 95% bound "
+              "excludes 0; every arm − baseline reported",
     "7": f"per MTP loss, quadratic in λ through the baseline (λ = 0) and ≥ {MIN_LAMBDAS} fixed λ with ≥ {MIN_RUNS} "
          "seeds each: supported if the curvature's 95% seed-bootstrap interval is below 0 and the maximum inside "
          "the λ range; not supported if the interval is above 0; a NaN accuracy makes it inconclusive; "
@@ -165,26 +170,30 @@ def _learning_gate(learn: dict[str, Any]) -> tuple[str, str] | None:
 
 
 def arm_difference(evals: pd.DataFrame, arm: str, ref: str, metric: str, trained_only: bool | None = True,
-                   margin: float = math.nan) -> dict[str, Any]:
+                   margin: float = math.nan, suites: list[str] | None = None) -> dict[str, Any]:
     """``noninferiority`` of ``arm`` − ``ref`` in per-seed accuracy (mean over the suites RL trained on, the other
-    suites when ``trained_only`` is False, every suite when None), paired by seed, with ``nan``: the NaN suite
-    accuracies that make a seed's value NaN (a NaN difference leaves the result NaN rather than fewer seeds)."""
+    suites when ``trained_only`` is False, every suite when None; only ``suites`` when given), paired by seed, with
+    ``nan``: the NaN suite accuracies that make a seed's value NaN (a NaN difference leaves the result NaN rather
+    than fewer seeds)."""
     sel = evals[evals["arm"].isin([arm, ref])]
-    acc = run_accuracy(sel, metric, trained_only).groupby(["arm", "seed"])["acc"].agg(lambda v: v.mean(skipna=False))
+    acc = run_accuracy(sel, metric, trained_only, suites).groupby(["arm", "seed"])["acc"].agg(
+        lambda v: v.mean(skipna=False))
     a, b = acc.get(arm, pd.Series(dtype=float)), acc.get(ref, pd.Series(dtype=float))
     seeds = sorted(set(a.index) & set(b.index))
     diff = (a[seeds] - b[seeds]).to_numpy()
-    nans = nan_suites(sel, metric, trained_only)
+    nans = nan_suites(sel, metric, trained_only, suites)
     out = noninferiority(diff if not nans else np.array([math.nan] * len(seeds)), margin)
     return out | {"nan": len(nans), "nan_suites": nans}
 
 
 def control_difference(evals: pd.DataFrame, sft_evals: pd.DataFrame, ref: str, metric: str,
-                       margin: float) -> dict[str, Any]:
-    """The negative control: the SFT checkpoint each ``ref`` run started from, entered as an arm (its accuracy on
-    the RL suites paired with each ``ref`` seed)."""
-    runs = run_accuracy(evals[evals["arm"] == ref], metric, trained_only=True)
-    start = run_accuracy(sft_evals[sft_evals["run"].isin(runs["run"])], metric, trained_only=True)
+                       margin: float, trained_only: bool | None = True, suites: list[str] | None = None
+                       ) -> dict[str, Any]:
+    """The SFT checkpoint each ``ref`` run started from, entered as an arm: its accuracy (on the RL suites by
+    default) minus each ``ref`` seed's, paired with that seed (claim 4's negative control; forgetting)."""
+    runs = run_accuracy(evals[evals["arm"] == ref], metric, trained_only=trained_only, suites=suites)
+    start = run_accuracy(sft_evals[sft_evals["run"].isin(runs["run"])], metric, trained_only=trained_only,
+                         suites=suites)
     paired = runs.merge(start[["run", "acc"]], on="run", suffixes=("", "_sft"))
     return noninferiority((paired["acc_sft"] - paired["acc"]).to_numpy(), margin)
 
@@ -257,6 +266,54 @@ def occ_matches_detach(evals: pd.DataFrame, learn: dict[str, Any], sft_evals: pd
         return Verdict("4", CLAIM_OCC, INCONCLUSIVE, nums, "the design cannot tell the untrained SFT checkpoint from "
                        f"{ref} (negative control: {nums['control_sft/verdict']}); {detail}")
     return Verdict("4", CLAIM_OCC, verdicts[judged], nums, detail)
+
+
+LENGTH_SUITE = "length_gen"
+"""The evaluation-only suite of longer problems than any trained on."""
+CLAIM_FORGET = "forgetting. RL on its suites costs held-out accuracy on the suites it does not train on"
+CLAIM_LENGTH = "length. RL moves accuracy on longer problems than any trained on (length_gen)"
+
+
+def _against_sft(evals: pd.DataFrame, sft_evals: pd.DataFrame, suites: list[str], claim_id: str, claim: str,
+                 worse_is_support: bool) -> Verdict:
+    """The baseline against the SFT checkpoint it started from on ``suites`` (paired by seed, one-sided 95% t bounds),
+    and every other arm against the baseline there, as numbers. ``worse_is_support``: the claim is that the baseline
+    is worse than the checkpoint (forgetting); else that it differs from it (either sign)."""
+    ref = next((a for a in BASELINE_ARMS if (evals["arm"] == a).any()), None)
+    if ref is None or not suites or sft_evals is None or not len(sft_evals):
+        return not_measured(claim_id, claim, "needs the baseline's eval.json, the SFT checkpoint's, and the suites")
+    metric = primary_metric(evals)
+    d = control_difference(evals, sft_evals, ref, metric, math.nan, None, suites)  # SFT − baseline
+    nums: dict[str, Any] = {"suites": ", ".join(suites), "baseline": ref, "metric": metric, "n": d["n"],
+                            "baseline_minus_sft": -d["diff"], "lower": -d["upper"], "upper": -d["lower"]}
+    for arm in arm_order(evals["arm"].dropna()):
+        if arm != ref:
+            nums[f"{arm}/minus_{ref}"] = arm_difference(evals, arm, ref, metric, None, suites=suites)["diff"]
+    detail = (f"{ref} − the SFT checkpoint on {', '.join(suites)}: {nums['baseline_minus_sft']:+.3g} {metric} "
+              f"(one-sided 95% bounds [{nums['lower']:+.3g}, {nums['upper']:+.3g}], n = {d['n']}); each arm − {ref}: "
+              + ", ".join(f"{k.split('/minus_')[0]} {v:+.3g}" for k, v in nums.items() if "/minus_" in k))
+    if d["n"] < MIN_RUNS or not math.isfinite(nums["lower"]):
+        return Verdict(claim_id, claim, INCONCLUSIVE, nums, f"too few seeds; {detail}")
+    if worse_is_support:
+        verdict = SUPPORTED if nums["upper"] < 0 else NOT_SUPPORTED if nums["lower"] > 0 else INCONCLUSIVE
+    else:
+        verdict = SUPPORTED if nums["lower"] > 0 or nums["upper"] < 0 else INCONCLUSIVE
+    return Verdict(claim_id, claim, verdict, nums, detail)
+
+
+def forgetting(evals: pd.DataFrame, sft_evals: pd.DataFrame) -> Verdict:
+    """Forgetting, a row of its own: the baseline against the SFT checkpoint on the suites RL does not train on
+    (length generalisation apart); supported when even the upper bound is below 0."""
+    others = sorted(set(evals.loc[~evals["trained"].astype(bool), "suite"]) - {LENGTH_SUITE}) if len(evals) else []
+    return _against_sft(evals, sft_evals, suites_in(others), "forgetting", CLAIM_FORGET, worse_is_support=True)
+
+
+def length_generalisation(evals: pd.DataFrame, sft_evals: pd.DataFrame) -> Verdict:
+    """Length generalisation, a row of its own: the baseline against the SFT checkpoint on ``length_gen``; supported
+    when the interval excludes 0 (either sign)."""
+    has = len(evals) and (evals["suite"] == LENGTH_SUITE).any()
+    return _against_sft(evals, sft_evals, [LENGTH_SUITE] if has else [], "length", CLAIM_LENGTH,
+                        worse_is_support=False)
 
 
 def _quadratic(lam: np.ndarray, acc: np.ndarray) -> tuple[float, float]:

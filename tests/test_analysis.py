@@ -312,7 +312,7 @@ def test_report_end_to_end_on_a_tiny_real_run(tmp_path, monkeypatch):
     assert six["design"] == "interleaved" and six["rounds"] == 10  # 6 rounded up to a multiple of the 5 arms
     assert 0 < six["ratio_lo"] <= six["ratio"] <= six["ratio_hi"] and six["median_detach_s"] > 0
     assert claims["6"]["numbers"]["separate_runs_ratio"] is None  # one run per arm: no separate-runs ratio
-    assert text.count("| **") == 9 and "| policy | policy@0.1 | 0 | 4 |" in text
+    assert text.count("| **") == 11 and "| policy | policy@0.1 | 0 | 4 |" in text
     for stem, fn, *_ in FIGURES:  # every figure is drawn or listed as skipped
         assert (tmp_path / "out" / f"{stem}.png").exists() or f"* {fn.TITLE}:" in text
     for stem in ("f1_reward", "f2_decomposition", "f3_curves", "f4_proxies", "f5_eval", "f6_module_cosine"):

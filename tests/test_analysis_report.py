@@ -78,7 +78,7 @@ def report(tmp_path_factory) -> Path:
 
 def test_summary_json_holds_every_claim_the_held_out_table_the_arms_and_learning(report):
     s = json.loads((report / SUMMARY_JSON).read_text())
-    assert [c["id"] for c in s["claims"]] == ["1a", "1b", "clip", "2", "3", "4", "5", "6", "7"]
+    assert [c["id"] for c in s["claims"]] == ["1a", "1b", "clip", "2", "3", "4", "forgetting", "length", "5", "6", "7"]
     c4 = next(c for c in s["claims"] if c["id"] == "4")
     assert c4["verdict"] == "supported" and "non-inferiority" in c4["thresholds"]
     assert c4["numbers"]["margin"] == pytest.approx(0.2 * s["learning"]["baseline_gain"])

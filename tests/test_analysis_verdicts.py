@@ -503,5 +503,21 @@ def test_every_claim_is_inconclusive_without_data():
     ev = pd.DataFrame(columns=["run", "regime", "arm", "seed", "mtp_coef", "init", "suite", "trained", "greedy_acc",
                                "mean_at_k"])
     verdicts, _ = C.evaluate_claims(empty, empty, ev, ev)
-    assert [v.id for v in verdicts] == ["1a", "1b", "clip", "2", "3", "4", "5", "6", "7"]
+    assert [v.id for v in verdicts] == ["1a", "1b", "clip", "2", "3", "4", "forgetting", "length", "5", "6", "7"]
     assert all(v.verdict == "inconclusive: not measured" for v in verdicts), [v.verdict for v in verdicts]
+
+
+def test_forgetting_and_length_generalisation_are_rows_of_their_own():
+    """The baseline against the SFT checkpoint on the suites RL does not train on (length_gen apart) and on
+    length_gen, paired by seed; every arm against the baseline beside it."""
+    ev, sft = evals({"detach": LEARNED, "occ/reference": [0.5, 0.5, 0.5]}, sft=SFT)
+    ev["trained"] = ev["suite"].isin(["linear", "countdown"])
+    for d in (ev, sft):
+        d.loc[d["suite"].isin(["addition", "signed", "multiplication"]), "mean_at_k"] -= \
+            np.where(d.loc[d["suite"].isin(["addition", "signed", "multiplication"]), "arm"] == "sft", 0.0, 0.2)
+    v = O.forgetting(ev, sft)
+    assert v.verdict == S and v.numbers["baseline_minus_sft"] == pytest.approx(-0.15, abs=0.02)
+    assert v.numbers["suites"] == "addition, signed, multiplication" and "occ/reference/minus_detach" in v.numbers
+    length = O.length_generalisation(ev, sft)
+    assert length.id == "length" and length.numbers["suites"] == "length_gen"
+    assert O.forgetting(ev.assign(trained=True), sft).verdict == "inconclusive: not measured"

@@ -23,6 +23,11 @@ from torch import Tensor, nn
 from ..models import module_group
 
 
+def wide(t: Tensor) -> Tensor:
+    """``t`` in at least float32 (a float64 model's gradients stay float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class GradientRecorder:
     def __init__(self, model: nn.Module, beta1: float = 0.9, track_momentum: bool = False):
         shared = set(model.shared_param_names())
@@ -47,20 +52,27 @@ class GradientRecorder:
         else:
             grads = torch.autograd.grad(mtp_objective, [*self.params, *self.mtp_params], retain_graph=True,
                                         allow_unused=True, materialize_grads=True)
-        out = {k: t.detach().float() for k, t in zip(self.names, grads[:n])}
-        out |= {f"θ_M/{i}": t.detach().float() for i, t in enumerate(grads[n:])}
+        out = {k: wide(t.detach()) for k, t in zip(self.names, grads[:n])}
+        out |= {f"θ_M/{i}": wide(t.detach()) for i, t in enumerate(grads[n:])}
         out = reduce(out) if reduce is not None else out
         self.mtp_grad_sq = sum(float((out.pop(f"θ_M/{i}").double() ** 2).sum()) for i in range(len(self.mtp_params)))
         return out
 
-    def observe(self, u: dict[str, Tensor], weight_g: float, weight_u: float) -> None:
+    def received(self, grads: dict[str, Tensor] | None = None) -> dict[str, Tensor | None]:
+        """The gradient the optimizer received on θ_S by name: ``grads`` when given (a sharded model's, in full),
+        else each parameter's ``.grad``."""
+        return grads if grads is not None else {name: p.grad for name, p in zip(self.names, self.params)}
+
+    def observe(self, u: dict[str, Tensor], weight_g: float, weight_u: float,
+                grads: dict[str, Tensor] | None = None) -> None:
         """After the backward pass (gradients summed over processes, before clipping), when the optimizer's
         gradient on θ_S is ``−(weight_g·g + weight_u·u)`` (``1, λ`` for the loss −J − λM): g follows from it;
-        both enter the momentum buffers."""
+        both enter the momentum buffers. ``grads``: that gradient in full, where ``.grad`` holds a shard."""
         if not self.track_momentum:
             return
-        gs = {name: (-(p.grad.detach().float() if p.grad is not None else torch.zeros_like(u[name]))
-                     - weight_u * u[name]) / weight_g for name, p in zip(self.names, self.params)}
+        got = self.received(grads)
+        gs = {name: (-(wide(got[name].detach()) if got[name] is not None else torch.zeros_like(u[name]))
+                     - weight_u * u[name]) / weight_g for name in self.names}
         if not all(bool(torch.isfinite(t).all()) for t in (*gs.values(), *u.values())):
             return  # a skipped step: it does not enter the optimizer's momentum either
         self.count += 1
@@ -76,13 +88,16 @@ class GradientRecorder:
         c = 1 - self.beta1 ** self.count
         return {k: v / c for k, v in self.m_g.items()}, {k: v / c for k, v in self.m_u.items()}
 
-    def check(self, g: dict[str, Tensor], u: dict[str, Tensor], weight_g: float, weight_u: float) -> dict[str, float]:
-        """Identity 3: relative max deviation of the received ``.grad`` from ``−(weight_g·g + weight_u·u)``
-        (``1, λ`` for the loss −J − λM; a rule's own weights where it replaced the update on θ_S)."""
+    def check(self, g: dict[str, Tensor], u: dict[str, Tensor], weight_g: float, weight_u: float,
+              grads: dict[str, Tensor] | None = None) -> dict[str, float]:
+        """Identity 3: relative max deviation of the received ``.grad`` (or ``grads``, as in ``observe``) from
+        ``−(weight_g·g + weight_u·u)`` (``1, λ`` for the loss −J − λM; a rule's own weights where it replaced the
+        update on θ_S)."""
         worst, scale = 0.0, 0.0
-        for name, p in zip(self.names, self.params):
+        received = self.received(grads)
+        for name in self.names:
             expected = -(weight_g * g[name] + weight_u * u[name]).double()
-            got = p.grad.detach().double() if p.grad is not None else torch.zeros_like(expected)
+            got = received[name].detach().double() if received[name] is not None else torch.zeros_like(expected)
             worst = max(worst, float((got - expected).abs().max()))
             scale = max(scale, float(expected.abs().max()))
         return {"diag/identity3/max_abs_err": worst,

@@ -11,6 +11,11 @@ what it needs and runs at one point of the step). The trainer calls it twice per
   scheduled step it runs the probe, checks identity 3 against the received gradient and saves the
   probe bundle. With ``diag.defer_degenerate`` a scheduled step whose minibatch has no nonzero
   advantage is put off to the next step whose minibatch has one (``diag/deferred_from`` says which).
+
+How the processes hold the model is the strategy's business (``train/dist.py``): the probe, identity 3 and the
+bundle read a full view of the model, its θ_S and the optimizer's state (the live objects under ddp, a gathered
+plain copy under fsdp) and the received gradient in full. With ``diag.bundle_only`` a scheduled step writes the
+bundle (gathered on rank 0 alone) and skips the online probe.
 """
 
 from __future__ import annotations
@@ -33,9 +38,14 @@ from .schedule import Schedule
 class StepDiagnostics:
     def __init__(self, model: nn.Module, shared: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, diag: Any,
                  *, total_steps: int, seed: int, grad_clip: float, bundle_dir: Path | None, enabled: bool, dist: Any,
-                 heldout: Callable[[int], RLBatch] | None = None, clip_scope: str = "global"):
-        """``shared``: the model's θ_S by name (the trainer's dict)."""
+                 heldout: Callable[[int], RLBatch] | None = None, clip_scope: str = "global", strategy: Any = None):
+        """``shared``: the model's θ_S by name (the trainer's dict); ``strategy``: how the processes hold the model
+        (``train/dist.py``; default: every process the whole model)."""
+        from ..train.dist import Replicated
+
         self.model, self.shared, self.optimizer, self.dist = model, shared, optimizer, dist
+        self.strategy = strategy if strategy is not None else Replicated(dist)
+        self.bundle_only = diag.probes and getattr(diag, "bundle_only", False)
         self.schedule = Schedule(total_steps, diag.every, diag.at, diag.log_spaced, diag.first) if enabled else None
         self.defer_degenerate = diag.defer_degenerate
         self.deferred: int | None = None  # the scheduled step a degenerate minibatch put off (defer_degenerate)
@@ -54,8 +64,13 @@ class StepDiagnostics:
         return self.recorder.track_momentum
 
     def mtp_grad(self, mtp_objective: Tensor | None) -> dict[str, Tensor]:
-        """u = ∇M on θ_S from the live graph, summed over processes."""
-        return self.recorder.mtp_grad(mtp_objective, self.dist.sum if self.dist.active else None)
+        """u = ∇M on θ_S from the live graph, summed over processes (the strategy's way: ``Replicated.mtp_grad``,
+        ``Sharded.mtp_grad``)."""
+        return self.strategy.mtp_grad(mtp_objective, self.recorder)
+
+    def received(self) -> dict[str, Tensor]:
+        """The gradient the optimizer received on θ_S, in full (a collective under fsdp)."""
+        return self.strategy.full_grads(dict(zip(self.recorder.names, self.recorder.params)))
 
     def measure(self, step: int, batch: RLBatch, spec: ObjectiveSpec, coef: Coefficient,
                 u: dict[str, Tensor] | None, realised: SharedUpdate | None = None, *, first_after_rollout: bool,
@@ -63,8 +78,8 @@ class StepDiagnostics:
         """The step's diagnostics record (empty on unscheduled steps). ``realised``: the update a rule put on θ_S
         in place of g + λu (``rl/coef.py: shared_update``), whose weights identity 3 and the probe then use."""
         weights = (1.0, coef.value) if realised is None else (realised.weight_g, realised.weight_u)
-        if u is not None:
-            self.recorder.observe(u, *weights)
+        if u is not None and self.recorder.track_momentum:
+            self.recorder.observe(u, *weights, grads=self.received())
         if not self.due(step) and self.deferred is None:
             return {}
         dist = self.dist
@@ -72,29 +87,38 @@ class StepDiagnostics:
             self.deferred = self.deferred or step
             return {}
         deferred_from, self.deferred = self.deferred, None
-        # no copies: the optimizer steps after this returns, and momentum() is the recorder's fresh bias-corrected copy
-        snap = OptimizerSnapshot.capture(self.optimizer, self.shared, self.grad_clip, self.recorder.momentum(),
-                                         copy=False, clip_scope=self.clip_scope)
         heldout = self.heldout(step) if self.heldout is not None else None
         settings = self.settings.replace(seed=self.seed * 1_000_003 + step)  # each probe its own bootstrap
         realised_weights = None if realised is None else weights
-        probe = run_probe(self.model, batch, spec, coef, snap, settings, heldout, dist, realised_weights)
-        rec = {k: v for k, v in probe.record.items() if not isinstance(v, list)}
-        rec |= {f"perf/probe/{name}_s": s for name, s in probe.cost.items()}
-        if probe.g is not None:
-            rec |= self.recorder.check(probe.g, probe.u, *weights)
         where = {"first_after_rollout": first_after_rollout, "minibatch_index": minibatch_index}
         if deferred_from is not None:
             where["diag/deferred_from"] = deferred_from
-        rec |= where
-        if self.bundle_dir is not None:  # the global minibatch: `occ probe` recomputes it in one process
-            whole = RLBatch.from_tensors(dist.gather_cat(batch.tensors()))
-            held = None if heldout is None else RLBatch.from_tensors(dist.gather_cat(heldout.tensors()))
-            if dist.main:
-                save_bundle(self.bundle_dir / f"step_{step:06d}", step=step, model=self.model, batch=whole,
-                            spec=spec, coef=coef, optim=snap, settings=settings, heldout=held, realised=realised_weights,
-                            online=probe.record | where, extra=where | {"world": dist.world})
-        return rec
+        rec, online = {}, None
+        # the probe and the bundle read the model, θ_S and the optimizer's state in full (a gathered copy under fsdp;
+        # with bundle_only on rank 0 alone, in host memory)
+        with self.strategy.full_view(self.model, self.optimizer, self.shared, main_only=self.bundle_only) as view:
+            snap = None
+            if view is not None:  # no copies: the optimizer steps after this returns, and momentum() is the
+                # recorder's fresh bias-corrected copy
+                snap = OptimizerSnapshot.capture(view.optimizer, view.shared, self.grad_clip, self.recorder.momentum(),
+                                                 copy=False, clip_scope=self.clip_scope)
+            if self.bundle_only:
+                rec["diag/bundle_only"] = True
+            else:
+                probe = run_probe(view.model, batch, spec, coef, snap, settings, heldout, dist, realised_weights)
+                rec |= {k: v for k, v in probe.record.items() if not isinstance(v, list)}
+                rec |= {f"perf/probe/{name}_s": s for name, s in probe.cost.items()}
+                if probe.g is not None:
+                    rec |= self.recorder.check(probe.g, probe.u, *weights, grads=self.received())
+                online = probe.record | where
+            if self.bundle_dir is not None:  # the global minibatch: `occ probe` recomputes it in one process
+                whole = RLBatch.from_tensors(dist.gather_cat(batch.tensors()))
+                held = None if heldout is None else RLBatch.from_tensors(dist.gather_cat(heldout.tensors()))
+                if dist.main:
+                    save_bundle(self.bundle_dir / f"step_{step:06d}", step=step, model=view.model, batch=whole,
+                                spec=spec, coef=coef, optim=snap, settings=settings, heldout=held,
+                                realised=realised_weights, online=online, extra=where | {"world": dist.world})
+        return rec | where
 
     def has_signal(self, batch: RLBatch) -> bool:
         """Whether any row of the (global) minibatch has a nonzero advantage."""

@@ -38,7 +38,7 @@ from ..validated import (
     yaml_problem,
 )
 
-__all__ = ["PACKAGED_CONFIGS", "PRETRAINED_MODEL_KEYS", "PROXY_NAMES", "REGIMES", "Config", "DiagConfig", "EvalConfig", "RLConfig",
+__all__ = ["PACKAGED_CONFIGS", "PRETRAINED_MODEL_KEYS", "PROXY_NAMES", "REGIMES", "Config", "DiagConfig", "DistConfig", "EvalConfig", "RLConfig",
            "SFTConfig", "TaskConfig", "config_path", "dump_config", "load_config"]
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -225,6 +225,16 @@ class DiagConfig(ProbeFields):
     """Save a probe bundle (what `occ probe` needs) on every diagnosed step."""
     curve_heldout: bool = False
     """Also evaluate the curve on a held-out batch of fresh rollouts."""
+    bundle_only: bool = False
+    """On a diagnosed step write the probe bundle but skip the online probe (and so identity 3 and the diag/…
+    record): for a run whose probe does not fit its devices (the probe holds the whole θ_S and its directions on
+    every process); `occ probe RUN` then recomputes every bundle on one large device. Needs diag.probes."""
+
+    @model_validator(mode="after")
+    def _bundle_only_needs_bundles(self) -> DiagConfig:
+        if self.bundle_only and not self.probes:
+            raise FieldError("bundle_only", "skips the online probe in favour of the bundle: it needs diag.probes")
+        return self
 
 
 class EvalConfig(Settings):
@@ -238,6 +248,15 @@ class EvalConfig(Settings):
     """Longest response at evaluation."""
     seed: int = 1234
     """Seed of the fixed held-out sets."""
+
+
+class DistConfig(Settings):
+    """How several processes (``torchrun --nproc_per_node N``) share the model; one process ignores it."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: every process holds the whole model and optimizer state, gradients are summed by all-reduce; fsdp: the
+    model is sharded with PyTorch's FSDP2 (fully_shard on each decoder layer, each MTP block and the root), so
+    weights, gradients and optimizer state are split over the processes. The trainer's numbers are the same."""
 
 
 def _section_of(dc: type) -> type[Settings]:
@@ -276,6 +295,7 @@ class Config(Settings):
     rl: RLConfig = RLConfig()
     diag: DiagConfig = DiagConfig()
     eval: EvalConfig = EvalConfig()
+    dist: DistConfig = DistConfig()
 
     @field_validator("model", mode="before")
     @classmethod

@@ -6,6 +6,12 @@ processes (``all_reduce``), which gives every process the gradient of the global
 same number one process would get on the concatenated batch. Every decomposition quantity and
 every OCC coefficient is built from such sums. Only rank 0 writes files.
 
+How the processes hold the model is the strategy (``dist.strategy``): ``Replicated`` (ddp, and one
+process) here, every process with the whole model; ``train/fsdp.py: Sharded`` (fsdp), the model
+sharded with FSDP2. The trainers see one interface: wrap the model, reduce and clip the gradients,
+read and write them in full, hand a plain full view of the model and the optimizer's state to the
+computations that differentiate it functionally (``FullView``), and save and load the full state.
+
 Gradients are summed explicitly rather than through ``DistributedDataParallel``: the recorder and
 the curvature computations differentiate the unwrapped module functionally, and need sums of
 per-process terms, not DDP's mean.
@@ -13,13 +19,15 @@ per-process terms, not DDP's mean.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -102,10 +110,97 @@ class Dist:
             dist.barrier()
 
 
-def init_from_env(device: torch.device) -> Dist:
-    """Join the process group ``torchrun`` describes (WORLD_SIZE > 1), else a single process."""
+@dataclass
+class FullView:
+    """The model with its full parameters as a plain module, its θ_S by name and an optimizer holding the state of
+    θ_S in full: what the probe and the coefficient rules differentiate (the live objects under ddp)."""
+
+    model: nn.Module
+    shared: dict[str, Tensor]
+    optimizer: torch.optim.Optimizer
+
+
+def _total_norm(params: Iterable[nn.Parameter]) -> Tensor:
+    """The 2-norm of the gradients of ``params`` (as ``clip_grad_norm_`` computes it; 0 without any)."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).double() for g in grads]))
+
+
+class Replicated:
+    """The ddp strategy (and one process): every process holds the whole model and optimizer state; gradients are
+    summed with ``Dist.sum_grads``; the full views are the live objects."""
+
+    name = "ddp"
+
+    def __init__(self, dist: Dist):
+        self.dist = dist
+
+    def wrap(self, model: nn.Module, *, template: bool = True) -> nn.Module:
+        return model
+
+    def reduce_grads(self, params: Iterable[nn.Parameter]) -> None:
+        self.dist.sum_grads(list(params))
+
+    def full_grads(self, named: dict[str, nn.Parameter]) -> dict[str, Tensor]:
+        return {k: p.grad.detach() if p.grad is not None else torch.zeros_like(p) for k, p in named.items()}
+
+    def set_grads(self, named: dict[str, nn.Parameter], grads: dict[str, Tensor]) -> None:
+        for k, p in named.items():
+            p.grad = grads[k].to(p.dtype)
+
+    def grad_norm(self, params: Iterable[nn.Parameter]) -> Tensor:
+        return _total_norm(params)
+
+    def clip(self, params: list[nn.Parameter], max_norm: float) -> Tensor:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def all_finite(self, params: Iterable[nn.Parameter]) -> bool:
+        from .guard import params_finite
+
+        return params_finite(params)
+
+    def mtp_grad(self, objective: Tensor | None, recorder: Any) -> dict[str, Tensor]:
+        """u = ∇M on θ_S from the live graph (``GradientRecorder.mtp_grad``), summed over processes."""
+        return recorder.mtp_grad(objective, self.dist.sum if self.dist.active else None)
+
+    @contextlib.contextmanager
+    def full_model(self, model: nn.Module, *, main_only: bool = False) -> Iterator[nn.Module | None]:
+        yield model if self.dist.main or not main_only else None
+
+    @contextlib.contextmanager
+    def full_view(self, model: nn.Module, optimizer: torch.optim.Optimizer, shared: dict[str, nn.Parameter], *,
+                  main_only: bool = False) -> Iterator[FullView | None]:
+        yield FullView(model, shared, optimizer) if self.dist.main or not main_only else None
+
+    def model_state(self, model: nn.Module) -> dict[str, Tensor]:
+        return model.state_dict()
+
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return optimizer.state_dict()
+
+    def load_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict[str, Tensor],
+                   optim_sd: dict[str, Any]) -> None:
+        model.load_state_dict(model_sd)
+        optimizer.load_state_dict(optim_sd)
+
+
+def make_strategy(name: str, dist: Dist) -> Any:
+    """The strategy ``dist.strategy`` names: ``Replicated`` for ddp, and for one process without a process group
+    (nothing to shard); ``fsdp.Sharded`` for fsdp under torchrun."""
+    if name == "fsdp" and torch.distributed.is_initialized():
+        from .fsdp import Sharded
+
+        return Sharded(dist)
+    return Replicated(dist)
+
+
+def init_from_env(device: torch.device, strategy: str = "ddp") -> Dist:
+    """Join the process group ``torchrun`` describes (WORLD_SIZE > 1; with ``strategy`` fsdp also a group of one,
+    so that FSDP2 runs as it would on more), else a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not (strategy == "fsdp" and "MASTER_ADDR" in os.environ):
         return Dist()
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -113,3 +208,11 @@ def init_from_env(device: torch.device) -> Dist:
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return Dist(dist.get_rank(), dist.get_world_size(), str(device))
+
+
+def leave() -> None:
+    """Leave the process group at the end of a run (after a barrier: without it gloo's teardown can abort a
+    process)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

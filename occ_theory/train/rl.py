@@ -18,6 +18,11 @@ Left out: value functions, entropy bonus, dynamic sampling / over-long filtering
 resets, length penalties. On scheduled steps the diagnostics (``occ_theory.diagnostics``) run on
 the state before the step and a probe bundle is saved. Every step writes one ``metrics.jsonl``
 record. CUDA: bf16 autocast for rollouts and training, full precision for diagnostics.
+
+Several processes (``torchrun``): each samples its share of the prompts; how they hold the model is
+``dist.strategy`` (``train/dist.py``: ddp replicates it; ``train/fsdp.py``: fsdp shards it with FSDP2, and
+then rollouts, evaluation, the probe and the rules that differentiate the model read a gathered full copy).
+The numbers do not depend on the strategy.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_torch_save, atomic_write_text
+from ..diagnostics.recorder import wide
 from ..diagnostics.step import StepDiagnostics
 from ..errors import BadStepsError, Diverged, Interrupted
 from ..models import load_any, save_model
@@ -71,29 +77,22 @@ from .checkpoints import (
     write_failed,
 )
 from .config import Config, load_config
-from .dist import Dist, init_from_env
+from .dist import Dist, init_from_env, leave, make_strategy
 from .evaluate import decode_response, prompt_ids, tasks_for
-from .guard import StepGuard, StopSignals, params_finite
+from .guard import StepGuard, StopSignals
 from .logging import MetricsWriter, Progress
 from .run import RunContext, check_user_data, evaluate_run, problem_stream, training_tasks
 
 
-def _total_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """The 2-norm of the gradients of ``params`` (as ``clip_grad_norm_`` computes it; 0 without any)."""
-    grads = [p.grad.detach() for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).double() for g in grads]))
-
-
 class RLTrainer:
-    def __init__(self, cfg: Config, ctx: RunContext, dist: Dist | None = None):
+    def __init__(self, cfg: Config, ctx: RunContext, dist: Dist | None = None, strategy: Any = None):
         rc = cfg.rl
         if rc.init is None:
             raise ValueError("config key 'rl.init': RL needs a starting model (occ rl --init SFT_CHECKPOINT, "
                              "or --model PATH for a pretrained model with fresh MTP modules)")
         self.cfg, self.rc, self.ctx = cfg, rc, ctx
         self.dist = dist or Dist()
+        self.strategy = strategy if strategy is not None else make_strategy(cfg.dist.strategy, self.dist)
         world = self.dist.world
         if rc.prompts_per_rollout % world or (rc.prompts_per_rollout // world * rc.group_size) % rc.minibatches:
             raise ValueError(f"config key 'rl.prompts_per_rollout': {rc.prompts_per_rollout} prompts over {world} "
@@ -115,6 +114,10 @@ class RLTrainer:
         if regime.mtp_loss is None:  # no MTP loss: θ_M frozen
             for p in self.model.mtp.parameters():
                 p.requires_grad_(False)
+        self.ref_model = None
+        if rc.kl_coef > 0:
+            self.ref_model = self.strategy.wrap(copy.deepcopy(self.model).eval().requires_grad_(False), template=False)
+        self.model = self.strategy.wrap(self.model)  # before anything holds its parameters (fsdp replaces them)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=rc.lr, betas=rc.betas, eps=rc.adam_eps,
                                            weight_decay=rc.weight_decay)
@@ -124,16 +127,13 @@ class RLTrainer:
         shared = set(self.model.shared_param_names())
         self.shared = {k: p for k, p in self.model.named_parameters() if k in shared}
         self.mtp_trainable = [p for k, p in self.model.named_parameters() if k not in shared and p.requires_grad]
-        self.ref_model = None
-        if rc.kl_coef > 0:
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.rule = CoefficientRule(rc.regime, rc.mtp_coef, rc.proxy, rc.coef_ema, rc.coef_clip, rc.coef_max,
                                     rc.coef_every)
         self.diagnostics = StepDiagnostics(self.model, self.shared, self.optimizer, cfg.diag, total_steps=rc.steps,
                                            seed=cfg.seed, grad_clip=rc.grad_clip, clip_scope=rc.clip_scope,
                                            bundle_dir=ctx.run_dir / "probes",
                                            enabled=regime.mtp_loss is not None, dist=self.dist,
-                                           heldout=self.heldout_batch)
+                                           heldout=self.heldout_batch, strategy=self.strategy)
         # a pretrained model's tokenizer gets the tasks in natural language (its chat template, "Answer: N")
         self.tasks = {t.name: t for t in tasks_for(self.tokenizer, training_tasks(cfg), cfg.task.parse)}
         # randomness: every source is a seeded generator whose state is checkpointed (one set per process)
@@ -157,9 +157,10 @@ class RLTrainer:
         self.model.eval()
         # every process pads its prompts to the same width, so the global batch concatenates column-aligned
         width = {"prompt_width": self.dist.max(max(len(p) for p in prompts))} if self.dist.active else {}
-        ro = generate(self.model, prompts, rc.max_new_tokens, rc.temperature, rc.top_p,
-                      eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
-                      generator=gen or self.sample_gen, autocast_dtype=self.ctx.autocast_dtype, **width)
+        with self.strategy.full_model(self.model) as model:  # the sampler's decoder reads the weights by hand
+            ro = generate(model, prompts, rc.max_new_tokens, rc.temperature, rc.top_p,
+                          eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
+                          generator=gen or self.sample_gen, autocast_dtype=self.ctx.autocast_dtype, **width)
         texts = [decode_response(self.tokenizer, r) for r in ro.responses]
         owners = [p for p in problems for _ in range(rc.group_size)]
         rewards = torch.tensor([self.tasks[p.suite].reward(p, t) for p, t in zip(owners, texts)])
@@ -213,14 +214,19 @@ class RLTrainer:
                                      dist.sum_terms if dist.active else None)
         rc = self.rc
 
-        def step_rule(rule: str) -> float:
-            return step_lambda(rule, self.model, mb, self.spec, self.shared, self.optimizer, u,
-                               self.diagnostics.recorder.mtp_grad_sq, grad_clip=rc.grad_clip, clip_scope=rc.clip_scope,
-                               norms=norms, method=self.cfg.diag.hvp_method, reduce=dist.sum if dist.active else None)
+        def step_rule(rule: str) -> float:  # differentiates the model functionally: a full view of it
+            with self.strategy.full_view(self.model, self.optimizer, self.shared) as v:
+                return step_lambda(rule, v.model, mb, self.spec, v.shared, v.optimizer, u,
+                                   self.diagnostics.recorder.mtp_grad_sq, grad_clip=rc.grad_clip,
+                                   clip_scope=rc.clip_scope, norms=norms, method=self.cfg.diag.hvp_method,
+                                   reduce=dist.sum if dist.active else None)
+
+        def fisher() -> float:
+            with self.strategy.full_view(self.model, self.optimizer, self.shared) as v:
+                return fisher_from_optimizer(v.model, mb, rc.temperature, v.shared, v.optimizer, u, dist.sum)
 
         inputs = CoefInputs(
-            raw, fisher=lambda: fisher_from_optimizer(self.model, mb, rc.temperature, self.shared, self.optimizer,
-                                                      u, dist.sum),
+            raw, fisher=fisher,
             real=lambda: step_rule("real"), adam_step=lambda: step_rule("adam_step"),
             first_step=not any(self.optimizer.state.get(p) for p in self.shared.values()))
         coef = self.rule(inputs)
@@ -259,7 +265,7 @@ class RLTrainer:
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        dist.sum_grads(self.trainable)  # every process now holds the gradient of the global batch
+        self.strategy.reduce_grads(self.trainable)  # every process: (its shard of) the global batch's gradient
         realised = self.edit_shared_update(u, coef) if self.rule.edits_shared else None
         td = time.perf_counter()
         rec = diag.measure(self.step, mb, self.spec, coef, u, realised,  # the applied values win
@@ -278,30 +284,28 @@ class RLTrainer:
 
     def edit_shared_update(self, u: dict[str, torch.Tensor], coef: Coefficient) -> SharedUpdate:
         """Replace the update on θ_S by the rule's own (``rl/coef.py: shared_update``); g = −∇L − λ·u."""
-        grads = {k: p.grad.detach().float() if p.grad is not None else torch.zeros_like(u[k])
-                 for k, p in self.shared.items()}
+        grads = {k: wide(t) for k, t in self.strategy.full_grads(self.shared).items()}
         g = {k: -grads[k] - coef.value * u[k] for k in grads}
         realised = shared_update(coef.rule, g, u, coef.value)
-        for k, p in self.shared.items():
-            p.grad = (-realised.d[k]).to(p.dtype)
+        self.strategy.set_grads(self.shared, {k: -d for k, d in realised.d.items()})
         return realised
 
     def clip_gradients(self) -> tuple[torch.Tensor, dict[str, Any]]:
         """Clip by ``rl.clip_scope`` with ``clip_grad_norm_`` (global: one norm over θ_S and θ_M; shared: θ_S's,
         θ_M unclipped; separate: each its own) and record, at no extra backward, the norms, whether the clip
         acted on θ_S, its factor there, and θ_M's share of the global squared norm. Returns the global norm."""
-        rc, shared = self.rc, [p for p in self.shared.values() if p.requires_grad]
-        n_s, n_m = _total_norm(shared), _total_norm(self.mtp_trainable)
+        rc, shared, st = self.rc, [p for p in self.shared.values() if p.requires_grad], self.strategy
+        n_s, n_m = st.grad_norm(shared), st.grad_norm(self.mtp_trainable)
         total = torch.sqrt(n_s**2 + n_m**2)
         c = rc.grad_clip or float("inf")
         if rc.clip_scope == "global":
-            torch.nn.utils.clip_grad_norm_(self.trainable, c)
+            st.clip(self.trainable, c)
             factor = min(1.0, c / (float(total) + 1e-6))
         else:
-            torch.nn.utils.clip_grad_norm_(shared, c)
+            st.clip(shared, c)
             factor = min(1.0, c / (float(n_s) + 1e-6))
             if rc.clip_scope == "separate" and self.mtp_trainable:
-                torch.nn.utils.clip_grad_norm_(self.mtp_trainable, c)
+                st.clip(self.mtp_trainable, c)
         tot_sq = float(total) ** 2
         return total, {"rl/grad_norm_shared": float(n_s), "rl/grad_norm_mtp": float(n_m),
                        "rl/grad_norm_mtp_share": float(n_m) ** 2 / tot_sq if tot_sq > 0 else 0.0,
@@ -365,9 +369,10 @@ class RLTrainer:
         """Held-out evaluation on rank 0: all six suites whatever the training mixture, or the user data's
         held-out split (``run.evaluate_run``)."""
         result = {}
-        if self.dist.main:
-            result = evaluate_run(self.model, self.tokenizer, self.cfg, size, samples, list(self.tasks.values()),
-                                  self.ctx.autocast_dtype, progress)
+        with self.strategy.full_model(self.model, main_only=True) as model:  # gathered on rank 0 under fsdp
+            if model is not None:
+                result = evaluate_run(model.to(self.device), self.tokenizer, self.cfg, size, samples,
+                                      list(self.tasks.values()), self.ctx.autocast_dtype, progress)
         self.dist.barrier()
         return result
 
@@ -396,7 +401,8 @@ class RLTrainer:
                 self.step = completed_steps(self.optimizer, self.guard)  # a step the failure cut short runs again
                 raise write_failed(e, self.save_checkpoint, self.ctx.run_dir, "rl") from e
             except Diverged as e:
-                path = self.save_checkpoint() if params_finite(self.trainable) else latest_checkpoint(self.ctx.run_dir)
+                path = (self.save_checkpoint() if self.strategy.all_finite(self.trainable)
+                        else latest_checkpoint(self.ctx.run_dir))
                 saved = (f"the last checkpoint is {path}" if path is not None else
                          "no checkpoint was saved (rl.checkpoint_every keeps earlier ones)")
                 self.ctx.log(f"stopped: {e}; {saved}", echo=False)
@@ -441,7 +447,7 @@ class RLTrainer:
                         writer.write(rec)
                         progress.update(self.step, reward=rec["reward/mean"], lam=rec["lambda/used"],
                                         J=rec["rl/objective"])
-                    if not params_finite(self.trainable):
+                    if not self.strategy.all_finite(self.trainable):
                         raise Diverged(f"the weights became non-finite at step {self.step} (lower rl.lr or set "
                                        "rl.grad_clip)")
                     if self.dist.max(int(stop.received is not None)) and self.step < rc.steps:
@@ -452,8 +458,7 @@ class RLTrainer:
 
     def _finish(self) -> Path:
         rc = self.rc
-        if self.dist.main:
-            save_model(self.model, self.ctx.run_dir / "final", self.tokenizer)
+        self.save_model(self.ctx.run_dir / "final")
         ec = self.cfg.eval
         result = self.evaluate(ec.size, ec.samples, progress="eval")
         if result:
@@ -464,8 +469,15 @@ class RLTrainer:
                      f"-> {self.ctx.run_dir}")
         return self.ctx.run_dir
 
+    def save_model(self, path: Path) -> None:
+        """``save_model`` of the whole model, on rank 0 (gathered under fsdp; every process calls it)."""
+        with self.strategy.full_model(self.model, main_only=True) as model:
+            if model is not None:
+                save_model(model, path, self.tokenizer)
+
     def checkpoint_state(self) -> dict[str, Any]:
-        """Model, optimizer, coefficient state, and every process's random generators (rank order)."""
+        """Model, optimizer, coefficient state, and every process's random generators (rank order); the model and
+        the optimizer in full (gathered on rank 0 under fsdp: one checkpoint format for both strategies)."""
         pending = None
         if self.pending is not None:  # the rollout's minibatches not yet stepped on (an interrupted run)
             nxt = self.pending["next"]
@@ -474,7 +486,8 @@ class RLTrainer:
         rngs = self.dist.gather({"task_rng": self.task_rng.bit_generator.state,
                                  "sample_gen": self.sample_gen.get_state().cpu(), "pending": pending})
         return {"format": "occ_theory.rl_checkpoint", "step": self.step, "rollouts": self.rollouts,
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "model": self.strategy.model_state(self.model),
+                "optimizer": self.strategy.optimizer_state(self.model, self.optimizer),
                 "lr_schedule": self.lr_schedule.state_dict(),
                 "rule": self.rule.state_dict(), "diagnostics": self.diagnostics.state_dict(), "rngs": rngs, "shuffle_gen": self.shuffle_gen.get_state(),
                 "bad_in_row": self.guard.in_row, "bad_total": self.guard.total}
@@ -498,8 +511,7 @@ class RLTrainer:
         if not isinstance(st, dict) or st.get("format") != "occ_theory.rl_checkpoint":
             raise ValueError(f"{path} is not an occ_theory RL checkpoint")
         try:
-            self.model.load_state_dict(st["model"])
-            self.optimizer.load_state_dict(st["optimizer"])
+            self.strategy.load_state(self.model, self.optimizer, st["model"], st["optimizer"])
             if "lr_schedule" in st:  # checkpoints before the warm-up setting have none (constant lr)
                 self.lr_schedule.load_state_dict(st["lr_schedule"])
         except (RuntimeError, ValueError, KeyError) as e:
@@ -535,18 +547,22 @@ def run_rl(cfg: Config, out_dir: Path | None = None) -> Path:
     if cfg.rl.init is not None and not Path(cfg.rl.init).exists():  # what kind of model it is, load_any judges
         raise ValueError(f"config key 'rl.init' (--init, --model): nothing at {cfg.rl.init}")
     ctx = RunContext.create(cfg, kind=cfg.rl.regime, out_dir=out_dir)
-    dist = init_from_env(ctx.device)
-    ctx = replace(ctx, main=dist.main)
+    dist = init_from_env(ctx.device, cfg.dist.strategy)
+    ctx = replace(ctx, main=dist.main, run_dir=Path(dist.gather(str(ctx.run_dir))[0]))  # rank 0's time-stamped name
     trainer = RLTrainer(cfg, ctx, dist)  # validates the checkpoint and settings before anything is written
     warnings = _check_data(trainer)
     ctx.begin()
     for w in warnings:
         ctx.log(w)
-    if dist.main:
-        save_model(trainer.model, ctx.run_dir / "init", trainer.tokenizer)
+    if cfg.dist.strategy != trainer.strategy.name:
+        ctx.log(f"note: dist.strategy {cfg.dist.strategy} without torchrun: one process holds the whole model")
+    trainer.save_model(ctx.run_dir / "init")
     dist.barrier()
-    ctx.log(f"RL regime={cfg.rl.regime} steps={cfg.rl.steps} from {cfg.rl.init} -> {ctx.run_dir}")
-    return trainer.run()
+    ctx.log(f"RL regime={cfg.rl.regime} steps={cfg.rl.steps} from {cfg.rl.init} -> {ctx.run_dir} "
+            f"({dist.world} process{'es' if dist.world > 1 else ''}, {trainer.strategy.name})")
+    out = trainer.run()
+    leave()
+    return out
 
 
 def resume_rl(run_dir: Path) -> Path:
@@ -558,7 +574,7 @@ def resume_rl(run_dir: Path) -> Path:
     cfg = cfg.replace(rl=cfg.rl.replace(init=str(run_dir / "init")))
     ckpt = latest_checkpoint(run_dir)
     ctx = RunContext.create(cfg, kind=cfg.rl.regime, out_dir=run_dir, resume=True)
-    dist = init_from_env(ctx.device)
+    dist = init_from_env(ctx.device, cfg.dist.strategy)
     ctx = replace(ctx, main=dist.main)
     trainer = RLTrainer(cfg, ctx, dist)
     if dist.main:  # a writer killed mid-write leaves its temporary file (never a torn checkpoint): clear them
@@ -578,4 +594,6 @@ def resume_rl(run_dir: Path) -> Path:
                     shutil.rmtree(b)
         ctx.log(f"resumed from {ckpt.name} (step {trainer.step}); {dropped} later records moved to "
                 "metrics.orphaned.jsonl")
-    return trainer.run()
+    out = trainer.run()
+    leave()
+    return out

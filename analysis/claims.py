@@ -252,7 +252,7 @@ def _reading(probes: pd.DataFrame) -> dict[str, Any]:
         if gap.notna().any() else math.nan, "head_gap_median_std": _median(numeric(d, "stats/q_minus_old/std")),
         "head_gap_median_max_abs": _median(numeric(d, "stats/q_minus_old/max_abs")),
         "head_gap_over_drift": _median(gap.abs()) / _median(drift.abs()) if _median(drift.abs()) else math.nan}
-    g = run_geometry(d, "proj")
+    g = "adam" if np.isfinite(numeric(d, geo_key("adam", "proj"))).any() else run_geometry(d, "proj")  # κ = C/‖Pu‖²
     c = numeric(d, "base_coef")
     k, _ = minibatch_index(d)
     kappa = pd.DataFrame({"run": d.get("run"), "k": k, "kappa": numeric(d, geo_key(g, "proj")),

@@ -1,21 +1,21 @@
 """Claim 1 and the clip coupling, judged on the step the optimizer really takes (docs/theory.md sections 2, 5, 6).
 
-* 1a, local: on the local grid (|λ| ≤ λ_bal) the real-step Δ(λ) is quadratic (R² ≥ ``LOCAL_R2``) and each
-  geometry's β has the sign of the real curve's (the best geometry's share carries the verdict; every one is
-  reported, ``adam_real`` among them).
-* 1b, location: each geometry's λ* lands within a factor ``LOCATION_FACTOR`` of the real optimum (the maximum of
-  the real Δ found on a fine grid, ``diag/real_optimum/lambda``) and the real Δ at it is ≥ 0; ``adam_real`` is
-  judged by its λ* clamped to the clip interval. The verdict is the best geometry's, for the clipped step the run
-  takes; the clip-free step at the same states (``diag/real_optimum_noclip/…``) is reported beside it.
+* 1a, local: on the local grid (|λ| ≤ λ_bal) the real-step Δ(λ) is quadratic (R² ≥ ``LOCAL_R2``) and the model of
+  the step AdamW takes, ``adam_real`` (named in advance: ``JUDGED_GEOMETRY``), has the real curve's sign of β;
+  every other geometry's share is reported with its own verdict.
+* 1b, location: ``adam_real``'s λ* (clamped to the clip interval) lands within a factor ``LOCATION_FACTOR`` of the
+  real optimum (the maximum of the real Δ found on a fine grid, ``diag/real_optimum/lambda``) and the real Δ at it
+  is ≥ 0; every other geometry's share is reported with its own verdict, for the clipped step the run takes and
+  for the clip-free step at the same states (``diag/real_optimum_noclip/…``). A real optimum at the edge of its
+  grid is a bound, not the optimum: such probes are left out and counted.
 * clip: the clip coupling (a finding the paper does not state): under a global clip the MTP modules' gradient
-  enters θ_S's clip factor, so even detach's step moves with λ. Supported when detach's real Δ at the λ it used
-  is nonzero in most of its probes; reported beside it: how often the clip acts at λ = 0, where the real optimum
-  lies when it does, the share of training steps it acts, and ``detach/separate`` − ``detach`` on the RL suites.
+  enters θ_S's clip factor, so even detach's step moves with λ. Supported when, in most of detach's probes, the
+  clip factor at the λ it used differs from the factor at λ = 0 (exact: ``diag/adam_real/clip_factor_at_used``
+  against ``…/clip_factor``); beside it the real Δ that cost, how often the clip acts at λ = 0, where the real
+  optimum lies when it does, the share of training steps it acts, and ``detach/separate`` − ``detach``.
 
 Controls (``frames.control``): detach probes (u = 0 on θ_S: the real curve is the clip alone) and AdamW's first
-step (a sign step) are left out of 1a and 1b and counted apart. A missing column makes a claim inconclusive,
-naming it; a geometry without a value at a probe (step 1: no Adam state) is a miss for 1b, never filled from
-another geometry.
+step (a sign step) are left out of 1a and 1b and counted apart, as are probes without a finite value to judge.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from .frames import (
     REAL_LOCAL,
     REAL_OPT,
     REAL_OPT_NOCLIP,
-    RUN_GEOMETRY_ORDER,
     control,
     geo_key,
     numeric,
@@ -44,19 +43,23 @@ LOCAL_R2 = 0.9
 """1a: the local real-step curve counts as quadratic at R² ≥ 0.9."""
 LOCATION_FACTOR = 2.0
 """1b: a model locates the real optimum when λ*/λ_opt lies in [1/2, 2] (and the real Δ at λ* is ≥ 0)."""
-CLAIM_LOCAL = "1a. locally, the real-step Δ(λ) is quadratic and the model's β has its sign"
-CLAIM_WIDE = "1b. each geometry's λ* lands within a factor of 2 of the real optimum, where the real Δ is ≥ 0"
+JUDGED_GEOMETRY = "adam_real"
+"""The geometry 1a and 1b are judged on, named before the data: the second-order model of the step AdamW takes."""
+CLAIM_LOCAL = "1a. locally, the real-step Δ(λ) is quadratic and adam_real's β has its sign"
+CLAIM_WIDE = "1b. adam_real's λ* lands within a factor of 2 of the real optimum, where the real Δ is ≥ 0"
 CLAIM_CLIP = "clip. a global gradient clip couples the MTP loss to the RL step (detach's step moves with λ)"
 
 THRESHOLDS = {
-    "1a": f"quadratic = R² ≥ {LOCAL_R2} on the local real-step fit; β sign of each geometry's model = the real "
-          "curve's; the best geometry's share and the quadratic share, each by the share rule; detach and "
-          "first-step probes are controls, left out",
+    "1a": f"quadratic = R² ≥ {LOCAL_R2} on the local real-step fit (|λ| ≤ λ_bal); β sign of adam_real (named in "
+          "advance) = the real curve's; both shares by the share rule; every other geometry's share reported with "
+          "its own verdict; detach and first-step probes are controls, left out",
     "1b": f"located = λ*/λ_opt in [1/{LOCATION_FACTOR:g}, {LOCATION_FACTOR:g}] and Δ_real(λ*) ≥ 0 (λ_opt: the maximum "
-          "of the real Δ on a fine grid, refined); a NaN λ* is a miss; the best geometry's share by the share "
-          "rule; adam_real by its clamped λ*; the clip-free step reported beside it; controls left out",
-    "clip": "detach probes (global clip) whose real Δ at the λ used is nonzero, by the share rule; beside it the "
-            "share of probes with the clip active at λ = 0 and of training steps with it active",
+          "of the real Δ on a fine grid, refined; at the grid's edge a bound, left out and counted); a NaN λ* is a "
+          "miss; adam_real's clamped λ* (named in advance) by the share rule, every other geometry reported with "
+          "its own verdict; the clip-free step reported beside it; controls left out",
+    "clip": "detach probes (global clip) where the clip factor at the λ used differs from the factor at λ = 0 "
+            "(exact), by the share rule; beside it the real Δ at the λ used, the share of probes with the clip "
+            "active at λ = 0 and of training steps with it active",
 }
 
 
@@ -70,13 +73,6 @@ def flag(df: pd.DataFrame, col: str) -> pd.Series:
 
 def _missing(df: pd.DataFrame, cols: list[str]) -> list[str]:
     return [c for c in cols if c not in df]
-
-
-def _best(shares: dict[str, dict[str, Any]], key: str) -> str | None:
-    """The geometry with the highest ``key`` share (ties: the run's own geometries first)."""
-    order = [REAL_GEOMETRY, *RUN_GEOMETRY_ORDER, *(g for g in ALL_GEOMETRIES if g not in RUN_GEOMETRY_ORDER)]
-    have = [g for g in dict.fromkeys(order) if g in shares and math.isfinite(shares[g].get(key, math.nan))]
-    return max(have, key=lambda g: shares[g][key]) if have else None
 
 
 def _median(v: pd.Series) -> float:
@@ -123,10 +119,13 @@ def local_quadratic(probes: pd.DataFrame) -> Verdict:
                             "diag.curve_real_step: true)", **controls_record(probes))
     ev = _evidence(probes)
     a, b, r2 = (numeric(ev, c) for c in need)
-    ok = np.isfinite(b) & np.isfinite(r2) & ~((a == 0) & (b == 0))  # a flat curve has nothing to fit
+    flat = (a == 0) & (b == 0)  # a flat curve has nothing to fit
+    ok = np.isfinite(b) & np.isfinite(r2) & ~flat
     d = ev[ok]
     quad_verdict, nums = judge_share(r2[ok] >= LOCAL_R2, d["run"], "quadratic")
-    nums |= controls_record(probes) | {"curves": int(ok.sum()), "median_r2": _median(r2[ok])} | beta_split(d)
+    nums |= controls_record(probes) | {"curves": int(ok.sum()), "median_r2": _median(r2[ok]),
+                                       "flat_curves": int(flat.sum()), "not_fitted": int((~ok & ~flat).sum())}
+    nums |= beta_split(d)
     shares: dict[str, dict[str, Any]] = {}
     for g in ALL_GEOMETRIES:
         bm = model_beta(d, g)
@@ -139,17 +138,17 @@ def local_quadratic(probes: pd.DataFrame) -> Verdict:
             e = numeric(d, geo_key(g, k)).abs().dropna()
             if len(e):
                 nums[f"{g}/median_{k}"] = float(e.median())
-    best = _best(shares, "sign_share")
-    if best is None:
+    nums |= {f"{g}/verdict": sh["verdict"] for g, sh in shares.items()}
+    if JUDGED_GEOMETRY not in shares:
         return Verdict("1a", CLAIM_LOCAL, NOT_SUPPORTED if quad_verdict == NOT_SUPPORTED else INCONCLUSIVE, nums,
-                       "no geometry's β logged beside the real-step curve")
-    nums |= {"best_geometry": best} | {f"best/{k}": v for k, v in shares[best].items() if k != "verdict"}
-    verdict = combine([quad_verdict, shares[best]["verdict"]])
-    each = ", ".join(f"{g} {s['sign_share']:.0%}" for g, s in shares.items())
+                       f"no {JUDGED_GEOMETRY} β logged beside the real-step curve")
+    judged = shares[JUDGED_GEOMETRY]
+    verdict = combine([quad_verdict, judged["verdict"]])
+    each = ", ".join(f"{g} {sh['sign_share']:.0%}" for g, sh in shares.items() if g != JUDGED_GEOMETRY)
     detail = (f"{nums['quadratic_share']:.0%} of {nums['quadratic_points']} local real-step curves have R² ≥ "
               f"{LOCAL_R2} (run-clustered 95% interval {nums['quadratic_share_lo']:.0%}–{nums['quadratic_share_hi']:.0%}); "
-              f"β has the real curve's sign in the best geometry ({best}) in {shares[best]['sign_share']:.0%} "
-              f"({each}); the real curvature's median split: clip {nums['real_beta/median_clip_share']:.0%}, "
+              f"adam_real's β has the real curve's sign in {judged['sign_share']:.0%} (the affine geometries: "
+              f"{each}); the real curvature's median split: clip {nums['real_beta/median_clip_share']:.0%}, "
               f"v̂(λ) {nums['real_beta/median_vhat_share']:.0%}, the rest {nums['real_beta/median_rest_share']:.0%}; "
               f"controls left out: {nums['controls/detach']} detach, {nums['controls/first_step']} first-step probes")
     return Verdict("1a", CLAIM_LOCAL, verdict, nums, detail)
@@ -194,28 +193,32 @@ def wide_interior_maximum(probes: pd.DataFrame) -> Verdict:
         return not_measured("1b", CLAIM_WIDE, f"no real optimum: the probes lack {missing} (set "
                             "diag.curve_real_step: true)", **controls_record(probes))
     ev = _evidence(probes)
-    d = ev[np.isfinite(numeric(ev, REAL_OPT + "lambda"))]
+    finite = np.isfinite(numeric(ev, REAL_OPT + "lambda"))
+    edge = flag(ev, REAL_OPT + "at_edge") == 1
+    d = ev[finite & ~edge]
     nums: dict[str, Any] = controls_record(probes) | {
-        "probes": len(d), "optimum_at_edge_share": float(flag(d, REAL_OPT + "at_edge").mean()) if len(d) else math.nan,
+        "probes": len(d), "optimum_at_edge": int((finite & edge).sum()), "optimum_not_finite": int((~finite).sum()),
         "median_abs_optimum": _median(numeric(d, REAL_OPT + "lambda").abs()),
         "median_abs_optimum_noclip": _median(numeric(d, REAL_OPT_NOCLIP + "lambda").abs())}
     shares, more = _location_shares(d, clip=True)
-    nums |= more
+    nums |= more | {f"{g}/verdict": sh["verdict"] for g, sh in shares.items()}
     if (REAL_OPT_NOCLIP + "lambda") in d:
-        nums |= _location_shares(d, clip=False)[1]
-    best = _best(shares, "located_share")
-    if best is None or not len(d):
-        return inconclusive("1b", CLAIM_WIDE, "no probe outside the controls has a real optimum", **nums)
-    nums |= {"best_geometry": best} | {f"best/{k}": v for k, v in shares[best].items() if k != "verdict"}
-    each = ", ".join(f"{g} {s['located_share']:.0%}" for g, s in shares.items())
+        free = d[flag(d, REAL_OPT_NOCLIP + "at_edge") != 1]
+        nums |= _location_shares(free, clip=False)[1]
+    if JUDGED_GEOMETRY not in shares or not len(d):
+        return inconclusive("1b", CLAIM_WIDE, "no probe outside the controls has a real optimum inside its grid",
+                            **nums)
+    judged = shares[JUDGED_GEOMETRY]
+    each = ", ".join(f"{g} {sh['located_share']:.0%}" for g, sh in shares.items() if g != JUDGED_GEOMETRY)
     free = ", ".join(f"{g} {nums[f'noclip/{g}/located_share']:.0%}" for g in shares if f"noclip/{g}/located_share" in nums)
-    detail = (f"over {len(d)} probes of {d['run'].nunique()} runs (controls left out: {nums['controls/detach']} "
-              f"detach, {nums['controls/first_step']} first-step), the best geometry ({best}) puts λ* within a factor "
-              f"{LOCATION_FACTOR:g} of the real optimum with Δ_real ≥ 0 in {shares[best]['located_share']:.0%} "
-              f"(interval {shares[best]['located_share_lo']:.0%}–{shares[best]['located_share_hi']:.0%}; each: {each})")
+    detail = (f"over {len(d)} probes of {d['run'].nunique()} runs (left out: {nums['controls/detach']} detach and "
+              f"{nums['controls/first_step']} first-step controls, {nums['optimum_at_edge']} optima at the grid's "
+              f"edge), adam_real puts λ* within a factor {LOCATION_FACTOR:g} of the real optimum with Δ_real ≥ 0 in "
+              f"{judged['located_share']:.0%} (interval {judged['located_share_lo']:.0%}–{judged['located_share_hi']:.0%};"
+              f" the affine geometries: {each})")
     if free:
         detail += f"; the clip-free step at the same states: {free}"
-    return Verdict("1b", CLAIM_WIDE, shares[best]["verdict"], nums, detail)
+    return Verdict("1b", CLAIM_WIDE, judged["verdict"], nums, detail)
 
 
 def clip_coupling(probes: pd.DataFrame, metrics: pd.DataFrame | None = None,
@@ -242,18 +245,21 @@ def clip_coupling(probes: pd.DataFrame, metrics: pd.DataFrame | None = None,
         nums |= {f"separate_minus_detach/{k}": v for k, v in arm_difference.items()}
     det = probes[(control(probes) == "detach") & (probes.get("arm", pd.Series("", index=probes.index)) == "detach")] \
         if "arm" in probes else probes[control(probes) == "detach"]
+    f0, f_used = numeric(det, "diag/adam_real/clip_factor"), numeric(det, "diag/adam_real/clip_factor_at_used")
     at_used = numeric(det, REAL_OPT + "delta_at_used")
-    ok = np.isfinite(at_used)
+    ok = np.isfinite(f0) & np.isfinite(f_used)
+    coupled = f_used != f0
     nums |= {"detach_probes": int(ok.sum()), "detach_median_delta_at_used": _median(at_used[ok]),
+             "detach_median_delta_at_used_coupled": _median(at_used[ok & coupled]),
              "detach_share_delta_at_used_negative": float((at_used[ok] < 0).mean()) if ok.any() else math.nan}
     if not ok.any():
-        return not_measured("clip", CLAIM_CLIP, "no detach probe with the real step's Δ at the λ used (set "
-                            "diag.curve_real_step: true in a detach arm)", **nums)
-    verdict, s = judge_share(at_used[ok] != 0, det.loc[ok, "run"], "coupled")
+        return not_measured("clip", CLAIM_CLIP, "no detach probe with the clip factor at the λ used (a detach arm "
+                            "probed by this version: diag/adam_real/clip_factor_at_used)", **nums)
+    verdict, s = judge_share(coupled[ok], det.loc[ok, "run"], "coupled")
     nums |= s
-    detail = (f"detach's real Δ at the λ it used is nonzero in {s['coupled_share']:.0%} of {s['coupled_points']} "
-              f"probes (median {nums['detach_median_delta_at_used']:.3g}, negative in "
-              f"{nums['detach_share_delta_at_used_negative']:.0%})")
+    detail = (f"in {s['coupled_share']:.0%} of {s['coupled_points']} detach probes the clip factor at the λ used "
+              f"differs from the factor at λ = 0 (the real Δ that cost there: median "
+              f"{nums['detach_median_delta_at_used_coupled']:.3g})")
     if "clip_active_at_0_share" in nums:
         detail += (f"; the clip acts at λ = 0 in {nums['clip_active_at_0_share']:.0%} of the other probes, where the "
                    f"real optimum's median |λ| is {nums['median_abs_optimum_clip_active']:.3g} (elsewhere "

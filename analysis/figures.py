@@ -34,7 +34,7 @@ from .frames import (
     suites_in,
 )
 from .frames import cosine as cosine_of
-from .outcome import BESIDE, LAMBDA_LOSSES, lambda_points, primary_metric, run_accuracy
+from .outcome import BASELINE_ARMS, BESIDE, LAMBDA_LOSSES, lambda_points, primary_metric, run_accuracy
 from .stats import loglog_slope, spearman, spread
 from .style import (
     PROXY_COLORS,
@@ -531,7 +531,7 @@ def f9_accuracy_vs_lambda(evals: pd.DataFrame, out: Path, pdf: bool = False) -> 
     """Final held-out accuracy (primary metric, mean over suites) against the fixed λ of each MTP loss (ce,
     policy), the baseline (off or detach) at λ = 0: per-seed points, the mean per λ and a quadratic fit; beside them
     the coefficient rules (occ, real, cosine, …), each arm's seeds and mean, with the baseline's mean as a line."""
-    base = next((a for a in ("off", "detach") if (evals["arm"] == a).any()), None)
+    base = next((a for a in BASELINE_ARMS if (evals["arm"] == a).any()), None)
     losses = [(loss, lambda_points(evals, loss, base)) for loss in LAMBDA_LOSSES]
     losses = [(loss, pts) for loss, pts in losses if (pts["lam"] > 0).any()]
     acc = run_accuracy(evals, primary_metric(evals))

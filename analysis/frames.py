@@ -162,27 +162,37 @@ def run_geometry(df: pd.DataFrame, key: str = "lambda_star") -> str:
     return "sgd"
 
 
+def at_edge(df: pd.DataFrame) -> pd.Series:
+    """Whether a probe's real optimum lies at the edge of its fine grid: then it is a bound, not the optimum."""
+    if REAL_OPT + "at_edge" not in df:
+        return pd.Series(False, index=df.index)
+    return df[REAL_OPT + "at_edge"].map(lambda v: bool(v) if isinstance(v, bool | np.bool_) else False)
+
+
 def lambda_star_fit(df: pd.DataFrame) -> tuple[pd.Series, str]:
     """The ground truth λ per row and the column it came from: the real optimum (``diag/real_optimum/lambda``, the
-    maximum of the real step's Δ, docs/theory.md section 5) when any row has it, else the vertex of the quadratic
-    fitted to the model-step curve (``diag/curve/lambda_star``, probes without ``diag.curve_real_step``; NaN
-    where that curve is not concave), named as such."""
-    for col in (REAL_OPT + "lambda", "diag/curve/lambda_star"):
-        if np.isfinite(numeric(df, col)).any():
-            return numeric(df, col), col
-    return numeric(df, REAL_OPT + "lambda"), REAL_OPT + "lambda"
+    maximum of the real step's Δ, docs/theory.md section 5) when any row has it, NaN where it lies at the edge of
+    its grid (a bound only; ``at_edge`` counts them); else the vertex of the quadratic fitted to the model-step
+    curve (``diag/curve/lambda_star``, probes without ``diag.curve_real_step``; NaN where that curve is not
+    concave), named as such."""
+    col = REAL_OPT + "lambda"
+    if np.isfinite(numeric(df, col)).any():
+        return numeric(df, col).where(~at_edge(df)), col
+    if np.isfinite(numeric(df, "diag/curve/lambda_star")).any():
+        return numeric(df, "diag/curve/lambda_star"), "diag/curve/lambda_star"
+    return numeric(df, col), col
 
 
 def control(df: pd.DataFrame) -> pd.Series:
     """Each probe's control kind (``CONTROLS``) or ''. From ``diag/control`` where logged; else a detach run's
     probes, and step-1 probes (no Adam state yet), are the controls."""
-    if "diag/control" in df:
-        logged = df["diag/control"].map(lambda v: v if isinstance(v, str) else None)
-        if logged.notna().any():
-            return logged.fillna("")
     regime = df["regime"] if "regime" in df else pd.Series("", index=df.index)
     step = numeric(df, "step")
-    return pd.Series(np.where(regime == "detach", "detach", np.where(step == 1, "first_step", "")), index=df.index)
+    inferred = pd.Series(np.where(regime == "detach", "detach", np.where(step == 1, "first_step", "")), index=df.index)
+    if "diag/control" not in df:
+        return inferred
+    logged = df["diag/control"].map(lambda v: v if isinstance(v, str) else None)
+    return logged.where(logged.notna(), inferred)  # row by row: probes written before the key are inferred
 
 
 def minibatch_index(df: pd.DataFrame) -> tuple[pd.Series, str]:

@@ -319,23 +319,25 @@ def load_runs_checked(paths: Iterable[Path] | Path, probes_file: str = PROBES_FI
 
 
 def distinct_runs(runs: list[Run]) -> tuple[list[Run], list[tuple[str, str]]]:
-    """One run per (arm, seed), and one per set of identical training logs within an arm: copies of a run (CPU runs
-    are bit-for-bit deterministic, so runs started without ``--seed`` are copies) are not independent replicates.
-    Returns the runs counted and ``(name, why)`` for each copy left out (the first by name is kept)."""
+    """One run per (arm, seed, starting checkpoint), and one per set of identical training logs within an arm: copies
+    of a run (CPU runs are bit-for-bit deterministic, so runs started without ``--seed`` are copies) are not
+    independent replicates. The most complete copy is kept (with ``eval.json``, the most steps, then the first by
+    name). Returns the runs counted and ``(name, why)`` for each copy left out."""
     kept, repeats, seen = [], [], {}
-    for run in sorted(runs, key=lambda r: r.name):
-        key = (run.arm, run.seed)
+    for run in sorted(runs, key=lambda r: (r.eval is None, -r.steps, r.name)):
+        key = (run.arm, run.seed, str(run.rl.get("init")))
         trace = _trace(run)
         twin = seen.get(key) or next((seen[k] for k in seen if k[0] == run.arm and trace is not None
                                       and _trace(seen[k]) == trace), None)
         if twin is not None:
-            why = (f"arm {run.arm} seed {run.seed}, as {twin.name}" if key == (twin.arm, twin.seed)
+            why = (f"arm {run.arm} seed {run.seed}, as {twin.name}" if key == (twin.arm, twin.seed,
+                                                                                str(twin.rl.get("init")))
                    else f"the same training log as {twin.name} (arm {run.arm})")
             repeats.append((run.name, why))
             continue
         seen[key] = run
         kept.append(run)
-    return kept, repeats
+    return sorted(kept, key=lambda r: r.name), repeats
 
 
 def _trace(run: Run) -> int | None:

@@ -5,8 +5,8 @@ beside it (``greedy_acc``); where no run logged ``mean_at_k``, greedy is primary
 so (``metric``). A run's accuracy is the mean over suites of its ``eval.json``; a NaN suite accuracy makes it
 NaN (never a mean over fewer suites), and a claim reading it says so and is inconclusive.
 
-* ``learning``: the baseline arm (``off`` where its runs were evaluated, else ``detach``: both train
-  the policy identically) and its held-out gain over the SFT checkpoint each run started from, on the
+* ``learning``: the baseline arm (``detach`` where its runs were evaluated, else ``off``) and its held-out gain
+  over the SFT checkpoint each run started from, on the
   suites RL trained on (``task.suites``), with its seed-to-seed spread (sd over seeds). A gain not
   above its spread is "no learning": claims about what helps or hurts learning (4 and 7) are then
   ``inconclusive: no learning`` (docs/theory.md section 6). Without the SFT checkpoint's ``eval.json``
@@ -42,7 +42,9 @@ PRIMARY, BESIDE = "mean_at_k", "greedy_acc"
 MARGIN_SHARE = 0.2
 """Claim 4: an arm may be worse than detach on the RL suites by at most this share of detach's own gain there over
 the SFT checkpoint (one-sided 95% t bound): a margin stated relative to what RL moves the metric."""
-BASELINE_ARMS = ("off", "detach")
+BASELINE_ARMS = ("detach", "off")
+"""The baseline, in order of preference: detach (what claim 4 compares against), else off. They differ under a
+global clip, where detach's θ_M gradient enters the clip's norm."""
 CONTROL_ARM = "sft"
 """The negative control of claim 4: the SFT checkpoint itself, entered as an arm; the design must call it worse."""
 LAMBDA_LOSSES = ("ce", "policy")
@@ -224,7 +226,9 @@ def occ_matches_detach(evals: pd.DataFrame, learn: dict[str, Any], sft_evals: pd
         return not_measured("4", CLAIM_OCC, "needs eval.json from occ runs and from detach (or off) runs")
     metric = primary_metric(evals)
     judged = "occ/reference" if "occ/reference" in occ_arms else occ_arms[0]
-    gain = learn.get("baseline_gain", math.nan)
+    gain = learn.get("baseline_gain", math.nan) if learn.get("baseline_arm") == ref else math.nan
+    if not math.isfinite(gain) and sft_evals is not None and len(sft_evals):  # the comparator's own gain
+        gain = -control_difference(evals, sft_evals, ref, metric, math.nan)["diff"]
     margin = MARGIN_SHARE * gain if math.isfinite(gain) and gain > 0 else math.nan
     nums: dict[str, Any] = {"comparator": ref, "judged_arm": judged, "metric": metric, "suites": "RL suites",
                             "margin": margin, "margin_share_of_gain": MARGIN_SHARE, "baseline_gain": gain}

@@ -174,7 +174,8 @@ def spread(df: pd.DataFrame, x: str, y: str, by: str = "run") -> pd.DataFrame:
 
 
 def impute_discordant(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """``(x, y)`` with every NaN replaced where it hurts a rank correlation most: a point missing y gets a y below
+    """``(x, y)`` with every NaN replaced where it hurts a positive rank correlation most (it is the worst case on the
+    side of support, which is where claim 5 uses it): a point missing y gets a y below
     every finite y when its x lies above the median of x (above every y otherwise), in the order that disagrees
     with x; a point missing x the same way round; a point missing both an x below every x and a y above every y.
     The worst case of a missing point's rank, so that a pattern of NaNs cannot make a correlation look stronger."""

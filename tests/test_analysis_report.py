@@ -173,3 +173,20 @@ def test_a_broken_run_stops_the_report_in_one_line_unless_skipped_and_is_named(t
     assert any(p["run"] == "synthetic__detach__1" and "cut off" in p["why"] for p in s["partial"])
     text = (tmp_path / "out" / "summary.md").read_text()
     assert "Left out (cannot be read)" in text and "headless" in text and "Partial" in text
+
+
+def test_the_most_complete_copy_of_a_run_is_the_one_counted(tmp_path):
+    """A crashed run and its complete rerun of one arm and seed: the one with eval.json counts, whatever the names."""
+    import shutil
+
+    make_study(tmp_path, regimes=("detach",), seeds=(0,), steps=12)
+    runs = tmp_path / "runs"
+    done = runs / "synthetic__detach__0"
+    crashed = runs / "a_crashed_copy"
+    shutil.copytree(done, crashed)
+    (crashed / "eval.json").unlink()
+    lines = (crashed / "metrics.jsonl").read_text().splitlines()[:5]
+    (crashed / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    s = json.loads((write_report([runs], tmp_path / "out").parent / SUMMARY_JSON).read_text())
+    assert [r["name"] for r in s["runs"]] == ["synthetic__detach__0"]
+    assert s["repeats"] == [{"run": "a_crashed_copy", "why": "arm detach seed 0, as synthetic__detach__0"}]

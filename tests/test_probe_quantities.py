@@ -1,6 +1,7 @@
 """The probe as a list of quantities: each owns its keys, runs alone or with the rest to the same numbers, and the
 kept gradient graph that serves the geometries' HVPs gives the HVPs a fresh graph gives."""
 
+import fnmatch
 import math
 
 import pytest
@@ -31,6 +32,8 @@ def test_a_kept_gradient_graph_gives_the_gradient_and_the_hvps_of_a_fresh_one():
         assert kept[name].alpha_model == pytest.approx(fresh[name].alpha_model, rel=1e-12)
         assert kept[name].beta_model == pytest.approx(fresh[name].beta_model, rel=1e-12)
     graph.close()
+    with pytest.raises(RuntimeError, match="closed"):  # never zeros from a graph that is gone
+        graph.hvp(vs[0])
     with pytest.raises(ValueError, match="one term"):
         decompose_steps([prob.rl_objective, prob.rl_objective], prob.params, steps, graph=graph)
 
@@ -53,10 +56,21 @@ def probe_inputs(tmp_path_factory):
 
 
 def test_each_quantity_writes_only_the_keys_it_owns(probe_inputs):
-    probe = run_probe(*probe_inputs)
-    owners = {k: [q.name for q in QUANTITIES if any(k.startswith(p) for p in q.keys)] for k in probe.record}
+    """Each quantity, run alone, writes only keys its own patterns declare, and no key another quantity writes;
+    together they write every key of the full probe (beside the three that say how it ran)."""
     base = {"diag/lr", "diag/dtype", "diag/hvp_method"}
-    assert {k: o for k, o in owners.items() if len(o) != 1 and k not in base} == {}
+    probe = run_probe(*probe_inputs)
+    written = {}
+    for q in QUANTITIES:
+        if q.name == "realised":  # needs a rule that edits θ_S's update
+            continue
+        mine = set(run_probe(*probe_inputs, quantities=(q.name,)).record) - base
+        assert mine, q.name
+        assert not [k for k in mine if not any(fnmatch.fnmatchcase(k, pat) for pat in q.keys)], q.name
+        for other, keys in written.items():
+            assert not mine & keys, (q.name, other, sorted(mine & keys)[:5])
+        written[q.name] = mine
+    assert set(probe.record) - base == set().union(*written.values())
     assert set(probe.cost) >= set(quantity_names()) - {"realised"}  # each quantity's line in the cost profile
     assert all(s >= 0 for s in probe.cost.values())
 
@@ -73,3 +87,15 @@ def test_a_quantity_run_alone_gives_the_numbers_it_gives_among_the_others(probe_
                 assert v == pytest.approx(every[k], rel=1e-9, abs=1e-15), (name, k)
     with pytest.raises(ValueError, match="unknown probe quantities"):
         run_probe(*probe_inputs, quantities=("nope",))
+
+
+def test_the_local_real_step_grid_stays_local_whatever_lambda_the_run_used(probe_inputs):
+    """|λ| ≤ λ_bal, with the λ used as one point of its own: a far λ used never widens the grid the local fit
+    describes (it once stretched it to ±1.25·λ_used, past the clip's kinks)."""
+    model, mb, spec, coef, snap, settings = probe_inputs
+    from dataclasses import replace
+
+    far = replace(coef, value=1e3)
+    rec = run_probe(model, mb, spec, far, snap, settings, quantities=("real_step",)).record
+    hw, lams = rec["diag/curve_real_local/half_width"], rec["curve/real_local_lams"]
+    assert 0 < hw < 1e3 and [x for x in lams if abs(x) > hw * (1 + 1e-9)] == [1e3]

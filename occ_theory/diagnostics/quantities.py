@@ -26,7 +26,7 @@ from ..theory.step import (
 )
 from .context import ProbeContext
 from .curve import measure_curve, realised_step, taylor_residuals
-from .realstep import adam_real_taylor, real_step_curves, taylor_record
+from .realstep import TAYLOR_KEYS, adam_real_taylor, real_step_curves, taylor_record
 from .recorder import module_breakdown
 
 NAN = float("nan")
@@ -144,7 +144,7 @@ class Quantity:
 
     name: ClassVar[str] = ""
     keys: ClassVar[tuple[str, ...]] = ()
-    """The key prefixes this quantity writes (no two quantities write one)."""
+    """The keys this quantity writes, as ``fnmatch`` patterns (no two quantities write one key)."""
     needs_mtp: ClassVar[bool] = True
     """Whether it needs an MTP loss (the regime ``off`` has none: only the proxies' statistics are measured)."""
 
@@ -159,7 +159,7 @@ class LogprobProxies(Quantity):
     """The log-prob proxies (``reference``, ``least_squares``, as the run's rule would scale them) and the statistics
     of l − l_old and q − l_old, from one forward pass without gradients (docs/theory.md section 4)."""
 
-    name, keys, needs_mtp = "proxies", ("lambda/reference", "lambda/least_squares", "stats/"), False
+    name, keys, needs_mtp = "proxies", ("lambda/reference", "lambda/least_squares", "stats/*"), False
 
     def compute(self, ctx: ProbeContext) -> dict[str, Any]:
         with ctx.curvature():
@@ -174,8 +174,9 @@ class Geometries(Quantity):
     """α_m, β_m, λ* (and β_F) of the four affine geometries, C, X, Q of the fixed-P ones, whether the probe is a
     control, and AdamW's step count t (docs/theory.md section 2)."""
 
-    name, keys = "geometries", ("diag/sgd/", "diag/adam/", "diag/adam_step/", "diag/adam_stationary/",
-                                "diag/adam_t", "diag/control")
+    name, keys = "geometries", (*(f"diag/{g}/{k}" for g in GEOMETRIES for k in (*STEP_KEYS, *PAPER_KEYS, "concave",
+                                                                                "reason")),
+                                "diag/adam/momentum_weight", "diag/adam_t", "diag/control")
 
     def compute(self, ctx: ProbeContext) -> dict[str, Any]:
         geo = geometries(ctx)
@@ -193,7 +194,7 @@ class Geometries(Quantity):
 class ModuleBreakdown(Quantity):
     """Norms, cosine and C = gᵀu of g and u over θ_S and per module group (``recorder.module_breakdown``)."""
 
-    name, keys = "modules", ("diag/grad/", "diag/module/")
+    name, keys = "modules", ("diag/grad/*", "diag/module/*")
 
     def compute(self, ctx: ProbeContext) -> dict[str, Any]:
         d = ctx.directions()
@@ -204,23 +205,26 @@ class AdamReal(Quantity):
     """The fifth geometry, ``adam_real``: the exact Taylor coefficients of J along the real, clipped AdamW step
     (``realstep.adam_real_taylor``), and ‖∇_{θ_M}M‖² and the clip scope it used."""
 
-    name, keys = "adam_real", ("diag/adam_real/", "diag/mtp_grad_sq", "diag/clip_scope")
+    name, keys = "adam_real", (*(f"diag/adam_real/{k}" for k in TAYLOR_KEYS), "diag/adam_real/clip_factor_at_used",
+                               "diag/mtp_grad_sq", "diag/clip_scope")
 
     def wanted(self, ctx: ProbeContext) -> bool:
         return "adam_step" in geometry_names(ctx.params, ctx.optim)
 
     def compute(self, ctx: ProbeContext) -> dict[str, Any]:
         return taylor_record(real_taylor(ctx)) | {"diag/mtp_grad_sq": ctx.directions().mtp_grad_sq,
-                                                  "diag/clip_scope": ctx.optim.clip_scope}
+                                                  "diag/clip_scope": ctx.optim.clip_scope,
+                                                  "diag/adam_real/clip_factor_at_used": ctx.cache["f_used"]}
 
 
 def real_taylor(ctx: ProbeContext) -> Any:
-    """``adam_real``'s ``RealStepTaylor``, once per probe."""
+    """``adam_real``'s ``RealStepTaylor``, once per probe (and the clip factor at the λ used, ``f_used``)."""
     if "adam_real" not in ctx.cache:
         d = ctx.directions()
         with ctx.timed("adam_real_taylor"), ctx.curvature():
-            ctx.cache["adam_real"] = adam_real_taylor(ctx.J_terms, ctx.params, d.g, d.u, ctx.optim, d.mtp_grad_sq,
-                                                      ctx.settings.hvp_method, ctx.reductions.sum)
+            ctx.cache["adam_real"], ctx.cache["f_used"] = adam_real_taylor(
+                ctx.J_terms, ctx.params, d.g, d.u, ctx.optim, d.mtp_grad_sq, ctx.settings.hvp_method,
+                ctx.reductions.sum, ctx.lam_used)
     return ctx.cache["adam_real"]
 
 
@@ -241,7 +245,7 @@ class ModelCurve(Quantity):
     """The measured curve Δ(λ) along the fixed-P model step, its quadratic fit, bootstrap and held-out curve
     (``curve.measure_curve``; docs/theory.md section 5)."""
 
-    name, keys = "model_curve", ("curve/lams", "curve/deltas", "curve/heldout_", "diag/curve/", "diag/curve_heldout/")
+    name, keys = "model_curve", ("curve/lams", "curve/deltas", "curve/heldout_*", "diag/curve/*", "diag/curve_heldout/*")
 
     def wanted(self, ctx: ProbeContext) -> bool:
         return ctx.settings.curve_points > 0
@@ -260,8 +264,10 @@ class RealStepCurves(Quantity):
     """The ground truth: the real step's local curve, its real optimum with and without the clip, every geometry's
     λ* against it, and the exact split of the real curvature (``realstep.real_step_curves``)."""
 
-    name, keys = "real_step", ("curve/real_", "curve/noclip_", "diag/curve_real_local/", "diag/real_optimum",
-                               "diag/real_beta/", "diag/adam_real_noclip/", "diag/lambda_clip_")
+    name, keys = "real_step", ("curve/real_*", "curve/noclip_*", "diag/curve_real_local/*", "diag/real_optimum*",
+                               "diag/real_beta/*", "diag/adam_real_noclip/*", "diag/lambda_clip_*",
+                               "diag/*/delta_at_lambda_star*", "diag/*/optimum_ratio*", "diag/*/alpha_rel_err",
+                               "diag/*/beta_rel_err")
 
     def wanted(self, ctx: ProbeContext) -> bool:
         s = ctx.settings
@@ -278,7 +284,7 @@ class Realised(Quantity):
     """A rule's realised update a·g + b·u on θ_S, stepped by the real optimizer, against detach's and the plain
     loss's (``curve.realised_step``)."""
 
-    name, keys = "realised", ("diag/realised/",)
+    name, keys = "realised", ("diag/realised/*",)
 
     def wanted(self, ctx: ProbeContext) -> bool:
         return ctx.realised is not None and ctx.optim.kind in ("adam", "adamw")
@@ -293,7 +299,7 @@ class Realised(Quantity):
 class TaylorResidual(Quantity):
     """Identity 2 on the live model: the residual of the fixed-P model as η halves (``curve.taylor_residuals``)."""
 
-    name, keys = "taylor", ("taylor/", "diag/taylor/")
+    name, keys = "taylor", ("taylor/*", "diag/taylor/*")
 
     def wanted(self, ctx: ProbeContext) -> bool:
         return ctx.settings.taylor_halvings > 0

@@ -72,9 +72,13 @@ def _taylor(rs: RealStep, J_terms: list, method: str, sums: Any, extra: list | N
 
 
 def adam_real_taylor(J_terms: list, params: dict[str, Tensor], g: dict[str, Tensor], u: dict[str, Tensor],
-                     optim: Any, mtp_grad_sq: float, method: str, sums: Any = None) -> RealStepTaylor:
-    """The ``adam_real`` geometry at this state (one gradient and one HVP of J at θ⁺(0))."""
-    return _taylor(real_step(params, g, u, optim, mtp_grad_sq), J_terms, method, sums)[0]
+                     optim: Any, mtp_grad_sq: float, method: str, sums: Any = None, lam_used: float = NAN
+                     ) -> tuple[RealStepTaylor, float]:
+    """The ``adam_real`` geometry at this state (one gradient and one HVP of J at θ⁺(0)), and the clip factor at the
+    λ the run used, f(λ_used): where it differs from f(0) the MTP coefficient moved the step through the clip."""
+    rs = real_step(params, g, u, optim, mtp_grad_sq)
+    f_used = float(rs.clip_factor(lam_used)) if math.isfinite(lam_used) else NAN
+    return _taylor(rs, J_terms, method, sums)[0], f_used
 
 
 def taylor_record(tay: RealStepTaylor | None, prefix: str = "diag/adam_real") -> dict[str, Any]:
@@ -164,12 +168,17 @@ def real_step_curves(J: Callable, J_terms: list, params: dict[str, Tensor], g: d
     bal = next((x for x in (own.lambda_bal if own else NAN, real.lambda_bal, nc.lambda_bal)
                 if math.isfinite(x) and x > 0), settings.curve_default)
 
-    # local: the real curve on |λ| ≤ λ_bal (claim 1a), fitted as a local descriptor
-    local = lambda_grid(NAN, used=lam_used, n=max(settings.curve_points, 3), half_width=bal)
+    # local: the real curve on |λ| ≤ λ_bal (claim 1a), fitted there as a local descriptor; the λ used is a point of
+    # its own (never a reason to widen the grid), in the fit only when it lies inside |λ| ≤ λ_bal
+    local = lambda_grid(NAN, n=max(settings.curve_points, 3), half_width=bal)
+    if math.isfinite(lam_used):
+        local = np.unique(np.append(local, float(lam_used)))
     deltas = np.array([clipped(float(x)) for x in local])
     out |= {"curve/real_local_lams": local.tolist(), "curve/real_local_deltas": deltas.tolist(),
             "curve/real_local_clipped": clip_active(local, interval).tolist()}
-    out |= _fit_record("diag/curve_real_local", local, deltas)
+    inside = np.abs(local) <= bal * (1 + 1e-12)
+    out |= _fit_record("diag/curve_real_local", local[inside], deltas[inside]) | {
+        "diag/curve_real_local/half_width": bal}
     alpha, beta = out["diag/curve_real_local/alpha"], out["diag/curve_real_local/beta"]
 
     # every geometry's λ*, for the grid and the judgement (adam_real by its clamped λ*)

@@ -164,9 +164,10 @@ class CoefficientRule:
         if holds:
             return replace(self._last, held=True)
         inputs = inputs or CoefInputs()
+        placeholder = False  # the 0 applied where no value exists: never averaged into the EMA
         if rule == "fisher" and inputs.first_step:
             self.undefined += 1  # no Adam state: P is undefined and the step is a sign step
-            raw = 0.0
+            raw, placeholder = 0.0, True
         elif rule in ("fisher", *STEP_RULES):
             compute = getattr(inputs, rule)
             if compute is None:
@@ -174,18 +175,19 @@ class CoefficientRule:
             raw = float(compute())
             if rule in STEP_RULES and math.isnan(raw):
                 self.undefined += 1  # β ≥ 0 or u = 0: no finite optimum, apply the detach-equivalent 0
-                raw = 0.0
+                raw, placeholder = 0.0, True
         elif rule in inputs.proxies:
             raw = float(inputs.proxies[rule])
         else:
             raise ValueError(f"occ needs the {rule!r} proxy value")
         if not math.isfinite(raw):
             self.non_finite += 1
-            raw = 0.0
+            raw, placeholder = 0.0, True
         value = self.scaled(rule, raw)
-        if self._state is not None and self.ema > 0:
-            value = self.ema * self._state + (1 - self.ema) * value
-        self._state = value
+        if not placeholder:
+            if self._state is not None and self.ema > 0:
+                value = self.ema * self._state + (1 - self.ema) * value
+            self._state = value
         if self.clip is not None:
             value = min(max(value, self.clip[0]), self.clip[1])
         if self.bound > 0:
@@ -320,7 +322,9 @@ def step_lambda(rule: str, model: Any, batch: Any, spec: Any, shared: dict[str, 
     """The λ of a ``STEP_RULES`` rule at the live step (docs/theory.md section 2), from g = ∇J on this minibatch,
     ``u`` (the global MTP gradient on θ_S), ``mtp_grad_sq`` = ‖∇_{θ_M}M‖² and the optimizer's state: ``real``,
     ``adam_real``'s λ* clamped to the clip interval where the clip is off at λ = 0; ``adam_step``, λ*_m of the
-    unclipped, v̂-frozen model. NaN where undefined. ``reduce`` sums over processes."""
+    unclipped, v̂-frozen model. NaN where undefined. ``reduce`` sums over processes. g is recomputed here in the
+    model's full precision; ``u`` comes from the live step, whose forward runs under autocast on a GPU (bf16), so
+    there the rule's λ and the probe's (float64 by default) can differ by that precision, not by the theory."""
     from ..theory.hvp import eager_attention, grad
     from ..theory.step import adamw_state_buffers, adamw_step_directions, decompose_step, real_step_taylor
     from .batch import compute_objectives

@@ -138,6 +138,7 @@ class GradGraph:
         self.value = value.detach()
         self.grad = {k: gk.detach() for k, gk in zip(self.keys, gs)}
         self._live = [(i, gk) for i, gk in enumerate(gs) if gk.requires_grad]  # the others are constant in θ
+        self.closed = False
 
     @classmethod
     def of(cls, f: ScalarFn, params: Mapping[str, Tensor]) -> GradGraph:
@@ -147,7 +148,9 @@ class GradGraph:
             return cls(f(leaves), leaves)
 
     def hvp(self, v: Mapping[str, Tensor]) -> Params:
-        """∇²f·v on the kept graph (the graph stays for the next one)."""
+        """∇²f·v on the kept graph (the graph stays for the next one); after ``close`` a ``RuntimeError``."""
+        if self.closed:
+            raise RuntimeError("this GradGraph was closed: its graph is gone, build another (GradGraph.of)")
         v = _as_tangent(self.shapes, v)
         if not self._live:  # f is linear in θ
             return {k: torch.zeros_like(t) for k, t in self.shapes.items()}
@@ -159,7 +162,7 @@ class GradGraph:
 
     def close(self) -> None:
         """Drop the graph (its activations and their gradients)."""
-        self._live, self.inputs = [], []
+        self._live, self.inputs, self.closed = [], [], True
 
 
 def _fwd_rev(f: ScalarFn, base: Params, vs: list[Params], batched: bool, keep: Callable) -> tuple[Params, list]:

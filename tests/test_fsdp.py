@@ -10,6 +10,9 @@ reduction, and the functional gather without ``Partial()``, each fail the compar
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,7 +33,9 @@ CASES = {  # every coefficient rule that differentiates the model, every clip sc
     "real": ("real", "rl.clip_scope=separate", "rl.grad_clip=0.05"),
     "fisher": ("occ", "rl.proxy=fisher", "rl.clip_scope=global", "rl.grad_clip=0.05", "rl.kl_coef=0.05"),
     "cosine": ("cosine", "rl.clip_scope=shared", "rl.grad_clip=0.05"),
+    "bundle_only": ("real", "rl.clip_scope=separate", "rl.grad_clip=0.05", "diag.bundle_only=true"),
 }
+COMPARED = ("real", "fisher", "cosine")
 
 
 def _float64_trainers() -> None:
@@ -80,18 +85,20 @@ def _train(tr, batches: list[RLBatch], rank: int, world: int, steps: range) -> l
             for i in steps]
 
 
-def _run(ckpt: Path, tmp: Path, strategy: str, dist, batches: list[RLBatch], cases, resume: bool) -> dict:
-    """Each case's three steps' records and final weights (full, on rank 0); with ``resume`` also the third step
-    again from the checkpoint after the second."""
+def _run(ckpt: Path, tmp: Path, strategy: str, dist, batches: list[RLBatch], cases, resume: tuple = ()) -> dict:
+    """Each case's three steps' records and final weights (full, on rank 0), the strategy's name and where rank 0
+    wrote its bundles; for the cases in ``resume`` also the third step again from the checkpoint after the second
+    (``bundle_only``: its first step)."""
     out = {}
     for case in cases:
         where = tmp / f"{case}_{strategy}_{dist.world}" / f"rank{dist.rank}"
         tr = _trainer(ckpt, where, case, strategy, dist)
-        recs = _train(tr, batches, dist.rank, dist.world, range(2))
-        ckpt_path = tr.save_checkpoint() if resume else None
-        recs += _train(tr, batches, dist.rank, dist.world, range(2, STEPS))
-        res = {"recs": recs, "weights": tr.strategy.model_state(tr.model), "bundles": str(where / "probes")}
-        if resume:
+        recs = _train(tr, batches, dist.rank, dist.world, range(1 if case == "bundle_only" else 2))
+        ckpt_path = tr.save_checkpoint() if case in resume else None
+        recs += _train(tr, batches, dist.rank, dist.world, range(2, STEPS) if case != "bundle_only" else range(0))
+        res = {"recs": recs, "weights": tr.strategy.model_state(tr.model), "strategy": tr.strategy.name,
+               "bundles": where.with_name("rank0") / "probes"}
+        if case in resume:
             again = _trainer(ckpt, where.with_name(where.name + "_resumed"), case, strategy, dist)
             again.load_checkpoint(tmp / f"{case}_{strategy}_{dist.world}" / "rank0" / "checkpoints" / ckpt_path.name)
             res["resumed"] = {"recs": _train(again, batches, dist.rank, dist.world, range(2, STEPS)),
@@ -100,7 +107,8 @@ def _run(ckpt: Path, tmp: Path, strategy: str, dist, batches: list[RLBatch], cas
     return out
 
 
-def _worker(rank: int, world: int, init: str, strategy: str, ckpt: str, tmp: str, cases: tuple, resume: bool) -> None:
+def _worker(rank: int, world: int, init: str, strategy: str, ckpt: str, tmp: str, cases: tuple, resume: tuple
+            ) -> None:
     from occ_theory.train.dist import Dist
 
     torch.set_num_threads(1)
@@ -116,7 +124,7 @@ def _worker(rank: int, world: int, init: str, strategy: str, ckpt: str, tmp: str
         tdist.destroy_process_group()
 
 
-def _spawn(strategy: str, ckpt: Path, tmp: Path, cases=tuple(CASES), resume: bool = False) -> dict:
+def _spawn(strategy: str, ckpt: Path, tmp: Path, cases: tuple = COMPARED, resume: tuple = ()) -> dict:
     init = tmp / f"init_{strategy}"
     mp.spawn(_worker, args=(WORLD, str(init), strategy, str(ckpt), str(tmp), cases, resume), nprocs=WORLD, join=True)
     return torch.load(tmp / f"{strategy}.pt", weights_only=False)
@@ -134,9 +142,9 @@ def runs(tmp_path_factory):
     batch, _ = tr.rollout()
     batches = [with_signal(tr, batch, seed=i, noise=0.02) for i in range(STEPS)]
     torch.save([b.tensors() for b in batches], tmp / "batches.pt")
-    one = _run(ckpt, tmp, "ddp", Dist(), batches, tuple(CASES), resume=False)
-    return {"one": one, "ddp": _spawn("ddp", ckpt, tmp), "fsdp": _spawn("fsdp", ckpt, tmp, resume=True),
-            "ckpt": ckpt, "tmp": tmp}
+    one = _run(ckpt, tmp, "ddp", Dist(), batches, COMPARED)
+    fsdp = _spawn("fsdp", ckpt, tmp, (*COMPARED, "bundle_only"), resume=("real",))
+    return {"one": one, "ddp": _spawn("ddp", ckpt, tmp), "fsdp": fsdp, "ckpt": ckpt, "tmp": tmp}
 
 
 SKIP = ("perf/", "rollout/")
@@ -187,9 +195,10 @@ def _weights_agree(ref: dict, got: dict, what: str) -> None:
         assert err <= 1e-10, (what, k, err)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", COMPARED)
 def test_fsdp_equals_ddp_equals_one_process(runs, case):
     one, ddp, fsdp = (runs[k][case] for k in ("one", "ddp", "fsdp"))
+    assert (one["strategy"], ddp["strategy"], fsdp["strategy"]) == ("ddp", "ddp", "fsdp")
     assert _compare(ddp["recs"], fsdp["recs"], "fsdp against ddp", across_world=False) > 300
     _weights_agree(ddp["weights"], fsdp["weights"], "fsdp against ddp")
     for name, other in (("ddp", ddp), ("fsdp", fsdp)):
@@ -206,3 +215,158 @@ def test_fsdp_equals_ddp_equals_one_process(runs, case):
         assert must in recs[2], must
     assert all(r["rl/clip_active"] for r in recs)  # the clip acts in every scope tested
     assert all(r["diag/identity3/rel_err"] < 1e-12 for r in probed)
+
+
+def test_fsdp_resumes_from_its_checkpoint_to_the_same_step(runs):
+    """The third step from the checkpoint after the second (full state, written on rank 0, loaded into the shards)
+    is the third step of the run that went on."""
+    run = runs["fsdp"]["real"]
+    assert _compare(run["recs"][2:], run["resumed"]["recs"], "resumed", across_world=False) > 100
+    _weights_agree(run["weights"], run["resumed"]["weights"], "resumed")
+
+
+def _reprobe(runs, bundle: Path) -> dict:
+    from occ_theory.diagnostics.bundle import load_bundle, probe_from_bundle
+    from occ_theory.models import load_model
+
+    return probe_from_bundle(load_bundle(bundle), load_model(runs["ckpt"]).double()).record
+
+
+def _from_json(v):
+    return [_from_json(x) for x in v] if isinstance(v, list) else math.nan if v is None else v
+
+
+def test_a_bundle_written_under_fsdp_reprobes_offline_to_the_online_numbers(runs):
+    """Rank 0's bundle (the full weights and AdamW state gathered from the shards, the global minibatch), re-probed in
+    one process, gives its online.json; a bundle_only run writes the same bundle without probing online."""
+    from occ_theory.diagnostics.offline import read_online
+
+    bundles = runs["fsdp"]["real"]["bundles"]
+    online = read_online(bundles / "step_000003")
+    offline = _reprobe(runs, bundles / "step_000003")
+    checked = 0
+    for k, v in online.items():
+        rel = _tolerance(k, across_world=True)
+        if rel is None or k not in offline:
+            continue
+        want = _from_json(v)
+        pairs = zip(want, offline[k], strict=True) if isinstance(want, list) else [(want, offline[k])]
+        assert all(_close(a, b, rel) for a, b in pairs), (k, want, offline[k])
+        checked += 1
+    assert checked > 100 and "curve/deltas" in online and "curve/real_local_deltas" in online
+    only = runs["fsdp"]["bundle_only"]
+    assert only["recs"][0]["diag/bundle_only"] and "diag/sgd/corr" not in only["recs"][0]
+    assert not (only["bundles"] / "step_000001" / "online.json").exists()
+    again = _reprobe(runs, only["bundles"] / "step_000001")
+    first = runs["fsdp"]["real"]["recs"][0]  # the same step probed online by the run that probes
+    keys = [k for k in first if k.startswith("diag/") and "identity3" not in k and _tolerance(k, True) and k in again]
+    assert len(keys) > 100 and all(_close(first[k], again[k], _tolerance(k, True)) for k in keys)
+
+
+def _controls_worker(rank: int, world: int, init: str, ckpt: str, tmp: str) -> None:
+    """g = ∇J of the global batch (this process's rows, global token counts) three ways on the sharded model."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    from occ_theory.models import load_model
+    from occ_theory.rl.batch import Norms, ObjectiveSpec, compute_objectives
+    from occ_theory.train.dist import Dist
+    from occ_theory.train.fsdp import Sharded
+
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        _float64_trainers()
+        dist = Dist(rank, world)
+        batch = _shard(RLBatch.from_tensors(torch.load(Path(tmp) / "batches.pt", weights_only=True)[0]), rank, world)
+        spec, norms = ObjectiveSpec.for_regime("policy"), Norms.of(batch, 1, dist.sum)
+        out = {}
+        for divide in (1.0, float(world)):  # the toolkit's sum, and FSDP2's default MEAN
+            strategy = Sharded(dist)
+            model = strategy.wrap(load_model(ckpt).double())
+            for m in model.modules():
+                if isinstance(m, FSDPModule):
+                    m.set_gradient_divide_factor(divide)
+            compute_objectives(model, batch, spec, with_mtp=False, norms=norms).rl_objective.backward()
+            out[f"fsdp_divide_{divide:g}"] = strategy.full_grads(dict(model.named_parameters()))
+        plain = load_model(ckpt).double()
+        named = dict(model.named_parameters())
+        for partial in (True, False):  # the functional gather inside the loss, with and without Partial()
+            leaves = {k: p.detach().requires_grad_(True) for k, p in named.items()}
+            grad_placements = [Partial()] if partial else None
+            full = {k: t.redistribute(placements=[Replicate()]).to_local(grad_placements=grad_placements)
+                    for k, t in leaves.items()}
+            J = compute_objectives(plain, batch, spec, params=full, with_mtp=False, norms=norms).rl_objective
+            grads = torch.autograd.grad(J, list(leaves.values()), allow_unused=True, materialize_grads=True)
+            out[f"partial_{partial}"] = {k: g.full_tensor() for k, g in zip(leaves, grads)}
+        some = next(iter(out["partial_True"].values()))
+        shard = DTensor.from_local(some.chunk(world)[rank].clone(), strategy.mesh, [Shard(0)])
+        out["float_of_dtensor_sum"] = (float(shard.pow(2).sum()), float(some.pow(2).sum()))
+        if rank == 0:
+            torch.save(out, Path(tmp) / "controls.pt")
+        tdist.barrier()
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_negative_controls_fsdp_mean_reduction_and_a_gather_without_partial_drop_the_sum(runs):
+    """FSDP2's default MEAN would make each process's gradient 1/world of the global one (the divide factor 1 of
+    shard_model is what makes identity 3 hold); the functional gather through DTensor leaves differentiates
+    correctly with ``Partial()`` grad placements and silently drops the other processes' data without it. And why
+    the probe takes a gathered plain copy instead of DTensor leaves: ``float()`` of a sum over a sharded DTensor is
+    this process's partial sum, without a word."""
+    from occ_theory.models import load_model
+    from occ_theory.rl.batch import ObjectiveSpec, compute_objectives
+    from occ_theory.theory import grad
+
+    tmp = runs["tmp"]
+    mp.spawn(_controls_worker, args=(WORLD, str(tmp / "init_controls"), str(runs["ckpt"]), str(tmp)), nprocs=WORLD,
+             join=True)
+    out = torch.load(tmp / "controls.pt", weights_only=False)
+    batch = RLBatch.from_tensors(torch.load(tmp / "batches.pt", weights_only=True)[0])
+    model = load_model(runs["ckpt"]).double()
+    names = set(out["partial_True"])
+    J = lambda p: compute_objectives(model, batch, ObjectiveSpec.for_regime("policy"), params=p,  # noqa: E731
+                                     with_mtp=False).rl_objective
+    want = grad(J, {k: p.detach() for k, p in model.named_parameters() if k in names})[1]
+
+    def err(got: dict) -> float:
+        return max(float((got[k] - w).abs().max() / w.abs().max().clamp_min(1e-30)) for k, w in want.items())
+
+    assert err(out["fsdp_divide_1"]) < 1e-12 and err(out["partial_True"]) < 1e-12
+    assert err({k: 2 * t for k, t in out["fsdp_divide_2"].items()}) < 1e-12  # the mean: half the sum
+    assert err(out["fsdp_divide_2"]) > 0.4 and err(out["partial_False"]) > 1e-3
+    local, whole = out["float_of_dtensor_sum"]
+    assert local < whole and not math.isclose(local, whole)
+
+
+def test_torchrun_fsdp_run_trains_with_probes_and_its_bundles_reprobe_offline(runs, tmp_path):
+    """``torchrun --nproc_per_node 2 -m occ_theory.cli rl ... --set dist.strategy=fsdp``: four steps with probes,
+    a checkpoint per rollout, the evaluation; ``occ probe RUN`` (one process, RUN/init gathered on rank 0)
+    recomputes every bundle to its online.json."""
+    import pandas as pd
+
+    from analysis.load import read_jsonl
+    from occ_theory.diagnostics.offline import read_online, recompute_run
+
+    out = tmp_path / "run"
+    sets = ["dist.strategy=fsdp", "rl.steps=4", "rl.prompts_per_rollout=2", "rl.group_size=4", "rl.minibatches=2",
+            "rl.max_new_tokens=8", "rl.kl_coef=0.1", "rl.lr=3e-3", "rl.checkpoint_every=1", "diag.every=2",
+            "diag.dtype=float64", "diag.curve_points=5", "diag.bootstrap=0", "diag.taylor_halvings=1", "eval.size=2",
+            "eval.samples=1", "eval.max_new_tokens=6", "threads=1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+           "-m", "occ_theory.cli", "rl", "--config", "tiny_rl", "--init", str(runs["ckpt"]), "--regime", "ce",
+           "--out", str(out), *[a for kv in sets for a in ("--set", kv)]]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert "(2 processes, fsdp)" in (out / "run.log").read_text()
+    assert (out / "final").is_dir() and (out / "eval.json").is_file()
+    table = pd.read_parquet(recompute_run(out))
+    assert list(table["step"]) == [1, 2, 4]
+    for _, row in table.iterrows():
+        online = read_online(out / "probes" / f"step_{int(row['step']):06d}")
+        keys = [k for k, v in online.items() if isinstance(v, float) and _tolerance(k, True) and k in row]
+        assert len(keys) > 50
+        assert all(_close(_from_json(online[k]), float(row[k]), _tolerance(k, True)) for k in keys), row["step"]
+    assert table["diag/grad/g_norm"].iloc[-1] > 0  # the KL term gives J a gradient once the policy moved

@@ -11,9 +11,9 @@ The trainer's numbers do not depend on the strategy:
 
 * FSDP2 averages gradients over processes (reduce-scatter with MEAN); the toolkit's loss on each process is a term of
   the global objective (J and M normalised by the global token counts), whose gradient is the *sum* of the
-  processes' terms. Every FSDP module's gradient divide factor is set to 1 once, in ``shard_model``: the
-  reduce-scatter then sums, and the sharded ``.grad`` holds the global gradient, as ``Dist.sum_grads`` gives it
-  under ddp.
+  processes' terms. Every FSDP module's gradient divide factor is set to 1 once, in ``shard_model`` (with SUM as the
+  collective's op: the PREMUL_SUM FSDP2 picks for float32 otherwise is NCCL's alone): the reduce-scatter then sums,
+  and the sharded ``.grad`` holds the global gradient, as ``Dist.sum_grads`` gives it under ddp.
 * u = ∇M on θ_S from the live step: autograd cannot differentiate w.r.t. the sharded parameters
   (pytorch/pytorch#172543), so ``mtp_grad`` runs a backward pass of M first (graph kept, as the recorder's
   ``autograd.grad`` does) and reads the reduce-scattered ``.grad``; the training backward follows on the same graph.
@@ -85,6 +85,8 @@ def shard_model(model: nn.Module, mesh: Any) -> nn.Module:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
+            # a plain SUM: for float32 gradients FSDP2 would otherwise reduce with PREMUL_SUM(1/factor), which gloo lacks
+            module.set_force_sum_reduction_for_comms(True)
     return model
 
 

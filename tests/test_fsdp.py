@@ -340,25 +340,34 @@ def test_negative_controls_fsdp_mean_reduction_and_a_gather_without_partial_drop
     assert local < whole and not math.isclose(local, whole)
 
 
-def test_torchrun_fsdp_run_trains_with_probes_and_its_bundles_reprobe_offline(runs, tmp_path):
-    """``torchrun --nproc_per_node 2 -m occ_theory.cli rl ... --set dist.strategy=fsdp``: four steps with probes,
-    a checkpoint per rollout, the evaluation; ``occ probe RUN`` (one process, RUN/init gathered on rank 0)
-    recomputes every bundle to its online.json."""
+def _torchrun(*args: str, port: int) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port", str(port),
+           "-m", "occ_theory.cli", *args]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_torchrun_fsdp_sft_then_rl_with_probes_and_its_bundles_reprobe_offline(tmp_path):
+    """``torchrun --nproc_per_node 2 -m occ_theory.cli sft|rl ... --set dist.strategy=fsdp``: two SFT steps, then
+    four RL steps with probes, a checkpoint per rollout and the evaluation from its checkpoint; ``occ probe RUN``
+    (one process, RUN/init gathered on rank 0) recomputes every bundle to its online.json."""
     import pandas as pd
 
     from analysis.load import read_jsonl
     from occ_theory.diagnostics.offline import read_online, recompute_run
 
+    _torchrun("sft", "--config", "tiny", "--out", str(tmp_path / "sft"), "--set", "dist.strategy=fsdp",
+              "--set", "sft.steps=2", "--set", "sft.batch_size=8", "--set", "sft.eval_size=2",
+              "--set", "eval.max_new_tokens=4", "--set", "threads=1", port=29539)
+    assert "(2 processes, fsdp)" in (tmp_path / "sft" / "run.log").read_text()
+    assert len(read_jsonl(tmp_path / "sft" / "metrics.jsonl")) == 2
     out = tmp_path / "run"
     sets = ["dist.strategy=fsdp", "rl.steps=4", "rl.prompts_per_rollout=2", "rl.group_size=4", "rl.minibatches=2",
             "rl.max_new_tokens=8", "rl.kl_coef=0.1", "rl.lr=3e-3", "rl.checkpoint_every=1", "diag.every=2",
             "diag.dtype=float64", "diag.curve_points=5", "diag.bootstrap=0", "diag.taylor_halvings=1", "eval.size=2",
             "eval.samples=1", "eval.max_new_tokens=6", "threads=1"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-           "-m", "occ_theory.cli", "rl", "--config", "tiny_rl", "--init", str(runs["ckpt"]), "--regime", "ce",
-           "--out", str(out), *[a for kv in sets for a in ("--set", kv)]]
-    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun("rl", "--config", "tiny_rl", "--init", str(tmp_path / "sft" / "checkpoint"), "--regime", "ce",
+              "--out", str(out), *[a for kv in sets for a in ("--set", kv)], port=29541)
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4]
     assert "(2 processes, fsdp)" in (out / "run.log").read_text()
     assert (out / "final").is_dir() and (out / "eval.json").is_file()
@@ -370,3 +379,89 @@ def test_torchrun_fsdp_run_trains_with_probes_and_its_bundles_reprobe_offline(ru
         assert len(keys) > 50
         assert all(_close(_from_json(online[k]), float(row[k]), _tolerance(k, True)) for k in keys), row["step"]
     assert table["diag/grad/g_norm"].iloc[-1] > 0  # the KL term gives J a gradient once the policy moved
+
+
+# ------------------------------------------------------------------ SFT
+
+SFT = ["model.family=qwen2", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2",
+       "model.num_heads=2", "model.num_kv_heads=1", "model.max_position_embeddings=128", "model.mtp_depths=1",
+       "sft.steps=3", "sft.batch_size=4", "sft.warmup=1", "sft.eval_every=0", "sft.eval_size=2", "sft.grad_clip=0.5",
+       "eval.max_new_tokens=4", "task.suites=[addition]", "threads=1"]
+
+
+def _float64_sft() -> None:
+    """SFT builds its model in float64, with exact RMSNorm and attention (as ``_float64_trainers``)."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    import occ_theory.train.sft as sft
+    from occ_theory.models.precision import EXACT_EAGER, _exact_rms_norm
+
+    original = sft.build_model
+    if getattr(original, "float64", False):
+        return
+    modeling_qwen2.Qwen2RMSNorm.forward = _exact_rms_norm
+
+    def build_model(*args, **kwargs):
+        model = original(*args, **kwargs)
+        model.trunk.config._attn_implementation = EXACT_EAGER
+        return model.double()
+
+    build_model.float64 = True
+    sft.build_model = build_model
+
+
+def _sft(tmp: Path, strategy: str, dist) -> dict:
+    """Three SFT steps (the third from the checkpoint after the second, in a fresh run) and the weights."""
+    from occ_theory.train.config import load_config
+    from occ_theory.train.run import RunContext
+    from occ_theory.train.sft import SFTRun
+
+    cfg = load_config(None, [*SFT, f"dist.strategy={strategy}"])
+
+    def run(name: str) -> SFTRun:
+        ctx = replace(RunContext.create(cfg, "sft", out_dir=tmp / f"sft_{strategy}_{dist.world}_{name}"),
+                      main=dist.main, run_dir=tmp / f"sft_{strategy}_{dist.world}_{name}")
+        return SFTRun(cfg, ctx, dist)
+
+    first = run("a")
+    recs = [first.train_step() for _ in range(2)]
+    path = first.save_checkpoint()
+    recs.append(first.train_step())
+    again = run("b")
+    again.load_checkpoint(path)
+    return {"recs": recs, "resumed": again.train_step(), "weights": first.strategy.model_state(first.model),
+            "strategy": first.strategy.name}
+
+
+def _sft_worker(rank: int, world: int, init: str, strategy: str, tmp: str) -> None:
+    from occ_theory.train.dist import Dist
+
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        _float64_sft()
+        res = _sft(Path(tmp), strategy, Dist(rank, world))
+        if rank == 0:
+            torch.save(res, Path(tmp) / f"sft_{strategy}.pt")
+        tdist.barrier()
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_sft_under_fsdp_and_ddp_equals_one_process_and_resumes(tmp_path):
+    """occ sft on two processes (each its rows of the same global batch, global token counts): the losses,
+    accuracies, the clipped gradient norm and the weights of one process on the whole batch; a checkpoint
+    written under fsdp resumes to the same step."""
+    from occ_theory.train.dist import Dist
+
+    _float64_sft()
+    one = _sft(tmp_path, "ddp", Dist())
+    for strategy in ("ddp", "fsdp"):
+        mp.spawn(_sft_worker, args=(WORLD, str(tmp_path / f"init_sft_{strategy}"), strategy, str(tmp_path)),
+                 nprocs=WORLD, join=True)
+        two = torch.load(tmp_path / f"sft_{strategy}.pt", weights_only=False)
+        assert two["strategy"] == strategy
+        assert _compare(one["recs"], two["recs"], f"sft {strategy}", across_world=True) >= 3 * 8
+        assert _compare(two["recs"][2:], [two["resumed"]], f"sft {strategy} resumed", across_world=False) >= 8
+        _weights_agree(one["weights"], two["weights"], f"sft {strategy}")
+    assert one["recs"][0]["sft/grad_norm"] > 0.5  # the clip acts

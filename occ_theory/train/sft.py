@@ -27,13 +27,21 @@ model's own sampled responses to the training prompts (self-distillation, temper
 ``eval.max_new_tokens`` long). Then the held-out measure is the MTP top-1 agreement with the main
 head per depth on greedy generations (``evaluate.mtp_agreement``), before training and at every
 evaluation; ``<run>/mtp_agreement.json`` holds the first and the last.
+
+Several processes (``torchrun --nproc_per_node N``): every process draws the same global batch of ``batch_size``
+problems and trains on its N-th of the rows; the losses are normalised by the global token counts, so the summed
+gradient (``dist.strategy``: ddp all-reduces it, fsdp shards the model with FSDP2 and reduce-scatters it) and every
+logged number are those of one process on the whole batch. With ``sft.data=self`` each process samples its own
+rows' responses with its own generator. Rank 0 evaluates (on a gathered copy under fsdp) and writes the files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +57,9 @@ from ..rl.sampler import generate
 from ..tasks import Problem
 from .checkpoints import checkpoint_files, drop_checkpoints, latest_checkpoint, truncate_metrics, write_failed
 from .config import Config, load_config
+from .dist import Dist, init_from_env, leave, make_strategy
 from .evaluate import mtp_agreement, prompt_ids, tasks_for
-from .guard import StepGuard, StopSignals, params_finite
+from .guard import StepGuard, StopSignals
 from .logging import MetricsWriter, Progress
 from .run import RunContext, check_user_data, evaluate_run, problem_stream, training_data, training_tasks
 
@@ -85,20 +94,26 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def sft_losses(model: torch.nn.Module, ids: Tensor, attn: Tensor, loss_mask: Tensor) -> dict[str, Tensor]:
+def sft_losses(model: torch.nn.Module, ids: Tensor, attn: Tensor, loss_mask: Tensor, reduce: Any = None
+               ) -> dict[str, Tensor]:
     """Next-token NLL and accuracy, and per MTP depth k its NLL and accuracy (predicting token t from
-    position t−k−1: depth 1 is next-next-token accuracy), on target tokens."""
+    position t−k−1: depth 1 is next-next-token accuracy), on target tokens. ``reduce`` sums the token counts over
+    processes (each process's values are then its terms of the global means)."""
     logits, mtp_logits = model(ids, attention_mask=attn)
     logp, mtp = align_logprobs(logits, mtp_logits, ids)
-    out = {"nll": -token_mean(logp, loss_mask)}
+    valid = {k: loss_mask * torch.isfinite(q).to(loss_mask.dtype) for k, q in enumerate(mtp, start=1)}
+    counts = {"nll": loss_mask.sum().double(), "acc": loss_mask[:, 1:].sum().double()}
+    counts |= {f"d{k}": v.sum().double() for k, v in valid.items()} | {f"acc{k}": v[:, k + 1:].sum().double()
+                                                                          for k, v in valid.items()}
+    n = {k: float(v) for k, v in reduce(counts).items()} if reduce is not None else dict.fromkeys(counts)
+    out = {"nll": -token_mean(logp, loss_mask, n["nll"])}
     with torch.no_grad():
-        out["acc"] = token_mean((logits[:, :-1].argmax(-1) == ids[:, 1:]).float(), loss_mask[:, 1:])
+        out["acc"] = token_mean((logits[:, :-1].argmax(-1) == ids[:, 1:]).float(), loss_mask[:, 1:], n["acc"])
     for k, (q, lg) in enumerate(zip(mtp, mtp_logits), start=1):
-        valid = loss_mask * torch.isfinite(q).to(loss_mask.dtype)
-        out[f"mtp_nll_d{k}"] = -token_mean(q, valid)
+        out[f"mtp_nll_d{k}"] = -token_mean(q, valid[k], n[f"d{k}"])
         with torch.no_grad():
             hit = (lg[:, : ids.shape[1] - k - 1].argmax(-1) == ids[:, k + 1:]).float()
-            out[f"mtp_acc_d{k}"] = token_mean(hit, valid[:, k + 1:])
+            out[f"mtp_acc_d{k}"] = token_mean(hit, valid[k][:, k + 1:], n[f"acc{k}"])
     return out
 
 
@@ -129,9 +144,14 @@ class SFTRun:
     """One SFT run: the model, its optimizer and schedule, the problem stream and the generators (all checkpointed),
     built and checked before anything is written (``begin`` writes the run directory)."""
 
-    def __init__(self, cfg: Config, ctx: RunContext):
+    def __init__(self, cfg: Config, ctx: RunContext, dist: Dist | None = None, strategy: Any = None):
         self.cfg, self.sc, self.ctx = cfg, cfg.sft, ctx
         sc = self.sc
+        self.dist = dist or Dist()
+        self.strategy = strategy if strategy is not None else make_strategy(cfg.dist.strategy, self.dist)
+        if sc.batch_size % self.dist.world:
+            raise ValueError(f"config key 'sft.batch_size': {sc.batch_size} rows over {self.dist.world} processes must "
+                             "give each the same number")
         self.mtp_only = sc.train == "mtp"
         if sc.data == "self" and not self.mtp_only:
             raise ValueError("config key 'sft.data': 'self' (the model's own responses) needs sft.train=mtp")
@@ -142,6 +162,7 @@ class SFTRun:
             if self.model.num_mtp == 0:
                 raise ValueError("config key 'sft.train': 'mtp' trains the MTP modules, but model.mtp_depths is 0")
             self.model.trunk.requires_grad_(False)
+        self.model = self.strategy.wrap(self.model)  # before anything holds its parameters (fsdp replaces them)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.model.train()
         self.opt = torch.optim.AdamW(self.params, lr=sc.lr, weight_decay=sc.weight_decay, betas=(0.9, 0.98))
@@ -150,9 +171,9 @@ class SFTRun:
         self.tasks = tasks_for(self.tokenizer, training_tasks(cfg), cfg.task.parse)
         self.notes = check_user_data(self.tasks, self.tokenizer, self.model.trunk.config.max_position_embeddings,
                                      cfg.eval.max_new_tokens)
-        self.task_rng = np.random.default_rng(cfg.seed)
+        self.task_rng = np.random.default_rng(cfg.seed)  # the same global batches on every process
         self.stream = problem_stream(cfg, self.task_rng, self.tasks)
-        self.sample_gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
+        self.sample_gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed + 7919 * self.dist.rank)
         held_rng = np.random.default_rng(cfg.eval.seed)
         self.held_out = [prompt_ids(self.tokenizer, self.tasks[i % len(self.tasks)].sample(held_rng, "eval").prompt)
                          for i in range(sc.eval_size)] if self.mtp_only else []
@@ -170,8 +191,9 @@ class SFTRun:
             self.ctx.log(note)
         n_train, n_all = sum(p.numel() for p in self.params), sum(p.numel() for p in self.model.parameters())
         sc = self.sc
+        procs = f" ({self.dist.world} processes, {self.strategy.name})" if self.dist.world > 1 else ""
         self.ctx.log(f"SFT {n_train / 1e6:.2f}M trained of {n_all / 1e6:.2f}M parameters ({sc.train}, data {sc.data}), "
-                     f"{sc.steps} steps on {training_data(self.cfg)} -> {self.ctx.run_dir}")
+                     f"{sc.steps} steps on {training_data(self.cfg)} -> {self.ctx.run_dir}{procs}")
 
     def agreement(self, when: str) -> dict[str, float]:
         """MTP top-1 agreement with the main head on greedy generations of the held-out prompts, logged with its
@@ -179,8 +201,12 @@ class SFTRun:
         t0 = time.perf_counter()
         self.ctx.log(f"MTP top-1 agreement {when}: {len(self.held_out)} greedy generations of up to "
                      f"{self.cfg.eval.max_new_tokens} tokens ...")
-        found = mtp_agreement(self.model, self.tokenizer, self.held_out, self.cfg.eval.max_new_tokens,
-                              autocast_dtype=self.ctx.autocast_dtype)
+        found = {}
+        with self.strategy.full_model(self.model, main_only=True) as model:  # on rank 0 (gathered under fsdp)
+            if model is not None:
+                found = mtp_agreement(model.to(self.ctx.device), self.tokenizer, self.held_out,
+                                      self.cfg.eval.max_new_tokens, autocast_dtype=self.ctx.autocast_dtype)
+        found = self.dist.gather(found)[0]
         self.ctx.log(f"MTP top-1 agreement {when}: " + ", ".join(f"d{k} {v:.3f}" for k, v in found.items())
                      + f" ({time.perf_counter() - t0:.0f} s)")
         return {f"eval/mtp_agree_d{k}": v for k, v in found.items()}
@@ -188,18 +214,21 @@ class SFTRun:
     def train_step(self) -> dict[str, Any]:
         """One optimizer step on a fresh batch (a non-finite one is skipped: neither the weights nor the schedule
         move); its metrics record, with the periodic evaluation when due."""
-        sc, ctx, model = self.sc, self.ctx, self.model
+        sc, ctx, model, dist = self.sc, self.ctx, self.model, self.dist
         step = self.step + 1
         t0 = time.perf_counter()
-        problems = [next(self.stream) for _ in range(sc.batch_size)]
+        problems = [next(self.stream) for _ in range(sc.batch_size)]  # the global batch; this process's rows:
+        rows = sc.batch_size // dist.world
+        problems = problems[dist.rank * rows: (dist.rank + 1) * rows]
         if sc.data == "self":
-            batch = self_distillation_batch(model, self.tokenizer, problems, self.cfg.eval.max_new_tokens,
-                                            self.sample_gen, ctx.autocast_dtype)
+            with self.strategy.full_model(model) as plain:  # the sampler's decoder reads the weights by hand
+                batch = self_distillation_batch(plain, self.tokenizer, problems, self.cfg.eval.max_new_tokens,
+                                                self.sample_gen, ctx.autocast_dtype)
         else:
             batch = collate([encode(self.tokenizer, p) for p in problems], self.tokenizer.pad_token_id)
         ids, attn, loss_mask = (t.to(ctx.device) for t in batch)
         with ctx.autocast():
-            losses = sft_losses(model, ids, attn, loss_mask)
+            losses = sft_losses(model, ids, attn, loss_mask, dist.sum if dist.active else None)
         mtp_terms = [v for k, v in losses.items() if k.startswith("mtp_nll")]
         if self.mtp_only:
             loss = torch.stack(mtp_terms).mean()
@@ -207,29 +236,40 @@ class SFTRun:
             loss = losses["nll"] + (sc.mtp_coef * torch.stack(mtp_terms).mean() if mtp_terms else 0.0)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.params, sc.grad_clip or float("inf"))
-        finite = self.guard.check(bool(torch.isfinite(loss.detach())) and bool(torch.isfinite(gnorm)), step)
+        self.strategy.reduce_grads(self.params)  # every process: (its shard of) the global batch's gradient
+        gnorm = self.strategy.clip(self.params, sc.grad_clip or float("inf"))
+        totals = dist.sum({"loss": loss.detach().double()} | {k: v.detach().double() for k, v in losses.items()})
+        finite = self.guard.check(bool(torch.isfinite(totals["loss"])) and bool(torch.isfinite(gnorm)), step)
         if finite:
             self.opt.step()
             self.sched.step()
-            if not params_finite(self.params):
+            if not self.strategy.all_finite(self.params):
                 raise RunStopped(f"the weights became non-finite at step {step} (the run diverged: lower sft.lr "
                                  "or set sft.grad_clip); no checkpoint saved")
         self.opt.zero_grad(set_to_none=True)
-        rec = {"step": step, "sft/loss": float(loss.detach()), "sft/lr": self.sched.get_last_lr()[0],
+        rec = {"step": step, "sft/loss": float(totals.pop("loss")), "sft/lr": self.sched.get_last_lr()[0],
                "perf/step_s": time.perf_counter() - t0}
-        rec |= {f"sft/{k}": float(v.detach()) for k, v in losses.items()}
+        rec |= {f"sft/{k}": float(v) for k, v in totals.items()}
         rec |= {"sft/grad_norm": float(gnorm), "sft/skipped": not finite, "sft/bad_steps_total": self.guard.total}
         if (sc.eval_every and step % sc.eval_every == 0) or step == sc.steps:
             if self.mtp_only:  # the trunk is frozen: its accuracy cannot change, the drafts' agreement can
                 rec |= self.agreement("at step " + str(step))
             else:
-                res = evaluate_run(model, self.tokenizer, self.cfg, sc.eval_size, 0, self.tasks, ctx.autocast_dtype)
+                rec |= self.evaluate()
+        self.step = step
+        return rec
+
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out greedy accuracy (``run.evaluate_run``) on rank 0, on a gathered copy under fsdp."""
+        rec: dict[str, Any] = {}
+        with self.strategy.full_model(self.model, main_only=True) as model:
+            if model is not None:
+                res = evaluate_run(model.to(self.ctx.device), self.tokenizer, self.cfg, self.sc.eval_size, 0,
+                                   self.tasks, self.ctx.autocast_dtype)
                 rec |= {f"eval/{s}/greedy_acc": e["greedy_acc"] for s, e in res.get("suites", {}).items()}
                 if res:
                     rec["eval/mean_greedy_acc"] = res["mean_greedy_acc"]
-        self.step = step
-        return rec
+        return self.dist.gather(rec)[0]
 
     def run(self) -> Path:
         """Train to ``sft.steps`` (from the checkpoint's step when resumed), then save ``checkpoint/``."""
@@ -238,15 +278,21 @@ class SFTRun:
             self.before = self.agreement("before training")
         progress = Progress("sft", sc.steps)
         resume = f"continue with: occ sft --resume {ctx.run_dir}"
+        main = self.dist.main
         with StopSignals(lambda: self.step + 1) as stop:
             try:
-                with MetricsWriter(ctx.run_dir, purge_step=self.step + 1 if self.step else None) as writer:
+                writing = MetricsWriter(ctx.run_dir, purge_step=self.step + 1 if self.step else None) if main \
+                    else contextlib.nullcontext()
+                with writing as writer:
                     while self.step < sc.steps:
                         self.record = self.train_step()
-                        writer.write(self.record)
-                        progress.update(self.step, loss=self.record["sft/loss"], nll=self.record["sft/nll"])
-                        if stop.received is not None and self.step < sc.steps:
-                            raise Interrupted(f"interrupted by {stop.received} after step {self.step}", stop.received)
+                        if main:
+                            writer.write(self.record)
+                            progress.update(self.step, loss=self.record["sft/loss"], nll=self.record["sft/nll"])
+                        # every process stops at the same step (any of them may have the signal)
+                        if self.dist.max(int(stop.received is not None)) and self.step < sc.steps:
+                            raise Interrupted(f"interrupted by {stop.received or 'a signal'} after step {self.step}",
+                                              stop.received)
             except Interrupted as e:
                 path = self.save_checkpoint()
                 ctx.log(f"stopped: {e}; checkpoint {path}; {resume}", echo=False)
@@ -262,29 +308,39 @@ class SFTRun:
         """Save ``checkpoint/`` (and ``mtp_agreement.json``); the training checkpoints are then no longer needed."""
         ctx = self.ctx
         self.model.eval()
-        ckpt = Path(save_model(self.model, ctx.run_dir / "checkpoint", self.tokenizer))
-        if self.mtp_only:
+        ckpt = ctx.run_dir / "checkpoint"
+        with self.strategy.full_model(self.model, main_only=True) as model:  # on rank 0 (gathered under fsdp)
+            if model is not None:
+                ckpt = Path(save_model(model, ckpt, self.tokenizer))
+        if self.mtp_only and self.dist.main:
             after = {k: self.record[k] for k in self.before}
             atomic_write_text(ctx.run_dir / "mtp_agreement.json",
                               json.dumps({"before": self.before, "after": after}, indent=2))
-        drop_checkpoints(ctx.run_dir)
+        self.dist.barrier()
+        if self.dist.main:
+            drop_checkpoints(ctx.run_dir)
         ctx.log(f"SFT done in {time.perf_counter() - ctx.start:.0f}s; checkpoint {ckpt}")
         return ckpt
 
     def checkpoint_state(self) -> dict[str, Any]:
-        return {"format": CHECKPOINT_FORMAT, "step": self.step, "model": self.model.state_dict(),
-                "optimizer": self.opt.state_dict(), "lr_schedule": self.sched.state_dict(),
-                "task_rng": self.task_rng.bit_generator.state, "sample_gen": self.sample_gen.get_state().cpu(),
+        """Model and optimizer in full (gathered on rank 0 under fsdp), schedule, stream, every process's sampling
+        generator (``sample_gens``, rank order; ``sample_gen`` is rank 0's)."""
+        gens = self.dist.gather(self.sample_gen.get_state().cpu())
+        return {"format": CHECKPOINT_FORMAT, "step": self.step, "model": self.strategy.model_state(self.model),
+                "optimizer": self.strategy.optimizer_state(self.model, self.opt), "lr_schedule": self.sched.state_dict(),
+                "task_rng": self.task_rng.bit_generator.state, "sample_gen": gens[0], "sample_gens": gens,
                 "bad_in_row": self.guard.in_row, "bad_total": self.guard.total, "before": self.before,
                 "record": self.record}
 
     def save_checkpoint(self) -> Path:
-        """``checkpoints/step_N.pt`` (atomic); only the latest is kept."""
+        """``checkpoints/step_N.pt`` (atomic, by rank 0; every process takes part); only the latest is kept."""
         d = self.ctx.run_dir / "checkpoints"
         path = d / f"step_{self.step:06d}.pt"
-        atomic_torch_save(self.checkpoint_state(), path)
-        for old in checkpoint_files(d)[:-1]:
-            old.unlink()
+        state = self.checkpoint_state()
+        if self.dist.main:
+            atomic_torch_save(state, path)
+            for old in checkpoint_files(d)[:-1]:
+                old.unlink()
         return path
 
     def load_checkpoint(self, path: Path) -> None:
@@ -294,16 +350,18 @@ class SFTRun:
             raise ValueError(f"checkpoint {path} is corrupt or unreadable: {type(e).__name__}") from e
         if not isinstance(st, dict) or st.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not an occ_theory SFT checkpoint")
+        gens = st.get("sample_gens", [st["sample_gen"]])  # checkpoints of one process hold sample_gen alone
+        if len(gens) != self.dist.world:
+            raise ValueError(f"checkpoint {path} was written by {len(gens)} processes, this run has {self.dist.world}")
         try:
-            self.model.load_state_dict(st["model"])
-            self.opt.load_state_dict(st["optimizer"])
+            self.strategy.load_state(self.model, self.opt, st["model"], st["optimizer"])
             self.sched.load_state_dict(st["lr_schedule"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise ValueError(f"checkpoint {path} does not match this run's model or optimizer "
                              f"({type(e).__name__})") from e
         self.task_rng.bit_generator.state = st["task_rng"]
         self.stream = problem_stream(self.cfg, self.task_rng, self.tasks)
-        self.sample_gen.set_state(st["sample_gen"])
+        self.sample_gen.set_state(gens[self.dist.rank])
         self.guard.in_row, self.guard.total = st["bad_in_row"], st["bad_total"]
         self.step, self.before, self.record = st["step"], st["before"], st["record"]
 
@@ -312,9 +370,14 @@ def run_sft(cfg: Config, run_name: str | None = None, out_dir: Path | None = Non
     """Train from scratch (or from ``model.init_from``, with that checkpoint's tokenizer); returns the
     checkpoint directory."""
     check_model_source(cfg)
-    run = SFTRun(cfg, RunContext.create(cfg, kind="sft", run_name=run_name, out_dir=out_dir))
+    ctx = RunContext.create(cfg, kind="sft", run_name=run_name, out_dir=out_dir)
+    dist = init_from_env(ctx.device, cfg.dist.strategy)
+    ctx = replace(ctx, main=dist.main, run_dir=Path(dist.gather(str(ctx.run_dir))[0]))  # rank 0's time-stamped name
+    run = SFTRun(cfg, ctx, dist)
     run.begin()
-    return run.run()
+    out = run.run()
+    leave()
+    return out
 
 
 def resume_sft(run_dir: Path) -> Path:
@@ -322,16 +385,23 @@ def resume_sft(run_dir: Path) -> Path:
     config; metrics records after the checkpoint move to ``metrics.orphaned.jsonl``."""
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
-    run = SFTRun(cfg, RunContext.create(cfg, kind="sft", out_dir=run_dir, resume=True))
-    for leftover in (run_dir / "checkpoints").glob(".step_*.tmp"):  # a writer killed mid-write
-        leftover.unlink()
+    ctx = RunContext.create(cfg, kind="sft", out_dir=run_dir, resume=True)
+    dist = init_from_env(ctx.device, cfg.dist.strategy)
+    run = SFTRun(cfg, replace(ctx, main=dist.main), dist)
     ckpt = latest_checkpoint(run_dir)
+    dist.barrier()  # every process has found the same checkpoint before rank 0 clears anything
+    if dist.main:
+        for leftover in (run_dir / "checkpoints").glob(".step_*.tmp"):  # a writer killed mid-write
+            leftover.unlink()
     if ckpt is None:
-        truncate_metrics(run_dir, 0)
+        if dist.main:
+            truncate_metrics(run_dir, 0)
         run.ctx.log("no checkpoint yet: restarting from step 0")
     else:
         run.load_checkpoint(ckpt)
-        dropped = truncate_metrics(run_dir, run.step)
+        dropped = truncate_metrics(run_dir, run.step) if dist.main else 0
         run.ctx.log(f"resumed from {ckpt.name} (step {run.step}); {dropped} later records moved to "
                     "metrics.orphaned.jsonl")
-    return run.run()
+    out = run.run()
+    leave()
+    return out

@@ -98,11 +98,12 @@ def _run(ckpt: Path, tmp: Path, strategy: str, dist, batches: list[RLBatch], cas
         recs += _train(tr, batches, dist.rank, dist.world, range(2, STEPS) if case != "bundle_only" else range(0))
         res = {"recs": recs, "weights": tr.strategy.model_state(tr.model), "strategy": tr.strategy.name,
                "bundles": where.with_name("rank0") / "probes"}
-        if case in resume:
-            again = _trainer(ckpt, where.with_name(where.name + "_resumed"), case, strategy, dist)
+        for other in ((strategy, "ddp") if strategy == "fsdp" else (strategy,)) if case in resume else ():
+            # the checkpoint resumes under its own strategy, and under the other one: one format
+            again = _trainer(ckpt, where.with_name(f"{where.name}_resumed_{other}"), case, other, dist)
             again.load_checkpoint(tmp / f"{case}_{strategy}_{dist.world}" / "rank0" / "checkpoints" / ckpt_path.name)
-            res["resumed"] = {"recs": _train(again, batches, dist.rank, dist.world, range(2, STEPS)),
-                              "weights": again.strategy.model_state(again.model)}
+            res[f"resumed_{other}"] = {"recs": _train(again, batches, dist.rank, dist.world, range(2, STEPS)),
+                                       "weights": again.strategy.model_state(again.model)}
         out[case] = res
     return out
 
@@ -217,12 +218,14 @@ def test_fsdp_equals_ddp_equals_one_process(runs, case):
     assert all(r["diag/identity3/rel_err"] < 1e-12 for r in probed)
 
 
-def test_fsdp_resumes_from_its_checkpoint_to_the_same_step(runs):
-    """The third step from the checkpoint after the second (full state, written on rank 0, loaded into the shards)
-    is the third step of the run that went on."""
+def test_fsdp_resumes_from_its_checkpoint_to_the_same_step_under_either_strategy(runs):
+    """The third step from the checkpoint after the second (full state, written on rank 0, loaded into the shards,
+    or into ddp's replicas: one checkpoint format) is the third step of the run that went on."""
     run = runs["fsdp"]["real"]
-    assert _compare(run["recs"][2:], run["resumed"]["recs"], "resumed", across_world=False) > 100
-    _weights_agree(run["weights"], run["resumed"]["weights"], "resumed")
+    for other in ("fsdp", "ddp"):
+        again = run[f"resumed_{other}"]
+        assert _compare(run["recs"][2:], again["recs"], f"resumed under {other}", across_world=False) > 100
+        _weights_agree(run["weights"], again["weights"], f"resumed under {other}")
 
 
 def _reprobe(runs, bundle: Path) -> dict:

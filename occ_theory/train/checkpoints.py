@@ -1,5 +1,10 @@
 """A run's checkpoint files (``checkpoints/step_NNNNNN.pt``, RL and SFT), the metrics a resumed run keeps, which
-runs can be resumed, and the one-line error of a write that failed mid-run (``write_failed``)."""
+runs can be resumed, and the one-line error of a write that failed mid-run (``write_failed``).
+
+One format whatever ``dist.strategy``: the model and the optimizer state in full (``state_dict()`` layouts; under
+fsdp gathered on rank 0, one tensor at a time, into host memory), written by rank 0 alone, read by every process
+(fsdp keeps its shard of each tensor). A checkpoint resumes under either strategy with the same number of processes
+(every process's random generators are in it)."""
 
 from __future__ import annotations
 

@@ -261,9 +261,12 @@ class Sharded:
         """``optimizer.state_dict()``'s format (state by parameter index) with full tensors, on rank 0, on the host
         (the others get {})."""
         sd = optimizer.state_dict()
-        state = {}
+        state: dict[int, dict[str, Any]] = {}
         for i, st in sd["state"].items():
-            state[i] = {k: full_tensor(v).cpu() if isinstance(v, Tensor) else v for k, v in st.items()}
+            for k, v in st.items():
+                v = full_tensor(v) if isinstance(v, Tensor) else v  # a collective: every process gathers
+                if self.dist.main:
+                    state.setdefault(i, {})[k] = v.cpu() if isinstance(v, Tensor) else v
         return {"state": state, "param_groups": sd["param_groups"]} if self.dist.main else {}
 
     def load_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict[str, Tensor],

@@ -27,13 +27,14 @@ from occ_theory.rl.batch import RLBatch
 WORLD = 2
 STEPS = 3
 PROBE = ("diag.every=0", "diag.at=[3]", "diag.first=true", "diag.dtype=float64", "diag.bootstrap=0",
-         "diag.curve_points=5", "diag.taylor_halvings=1", "diag.curve_real_step=true", "diag.optimum_per_decade=2",
+         "diag.curve_points=5", "diag.taylor_halvings=1", "diag.optimum_per_decade=2",
          "rl.lr=3e-3")
 CASES = {  # every coefficient rule that differentiates the model, every clip scope, the KL reference, a θ_S edit
-    "real": ("real", "rl.clip_scope=separate", "rl.grad_clip=0.05"),
+    "real": ("real", "rl.clip_scope=separate", "rl.grad_clip=0.05", "diag.curve_real_step=true"),
     "fisher": ("occ", "rl.proxy=fisher", "rl.clip_scope=global", "rl.grad_clip=0.05", "rl.kl_coef=0.05"),
     "cosine": ("cosine", "rl.clip_scope=shared", "rl.grad_clip=0.05"),
-    "bundle_only": ("real", "rl.clip_scope=separate", "rl.grad_clip=0.05", "diag.bundle_only=true"),
+    "bundle_only": ("real", "rl.clip_scope=separate", "rl.grad_clip=0.05", "diag.curve_real_step=true",
+                    "diag.bundle_only=true"),
 }
 COMPARED = ("real", "fisher", "cosine")
 
@@ -108,8 +109,11 @@ def _run(ckpt: Path, tmp: Path, strategy: str, dist, batches: list[RLBatch], cas
     return out
 
 
-def _worker(rank: int, world: int, init: str, strategy: str, ckpt: str, tmp: str, cases: tuple, resume: tuple
-            ) -> None:
+PLAN = (("ddp", COMPARED, ()), ("fsdp", (*COMPARED, "bundle_only"), ("real",)))
+"""What the two processes run, in one process group: each strategy's cases and the cases resumed."""
+
+
+def _worker(rank: int, world: int, init: str, ckpt: str, tmp: str) -> None:
     from occ_theory.train.dist import Dist
 
     torch.set_num_threads(1)
@@ -117,18 +121,16 @@ def _worker(rank: int, world: int, init: str, strategy: str, ckpt: str, tmp: str
     try:
         _float64_trainers()
         batches = [RLBatch.from_tensors(b) for b in torch.load(Path(tmp) / "batches.pt", weights_only=True)]
-        res = _run(Path(ckpt), Path(tmp), strategy, Dist(rank, world), batches, cases, resume)
+        for strategy, cases, resume in PLAN:
+            res = _run(Path(ckpt), Path(tmp), strategy, Dist(rank, world), batches, cases, resume)
+            if rank == 0:
+                torch.save(res, Path(tmp) / f"{strategy}.pt")
+        controls = _controls(Path(ckpt), batches[0], Dist(rank, world))
         if rank == 0:
-            torch.save(res, Path(tmp) / f"{strategy}.pt")
+            torch.save(controls, Path(tmp) / "controls.pt")
         tdist.barrier()
     finally:
         tdist.destroy_process_group()
-
-
-def _spawn(strategy: str, ckpt: Path, tmp: Path, cases: tuple = COMPARED, resume: tuple = ()) -> dict:
-    init = tmp / f"init_{strategy}"
-    mp.spawn(_worker, args=(WORLD, str(init), strategy, str(ckpt), str(tmp), cases, resume), nprocs=WORLD, join=True)
-    return torch.load(tmp / f"{strategy}.pt", weights_only=False)
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +146,10 @@ def runs(tmp_path_factory):
     batches = [with_signal(tr, batch, seed=i, noise=0.02) for i in range(STEPS)]
     torch.save([b.tensors() for b in batches], tmp / "batches.pt")
     one = _run(ckpt, tmp, "ddp", Dist(), batches, COMPARED)
-    fsdp = _spawn("fsdp", ckpt, tmp, (*COMPARED, "bundle_only"), resume=("real",))
-    return {"one": one, "ddp": _spawn("ddp", ckpt, tmp), "fsdp": fsdp, "ckpt": ckpt, "tmp": tmp}
+    mp.spawn(_worker, args=(WORLD, str(tmp / "init"), str(ckpt), str(tmp)), nprocs=WORLD, join=True)
+    two = {strategy: torch.load(tmp / f"{strategy}.pt", weights_only=False) for strategy, *_ in PLAN}
+    return {"one": one, **two, "controls": torch.load(tmp / "controls.pt", weights_only=False), "ckpt": ckpt,
+            "tmp": tmp}
 
 
 SKIP = ("perf/", "rollout/")
@@ -190,6 +194,23 @@ def _compare(ref: list[dict], got: list[dict], what: str, across_world: bool) ->
     return n
 
 
+def _compare_online(ref: dict, got: dict, what: str, across_world: bool) -> int:
+    """Two probes' online.json (scalars and the curves' points) agree key by key; returns how many lists agreed."""
+    assert set(ref) == set(got), (what, set(ref) ^ set(got))
+    lists, bad = 0, []
+    for k, v in ref.items():
+        rel = _tolerance(k, across_world)
+        if rel is None:
+            continue
+        a, b = _from_json(v), _from_json(got[k])
+        pairs = zip(a, b, strict=True) if isinstance(a, list) else [(a, b)]
+        if not all(_close(x, y, rel) for x, y in pairs):
+            bad.append((what, k, a, b))
+        lists += isinstance(a, list)
+    assert not bad, "\n".join(map(str, bad))
+    return lists
+
+
 def _weights_agree(ref: dict, got: dict, what: str) -> None:
     for k, w in ref.items():
         err = float((got[k] - w).abs().max() / w.abs().max().clamp_min(1e-30))
@@ -198,6 +219,11 @@ def _weights_agree(ref: dict, got: dict, what: str) -> None:
 
 @pytest.mark.parametrize("case", COMPARED)
 def test_fsdp_equals_ddp_equals_one_process(runs, case):
+    """Three steps (probes at 1 and 3): every logged number (losses, λ and the proxies, the clip's norms and factor,
+    g and u per module, identity 3, C, X, Q and λ* of every geometry, adam_real, the real optimum), the probes'
+    curves (online.json) and the weights after the third step."""
+    from occ_theory.diagnostics.offline import read_online
+
     one, ddp, fsdp = (runs[k][case] for k in ("one", "ddp", "fsdp"))
     assert (one["strategy"], ddp["strategy"], fsdp["strategy"]) == ("ddp", "ddp", "fsdp")
     assert _compare(ddp["recs"], fsdp["recs"], "fsdp against ddp", across_world=False) > 300
@@ -205,12 +231,19 @@ def test_fsdp_equals_ddp_equals_one_process(runs, case):
     for name, other in (("ddp", ddp), ("fsdp", fsdp)):
         _compare(one["recs"], other["recs"], f"{name} against one process", across_world=True)
         _weights_agree(one["weights"], other["weights"], f"{name} against one process")
+    lists = 12 if case == "real" else 4  # the measured curve and the Taylor residuals; the real step's curves
+    for step in ("step_000001", "step_000003"):  # the probe's curves too
+        ref = read_online(one["bundles"] / step)
+        assert _compare_online(ref, read_online(ddp["bundles"] / step), f"ddp {step}", across_world=True) >= lists
+        assert _compare_online(read_online(ddp["bundles"] / step), read_online(fsdp["bundles"] / step),
+                               f"fsdp {step}", across_world=False) >= lists
     recs = fsdp["recs"]
     probed = (recs[0], recs[2])  # diag.first and diag.at=[3]
+    real = ("diag/adam_real/beta", "diag/real_optimum/lambda") if case == "real" else ()  # diag.curve_real_step
     for must in ("diag/identity3/rel_err", "diag/grad/g_norm", "diag/grad/u_norm", "diag/module/embed/corr",
                  "diag/module/block.1/cos", "diag/sgd/corr", "diag/sgd/cross", "diag/sgd/curv", "diag/adam/corr",
-                 "diag/adam/cross", "diag/adam/curv", "diag/adam_real/beta", "diag/real_optimum/lambda"):
-        assert all(math.isfinite(r[must]) for r in probed[1:]), must
+                 "diag/adam/cross", "diag/adam/curv", *real):
+        assert math.isfinite(probed[1][must]), must
     for must in ("diag/sgd/lambda_star", "diag/adam/lambda_star", "diag/adam_step/lambda_star",
                  "diag/adam_stationary/lambda_star", "diag/adam_real/lambda_star", "lambda/used", "lambda/reference"):
         assert must in recs[2], must
@@ -266,50 +299,41 @@ def test_a_bundle_written_under_fsdp_reprobes_offline_to_the_online_numbers(runs
     assert len(keys) > 100 and all(_close(first[k], again[k], _tolerance(k, True)) for k in keys)
 
 
-def _controls_worker(rank: int, world: int, init: str, ckpt: str, tmp: str) -> None:
+def _controls(ckpt: Path, whole: RLBatch, dist) -> dict:
     """g = ∇J of the global batch (this process's rows, global token counts) three ways on the sharded model."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
     from occ_theory.models import load_model
     from occ_theory.rl.batch import Norms, ObjectiveSpec, compute_objectives
-    from occ_theory.train.dist import Dist
     from occ_theory.train.fsdp import Sharded
 
-    torch.set_num_threads(1)
-    tdist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    try:
-        _float64_trainers()
-        dist = Dist(rank, world)
-        batch = _shard(RLBatch.from_tensors(torch.load(Path(tmp) / "batches.pt", weights_only=True)[0]), rank, world)
-        spec, norms = ObjectiveSpec.for_regime("policy"), Norms.of(batch, 1, dist.sum)
-        out = {}
-        for divide in (1.0, float(world)):  # the toolkit's sum, and FSDP2's default MEAN
-            strategy = Sharded(dist)
-            model = strategy.wrap(load_model(ckpt).double())
-            for m in model.modules():
-                if isinstance(m, FSDPModule):
-                    m.set_gradient_divide_factor(divide)
-            compute_objectives(model, batch, spec, with_mtp=False, norms=norms).rl_objective.backward()
-            out[f"fsdp_divide_{divide:g}"] = strategy.full_grads(dict(model.named_parameters()))
-        plain = load_model(ckpt).double()
-        named = dict(model.named_parameters())
-        for partial in (True, False):  # the functional gather inside the loss, with and without Partial()
-            leaves = {k: p.detach().requires_grad_(True) for k, p in named.items()}
-            grad_placements = [Partial()] if partial else None
-            full = {k: t.redistribute(placements=[Replicate()]).to_local(grad_placements=grad_placements)
-                    for k, t in leaves.items()}
-            J = compute_objectives(plain, batch, spec, params=full, with_mtp=False, norms=norms).rl_objective
-            grads = torch.autograd.grad(J, list(leaves.values()), allow_unused=True, materialize_grads=True)
-            out[f"partial_{partial}"] = {k: g.full_tensor() for k, g in zip(leaves, grads)}
-        some = next(iter(out["partial_True"].values()))
-        shard = DTensor.from_local(some.chunk(world)[rank].clone(), strategy.mesh, [Shard(0)])
-        out["float_of_dtensor_sum"] = (float(shard.pow(2).sum()), float(some.pow(2).sum()))
-        if rank == 0:
-            torch.save(out, Path(tmp) / "controls.pt")
-        tdist.barrier()
-    finally:
-        tdist.destroy_process_group()
+    rank, world = dist.rank, dist.world
+    batch = _shard(whole, rank, world)
+    spec, norms = ObjectiveSpec.for_regime("policy"), Norms.of(batch, 1, dist.sum)
+    out = {}
+    for divide in (1.0, float(world)):  # the toolkit's sum, and FSDP2's default MEAN
+        strategy = Sharded(dist)
+        model = strategy.wrap(load_model(ckpt).double())
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.set_gradient_divide_factor(divide)
+        compute_objectives(model, batch, spec, with_mtp=False, norms=norms).rl_objective.backward()
+        out[f"fsdp_divide_{divide:g}"] = strategy.full_grads(dict(model.named_parameters()))
+    plain = load_model(ckpt).double()
+    named = dict(model.named_parameters())
+    for partial in (True, False):  # the functional gather inside the loss, with and without Partial()
+        leaves = {k: p.detach().requires_grad_(True) for k, p in named.items()}
+        grad_placements = [Partial()] if partial else None
+        full = {k: t.redistribute(placements=[Replicate()]).to_local(grad_placements=grad_placements)
+                for k, t in leaves.items()}
+        J = compute_objectives(plain, batch, spec, params=full, with_mtp=False, norms=norms).rl_objective
+        grads = torch.autograd.grad(J, list(leaves.values()), allow_unused=True, materialize_grads=True)
+        out[f"partial_{partial}"] = {k: g.full_tensor() for k, g in zip(leaves, grads)}
+    some = next(iter(out["partial_True"].values()))
+    shard = DTensor.from_local(some.chunk(world)[rank].clone(), strategy.mesh, [Shard(0)])
+    out["float_of_dtensor_sum"] = (float(shard.pow(2).sum()), float(some.pow(2).sum()))
+    return out
 
 
 def test_negative_controls_fsdp_mean_reduction_and_a_gather_without_partial_drop_the_sum(runs):
@@ -322,10 +346,7 @@ def test_negative_controls_fsdp_mean_reduction_and_a_gather_without_partial_drop
     from occ_theory.rl.batch import ObjectiveSpec, compute_objectives
     from occ_theory.theory import grad
 
-    tmp = runs["tmp"]
-    mp.spawn(_controls_worker, args=(WORLD, str(tmp / "init_controls"), str(runs["ckpt"]), str(tmp)), nprocs=WORLD,
-             join=True)
-    out = torch.load(tmp / "controls.pt", weights_only=False)
+    tmp, out = runs["tmp"], runs["controls"]
     batch = RLBatch.from_tensors(torch.load(tmp / "batches.pt", weights_only=True)[0])
     model = load_model(runs["ckpt"]).double()
     names = set(out["partial_True"])
@@ -388,7 +409,7 @@ def test_torchrun_fsdp_sft_then_rl_with_probes_and_its_bundles_reprobe_offline(t
 
 SFT = ["model.family=qwen2", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2",
        "model.num_heads=2", "model.num_kv_heads=1", "model.max_position_embeddings=128", "model.mtp_depths=1",
-       "sft.steps=3", "sft.batch_size=4", "sft.warmup=1", "sft.eval_every=0", "sft.eval_size=2", "sft.grad_clip=0.5",
+       "sft.steps=8", "sft.batch_size=4", "sft.warmup=1", "sft.eval_every=0", "sft.eval_size=2", "sft.grad_clip=0.5",
        "eval.max_new_tokens=4", "task.suites=[addition]", "threads=1"]
 
 
@@ -436,16 +457,17 @@ def _sft(tmp: Path, strategy: str, dist) -> dict:
             "strategy": first.strategy.name}
 
 
-def _sft_worker(rank: int, world: int, init: str, strategy: str, tmp: str) -> None:
+def _sft_worker(rank: int, world: int, init: str, tmp: str) -> None:
     from occ_theory.train.dist import Dist
 
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
         _float64_sft()
-        res = _sft(Path(tmp), strategy, Dist(rank, world))
-        if rank == 0:
-            torch.save(res, Path(tmp) / f"sft_{strategy}.pt")
+        for strategy in ("ddp", "fsdp"):
+            res = _sft(Path(tmp), strategy, Dist(rank, world))
+            if rank == 0:
+                torch.save(res, Path(tmp) / f"sft_{strategy}.pt")
         tdist.barrier()
     finally:
         tdist.destroy_process_group()
@@ -459,9 +481,8 @@ def test_sft_under_fsdp_and_ddp_equals_one_process_and_resumes(tmp_path):
 
     _float64_sft()
     one = _sft(tmp_path, "ddp", Dist())
+    mp.spawn(_sft_worker, args=(WORLD, str(tmp_path / "init_sft"), str(tmp_path)), nprocs=WORLD, join=True)
     for strategy in ("ddp", "fsdp"):
-        mp.spawn(_sft_worker, args=(WORLD, str(tmp_path / f"init_sft_{strategy}"), strategy, str(tmp_path)),
-                 nprocs=WORLD, join=True)
         two = torch.load(tmp_path / f"sft_{strategy}.pt", weights_only=False)
         assert two["strategy"] == strategy
         assert _compare(one["recs"], two["recs"], f"sft {strategy}", across_world=True) >= 3 * 8

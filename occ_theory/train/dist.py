@@ -130,7 +130,8 @@ def _total_norm(params: Iterable[nn.Parameter]) -> Tensor:
 
 class Replicated:
     """The ddp strategy (and one process): every process holds the whole model and optimizer state; gradients are
-    summed with ``Dist.sum_grads``; the full views are the live objects."""
+    summed with ``Dist.sum_grads``; the full views are the live objects. It defines the strategies' interface
+    (``fsdp.Sharded`` is the other): a method that gathers under fsdp is a collective, every process calls it."""
 
     name = "ddp"
 
@@ -138,25 +139,32 @@ class Replicated:
         self.dist = dist
 
     def wrap(self, model: nn.Module, *, template: bool = True) -> nn.Module:
+        """The model as the processes hold it (before anything takes its parameters)."""
         return model
 
     def reduce_grads(self, params: Iterable[nn.Parameter]) -> None:
+        """After the backward pass: every ``.grad`` becomes (its share of) the sum over processes."""
         self.dist.sum_grads(list(params))
 
     def full_grads(self, named: dict[str, nn.Parameter]) -> dict[str, Tensor]:
+        """Each parameter's gradient in full, by name (zeros where it has none)."""
         return {k: p.grad.detach() if p.grad is not None else torch.zeros_like(p) for k, p in named.items()}
 
     def set_grads(self, named: dict[str, nn.Parameter], grads: dict[str, Tensor]) -> None:
+        """Replace each parameter's gradient by the full tensor given."""
         for k, p in named.items():
             p.grad = grads[k].to(p.dtype)
 
     def grad_norm(self, params: Iterable[nn.Parameter]) -> Tensor:
+        """The global 2-norm of the gradients."""
         return _total_norm(params)
 
     def clip(self, params: list[nn.Parameter], max_norm: float) -> Tensor:
+        """``clip_grad_norm_``: the norm before clipping."""
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     def all_finite(self, params: Iterable[nn.Parameter]) -> bool:
+        """Whether every parameter is finite (every process gets the same answer)."""
         from .guard import params_finite
 
         return params_finite(params)
@@ -167,21 +175,26 @@ class Replicated:
 
     @contextlib.contextmanager
     def full_model(self, model: nn.Module, *, main_only: bool = False) -> Iterator[nn.Module | None]:
+        """A plain module with the full parameters (``main_only``: on rank 0, the others get None)."""
         yield model if self.dist.main or not main_only else None
 
     @contextlib.contextmanager
     def full_view(self, model: nn.Module, optimizer: torch.optim.Optimizer, shared: dict[str, nn.Parameter], *,
                   main_only: bool = False) -> Iterator[FullView | None]:
+        """The model, θ_S (``shared``: the trainer's dict) and the optimizer's state on it in full (``FullView``)."""
         yield FullView(model, shared, optimizer) if self.dist.main or not main_only else None
 
     def model_state(self, model: nn.Module) -> dict[str, Tensor]:
+        """The full ``state_dict`` (the checkpoint's; under fsdp on rank 0 alone)."""
         return model.state_dict()
 
     def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer's full ``state_dict`` (the checkpoint's; under fsdp on rank 0 alone)."""
         return optimizer.state_dict()
 
     def load_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict[str, Tensor],
                    optim_sd: dict[str, Any]) -> None:
+        """Load the full states ``model_state`` and ``optimizer_state`` gave."""
         model.load_state_dict(model_sd)
         optimizer.load_state_dict(optim_sd)
 
@@ -200,7 +213,7 @@ def init_from_env(device: torch.device, strategy: str = "ddp") -> Dist:
     """Join the process group ``torchrun`` describes (WORLD_SIZE > 1; with ``strategy`` fsdp also a group of one,
     so that FSDP2 runs as it would on more), else a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 and not (strategy == "fsdp" and "MASTER_ADDR" in os.environ):
+    if world <= 1 and not (strategy == "fsdp" and "WORLD_SIZE" in os.environ):
         return Dist()
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"

@@ -34,8 +34,10 @@ DTensor returns this process's partial value without a word (measured, torch 2.1
 
 Memory under fsdp, per process (P = parameters, S = θ_S, in the model's dtype unless said):
 
-* training: ≈ (P + P grads + 2P AdamW state) / world, plus one layer group unsharded at a time and the activations
-  of the process's rows;
+* loading: P (every process reads the checkpoint in full, then keeps its shard; initialising on the meta device and
+  loading on rank 0 alone would avoid it);
+* training: ≈ (P + P grads + 2P AdamW state) / world, plus one layer group unsharded at a time (the root's group, with
+  the embeddings and the head, for the whole forward) and the activations of the process's rows;
 * a rollout or an evaluation: + P (the plain copy, freed after);
 * a step whose rule differentiates the model (real, adam_step, fisher) or a probe step: + P (copy) + 2S (exp_avg,
   exp_avg_sq in full), plus what the probe holds as on one process (its directions, the copy in the probe's dtype

@@ -9,10 +9,12 @@ reduction, and the functional gather without ``Partial()``, each fail the compar
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,27 +41,27 @@ CASES = {  # every coefficient rule that differentiates the model, every clip sc
 COMPARED = ("real", "fisher", "cosine")
 
 
-def _float64_trainers() -> None:
-    """Trainers load their model in float64 (the checkpoint is float32), with RMSNorm and attention's softmax in
-    float64 too (``models.precision``: transformers rounds them to float32, which turns the last-bit differences of
-    another batch shape into float32 ones)."""
+@contextlib.contextmanager
+def _float64() -> Iterator[None]:
+    """Trainers (RL and SFT) build their model in float64 (the checkpoint is float32), with RMSNorm and attention's
+    softmax in float64 too (``models.precision``: transformers rounds them to float32, which turns the last-bit
+    differences of another batch shape into float32 ones). Undone on exit (the other tests' models stay float32)."""
     from transformers.models.qwen2 import modeling_qwen2
 
     import occ_theory.train.rl as rl
+    import occ_theory.train.sft as sft
     from occ_theory.models.precision import EXACT_EAGER, _exact_rms_norm
 
-    original = rl.load_any
-    if getattr(original, "float64", False):
-        return
-    modeling_qwen2.Qwen2RMSNorm.forward = _exact_rms_norm
-
-    def load_any(*args, **kwargs):
-        model, tok = original(*args, **kwargs)
+    def exact(model):
         model.trunk.config._attn_implementation = EXACT_EAGER
-        return model.double(), tok
+        return model.double()
 
-    load_any.float64 = True
-    rl.load_any = load_any
+    load_any, build_model = rl.load_any, sft.build_model
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(modeling_qwen2.Qwen2RMSNorm, "forward", _exact_rms_norm)
+        m.setattr(rl, "load_any", lambda *a, **k: (lambda mt: (exact(mt[0]), mt[1]))(load_any(*a, **k)))
+        m.setattr(sft, "build_model", lambda *a, **k: exact(build_model(*a, **k)))
+        yield
 
 
 def _config(ckpt: Path, case: str, strategy: str, *extra: str):
@@ -119,16 +121,16 @@ def _worker(rank: int, world: int, init: str, ckpt: str, tmp: str) -> None:
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
-        _float64_trainers()
-        batches = [RLBatch.from_tensors(b) for b in torch.load(Path(tmp) / "batches.pt", weights_only=True)]
-        for strategy, cases, resume in PLAN:
-            res = _run(Path(ckpt), Path(tmp), strategy, Dist(rank, world), batches, cases, resume)
+        with _float64():
+            batches = [RLBatch.from_tensors(b) for b in torch.load(Path(tmp) / "batches.pt", weights_only=True)]
+            for strategy, cases, resume in PLAN:
+                res = _run(Path(ckpt), Path(tmp), strategy, Dist(rank, world), batches, cases, resume)
+                if rank == 0:
+                    torch.save(res, Path(tmp) / f"{strategy}.pt")
+            controls = _controls(Path(ckpt), batches[0], Dist(rank, world))
             if rank == 0:
-                torch.save(res, Path(tmp) / f"{strategy}.pt")
-        controls = _controls(Path(ckpt), batches[0], Dist(rank, world))
-        if rank == 0:
-            torch.save(controls, Path(tmp) / "controls.pt")
-        tdist.barrier()
+                torch.save(controls, Path(tmp) / "controls.pt")
+            tdist.barrier()
     finally:
         tdist.destroy_process_group()
 
@@ -140,12 +142,12 @@ def runs(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("fsdp")
     ckpt = make_checkpoint(tmp / "ck")
-    _float64_trainers()
-    tr = _trainer(ckpt, tmp / "batches", "fisher", "ddp", Dist())  # its KL reference fills ref_logp
-    batch, _ = tr.rollout()
-    batches = [with_signal(tr, batch, seed=i, noise=0.02) for i in range(STEPS)]
-    torch.save([b.tensors() for b in batches], tmp / "batches.pt")
-    one = _run(ckpt, tmp, "ddp", Dist(), batches, COMPARED)
+    with _float64():
+        tr = _trainer(ckpt, tmp / "batches", "fisher", "ddp", Dist())  # its KL reference fills ref_logp
+        batch, _ = tr.rollout()
+        batches = [with_signal(tr, batch, seed=i, noise=0.02) for i in range(STEPS)]
+        torch.save([b.tensors() for b in batches], tmp / "batches.pt")
+        one = _run(ckpt, tmp, "ddp", Dist(), batches, COMPARED)
     mp.spawn(_worker, args=(WORLD, str(tmp / "init"), str(ckpt), str(tmp)), nprocs=WORLD, join=True)
     two = {strategy: torch.load(tmp / f"{strategy}.pt", weights_only=False) for strategy, *_ in PLAN}
     return {"one": one, **two, "controls": torch.load(tmp / "controls.pt", weights_only=False), "ckpt": ckpt,
@@ -265,7 +267,8 @@ def _reprobe(runs, bundle: Path) -> dict:
     from occ_theory.diagnostics.bundle import load_bundle, probe_from_bundle
     from occ_theory.models import load_model
 
-    return probe_from_bundle(load_bundle(bundle), load_model(runs["ckpt"]).double()).record
+    with _float64():
+        return probe_from_bundle(load_bundle(bundle), load_model(runs["ckpt"]).double()).record
 
 
 def _from_json(v):
@@ -352,7 +355,8 @@ def test_negative_controls_fsdp_mean_reduction_and_a_gather_without_partial_drop
     names = set(out["partial_True"])
     J = lambda p: compute_objectives(model, batch, ObjectiveSpec.for_regime("policy"), params=p,  # noqa: E731
                                      with_mtp=False).rl_objective
-    want = grad(J, {k: p.detach() for k, p in model.named_parameters() if k in names})[1]
+    with _float64():
+        want = grad(J, {k: p.detach() for k, p in model.named_parameters() if k in names})[1]
 
     def err(got: dict) -> float:
         return max(float((got[k] - w).abs().max() / w.abs().max().clamp_min(1e-30)) for k, w in want.items())
@@ -413,27 +417,6 @@ SFT = ["model.family=qwen2", "model.hidden_size=32", "model.intermediate_size=64
        "eval.max_new_tokens=4", "task.suites=[addition]", "threads=1"]
 
 
-def _float64_sft() -> None:
-    """SFT builds its model in float64, with exact RMSNorm and attention (as ``_float64_trainers``)."""
-    from transformers.models.qwen2 import modeling_qwen2
-
-    import occ_theory.train.sft as sft
-    from occ_theory.models.precision import EXACT_EAGER, _exact_rms_norm
-
-    original = sft.build_model
-    if getattr(original, "float64", False):
-        return
-    modeling_qwen2.Qwen2RMSNorm.forward = _exact_rms_norm
-
-    def build_model(*args, **kwargs):
-        model = original(*args, **kwargs)
-        model.trunk.config._attn_implementation = EXACT_EAGER
-        return model.double()
-
-    build_model.float64 = True
-    sft.build_model = build_model
-
-
 def _sft(tmp: Path, strategy: str, dist) -> dict:
     """Three SFT steps (the third from the checkpoint after the second, in a fresh run) and the weights."""
     from occ_theory.train.config import load_config
@@ -463,12 +446,12 @@ def _sft_worker(rank: int, world: int, init: str, tmp: str) -> None:
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
-        _float64_sft()
-        for strategy in ("ddp", "fsdp"):
-            res = _sft(Path(tmp), strategy, Dist(rank, world))
-            if rank == 0:
-                torch.save(res, Path(tmp) / f"sft_{strategy}.pt")
-        tdist.barrier()
+        with _float64():
+            for strategy in ("ddp", "fsdp"):
+                res = _sft(Path(tmp), strategy, Dist(rank, world))
+                if rank == 0:
+                    torch.save(res, Path(tmp) / f"sft_{strategy}.pt")
+            tdist.barrier()
     finally:
         tdist.destroy_process_group()
 
@@ -479,8 +462,8 @@ def test_sft_under_fsdp_and_ddp_equals_one_process_and_resumes(tmp_path):
     written under fsdp resumes to the same step."""
     from occ_theory.train.dist import Dist
 
-    _float64_sft()
-    one = _sft(tmp_path, "ddp", Dist())
+    with _float64():
+        one = _sft(tmp_path, "ddp", Dist())
     mp.spawn(_sft_worker, args=(WORLD, str(tmp_path / "init_sft"), str(tmp_path)), nprocs=WORLD, join=True)
     for strategy in ("ddp", "fsdp"):
         two = torch.load(tmp_path / f"sft_{strategy}.pt", weights_only=False)

@@ -132,6 +132,8 @@ def real_step_record(alpha: float, beta: float, lam_star: float, step: int, rng:
     out |= {"diag/adam_real/alpha": alpha, "diag/adam_real/beta": beta if not flat else -1e-9,
             "diag/adam_real/lambda_star": real_star, "diag/adam_real/lambda_star_clamped": real_star,
             "diag/adam_real/clip_active": bool(step % 3 == 0), "diag/adam_real/clip_factor": 1.0,
+            # detach's probes: the clip factor at the λ used differs from λ = 0's (θ_M's gradient in the norm) in most
+            "diag/adam_real/clip_factor_at_used": 0.9 if flat and step % 5 else 1.0,
             "diag/adam_real/delta_at_lambda_star": real(real_star), "diag/adam_real_noclip/lambda_star": real_star,
             "diag/adam_real/delta_at_lambda_star_noclip": real(real_star), "diag/adam_real/alpha_rel_err": 0.01,
             "diag/adam_real/beta_rel_err": 0.02, "diag/real_beta/clip_share": 0.6, "diag/real_beta/vhat_share": 0.3,

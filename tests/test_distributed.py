@@ -22,7 +22,8 @@ from occ_theory.train.dist import Dist
 from occ_theory.train.rl import RLTrainer
 from occ_theory.train.run import RunContext
 
-SETTINGS = ProbeSettings(dtype="float64", curve_points=5, bootstrap=0, taylor_halvings=2)
+SETTINGS = ProbeSettings(dtype="float64", curve_points=5, bootstrap=0, taylor_halvings=2,
+                         fisher_all_geometries=True)  # β_F in every geometry, each compared across processes
 SPEC = ObjectiveSpec.for_regime("policy")
 COEF = Coefficient(0.1, "fixed", 0.1)
 

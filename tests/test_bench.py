@@ -24,7 +24,8 @@ def test_quick_step_and_rollout_write_json_with_ratios_and_targets_and_a_markdow
     geometry = "one more geometry (4 geometries vs 3 geometries)"
     rules = {"real", "adam_step", "cosine", "cosine_weighted", "pcgrad", "upgrad"}
     assert set(rows) == {"detach", "occ/reference", "occ/least_squares", "occ/fisher", "policy", "policy+diagnostics",
-                         geometry, "run, no probes", "run + probes every 4"} | rules
+                         geometry, "run, no probes", "run + probes every 4",
+                         "run + probes every 4 with the real step"} | rules
     for name in rules:
         assert rows[name]["vs"] == "detach" and rows[name]["ratio"] > 0 and rows[name]["target"] is None
     assert rows[geometry]["target"] == "<= 1" and rows[geometry]["ratio"] > 0
@@ -137,3 +138,18 @@ def test_report_pieces():
                              memory={"peak_rss_mb": 10.0})
     text = common.render(res)
     assert "## x" in text and "fits:" in text and "* why" in text and "peak_rss_mb 10" in text
+
+
+def test_the_whole_run_rows_run_two_rounds_in_the_same_folder(tmp_path):
+    """The full mode's whole-run rows: every round a fresh run in the same run directory (round 2 once crashed on
+    the directory round 1 left), the default probe against no probes with the target, the real step's beside it."""
+    from rl_fixtures import make_checkpoint
+
+    from occ_theory.bench.step import RUN_TARGET, _run_rows
+
+    rows = {r["contender"]: r for r in _run_rows(make_checkpoint(tmp_path / "ck"), tmp_path, 1, 2, 4, 2)}
+    assert list(rows) == ["run, no probes", "run + probes every 2", "run + probes every 2 with the real step"]
+    assert all(r["calls"] == 2 and r["median_ms"] > 0 for r in rows.values())
+    assert rows["run + probes every 2"]["target"] == f"<= {RUN_TARGET:g}"
+    assert rows["run + probes every 2 with the real step"]["target"] is None
+    assert rows["run + probes every 2 with the real step"]["vs"] == "run, no probes"

@@ -29,7 +29,7 @@ from occ_theory.rl.batch import RLBatch
 WORLD = 2
 STEPS = 3
 PROBE = ("diag.every=0", "diag.at=[3]", "diag.first=true", "diag.dtype=float64", "diag.bootstrap=0",
-         "diag.curve_points=5", "diag.taylor_halvings=1", "diag.optimum_per_decade=2",
+         "diag.curve_points=5", "diag.taylor_halvings=1", "diag.optimum_per_decade=2", "diag.stationary=true",
          "rl.lr=3e-3")
 CASES = {  # every coefficient rule that differentiates the model, every clip scope, the KL reference, a θ_S edit
     "real": ("real", "rl.clip_scope=separate", "rl.grad_clip=0.05", "diag.curve_real_step=true"),

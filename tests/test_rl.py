@@ -394,7 +394,7 @@ def test_adam_stationary_buffers_are_the_bias_corrected_ema_of_g_and_u(ckpt, tmp
     from occ_theory.rl.batch import compute_objectives
     from occ_theory.theory import grad
 
-    tr = _trainer(ckpt, tmp_path, "policy", "diag.every=100", "rl.steps=100")  # tracked, never probed here
+    tr = _trainer(ckpt, tmp_path, "policy", "diag.every=100", "rl.steps=100", "diag.stationary=true")  # not probed
     batch, _ = tr.rollout()
     b1 = tr.rc.betas[0]
     m_g = m_u = None
@@ -418,7 +418,7 @@ def test_probe_measures_every_geometry_against_the_real_step(ckpt, tmp_path):
     """Second step (Adam has state, momentum tracked): sgd, adam, adam_step, adam_stationary all logged with
     their geometry in the key; C in SGD geometry is gᵀu; the real-step curves and each geometry's errors exist."""
     tr = _trainer(ckpt, tmp_path, "policy", "diag.at=[2]", "diag.every=0", "diag.curve_real_step=true",
-                  "diag.curve_points=5", "diag.bootstrap=0", "diag.taylor_halvings=0")
+                  "diag.curve_points=5", "diag.bootstrap=0", "diag.taylor_halvings=0", "diag.stationary=true")
     batch, _ = tr.rollout()
     first, second = (with_signal(tr, mb) for mb in batch.split(2))
     tr.train_step(first, first_after_rollout=True)

@@ -14,8 +14,9 @@ one trainer per contender loaded from the same checkpoint. Two interleaved group
   detach: their cost per step, reported without a target;
 * the marginal cost of one more geometry (``decompose_steps`` with four geometries against three,
   in gradients of J): target ≤ 1;
-* a whole ``policy`` run (40 steps; 8 with ``--quick``) with probes every 25 steps (4) (default probe settings, bundles,
-  real-step curves) against the same run without probes, side by side: target ≤ 1.5.
+* a whole ``policy`` run (40 steps; 8 with ``--quick``) with probes every 25 steps (4) (default probe settings and
+  bundles) against the same run without probes, side by side: target ≤ 1.5; and with the real step's curves and
+  optimum too (``diag.curve_real_step``, the ground truth), without a target.
 
 Two warm-up steps first, so Adam has state and the Adam-geometry decomposition runs. Every call
 is a real step: each trainer's model moves on, all by the same number of steps.
@@ -147,9 +148,10 @@ def _run_rows(ckpt: Path, d: Path, threads: int, rounds: int, steps: int, every:
 
     base = [f"rl.init={ckpt}", "rl.regime=policy", f"rl.steps={steps}", f"threads={threads}", "rl.eval_every=0",
             "eval.size=1", "eval.samples=1"]
-    probed = f"run + probes every {every}"
-    variants = {"run, no probes": ["diag.every=0", "diag.first=false"],
-                probed: [f"diag.every={every}", "diag.curve_real_step=true"]}
+    probed = f"run + probes every {every}"  # the default probe (the target's row)
+    real = f"run + probes every {every} with the real step"  # diag.curve_real_step: the ground truth, no target
+    variants = {"run, no probes": ["diag.every=0", "diag.first=false"], probed: [f"diag.every={every}"],
+                real: [f"diag.every={every}", "diag.curve_real_step=true"]}
 
     def run(name: str) -> Any:
         out = d / "runs" / name.replace(" ", "_").replace("+", "and")
@@ -163,7 +165,8 @@ def _run_rows(ckpt: Path, d: Path, threads: int, rounds: int, steps: int, every:
     s = interleave({k: run(k) for k in variants}, rounds=rounds, warmup=0, memory=False, progress="step/run")
     plain = s["run, no probes"]
     return [_row("run, no probes", plain, None, "", RUN_TARGET) | {"regime": "policy"},
-            _row(probed, s[probed], plain, "run, no probes", RUN_TARGET) | {"regime": "policy"}]
+            _row(probed, s[probed], plain, "run, no probes", RUN_TARGET) | {"regime": "policy"},
+            _row(real, s[real], plain, "run, no probes", None) | {"regime": "policy"}]
 
 
 def _notes(mb: Any, diag: Samples) -> list[str]:

@@ -54,7 +54,8 @@ class StepDiagnostics:
         self.bundle_dir = bundle_dir if diag.probes else None
         self.heldout = heldout if diag.curve_heldout else None
         beta1 = optimizer.param_groups[0].get("betas", (0.9, 0.999))[0]
-        self.recorder = GradientRecorder(model, beta1, track_momentum=enabled and bool(self.schedule.steps))
+        self.recorder = GradientRecorder(model, beta1, track_momentum=enabled and getattr(diag, "stationary", False)
+                                         and bool(self.schedule.steps))
 
     def due(self, step: int) -> bool:
         return self.schedule is not None and step in self.schedule

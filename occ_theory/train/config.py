@@ -225,6 +225,11 @@ class DiagConfig(ProbeFields):
     """Save a probe bundle (what `occ probe` needs) on every diagnosed step."""
     curve_heldout: bool = False
     """Also evaluate the curve on a held-out batch of fresh rollouts."""
+    stationary: bool = False
+    """Track the momentum buffers of g and u on every step for the ``adam_stationary`` geometry. It needs u = ∇M on θ_S
+    on every step, probed or not: one more backward of M through the trunk, about 1.6× the plain step of a regime
+    whose MTP gradient stops at the trunk (``occ bench step``). Off, the probe has the other four geometries and runs
+    pay only at probed steps."""
     bundle_only: bool = False
     """On a diagnosed step write the probe bundle but skip the online probe (and so identity 3 and the diag/…
     record): for a run whose probe does not fit its devices (the probe holds the whole θ_S and its directions on

@@ -6,9 +6,10 @@ one trainer per contender loaded from the same checkpoint. Two interleaved group
 
 * ``detach`` and ``occ`` with each proxy (``reference``, ``least_squares``, ``fisher``): the ratio
   occ/detach is the paper's "negligible cost" claim (target ≤ 1.03);
-* ``policy`` plain and ``policy`` with the diagnostics forced on every step (momentum buffers, the
-  four affine geometries on one kept gradient graph with the curve geometry's Q_F, adam_real, identity 3, an
-  8-point λ-curve; no bootstrap, Taylor halvings, real-step curves or probe bundles): target ≤ 8; the probe's
+* ``policy`` plain and ``policy`` with the diagnostics forced on every step (the default probe: the three affine
+  geometries sgd, adam, adam_step on one kept gradient graph with the curve geometry's Q_F, adam_real, identity 3, an
+  8-point λ-curve; no bootstrap, Taylor halvings, real-step curves, probe bundles or ``diag.stationary``): target ≤ 8;
+  the probe's
   own cost profile per quantity (``perf/probe/<name>_s``) is written beside it;
 * the other coefficient rules (``real``, ``adam_step``, ``cosine``, ``cosine_weighted``, ``pcgrad``, ``upgrad``) against
   detach: their cost per step, reported without a target;
@@ -248,7 +249,8 @@ def _explain_diagnostics(fn: Any, row: dict[str, Any], plain: Samples, calls: in
     return (f"policy+diagnostics misses ({row['ratio']:.1f}× the plain step's {unit:.0f} ms). Profile per step: "
             f"{describe_phases(phases)}. The probe's own profile (exclusive, per quantity and shared intermediate): "
             f"{profile}. The floor: the directions (one forward for J and M, u with θ_M's gradient from one "
-            "backward, g from another that keeps its graph), one HVP per affine geometry on that graph (four: "
-            "sgd, adam, adam_step, adam_stationary; each about one plain step), the Fisher JVP of the curve's "
-            "geometry, adam_real (a gradient and an HVP of J at θ⁺(0), another point), the curve's forwards, and u "
-            "on the live graph every step for adam_stationary's momentum buffers.")
+            "backward, g from another that keeps its graph: about 1.3 plain steps), one HVP per affine geometry on "
+            "that graph (sgd, adam, adam_step; a double backward, about 1.9 gradients of J each), adam_real (a "
+            "gradient and an HVP of J at θ⁺(0), another point: about 2.5 plain steps), together about 8 plain steps "
+            "before the curve's forwards and the Fisher JVP of the curve's geometry; diag.stationary adds a fourth "
+            "geometry and u on the live graph every step.")

@@ -286,6 +286,9 @@ def _figures_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-cost", type=Path, default=None, metavar="FILE",
                    help="occ cost's interleaved step times, claim 6's design (default: step_cost.json in the "
                         "runs' common parent folder, when there)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out a run that cannot be read (a bad config.yaml, probes file or eval.json) and name "
+                        "it in the report, instead of stopping")
 
 
 def _figures(args: argparse.Namespace) -> int:
@@ -296,7 +299,7 @@ def _figures(args: argparse.Namespace) -> int:
     if args.out is not None:
         check_output_dir(args.out, "--out")
     print(write_report(args.run_dirs, args.out, pdf=args.pdf, probes_file=args.probes, force=args.force,
-                       step_cost=args.step_cost))
+                       step_cost=args.step_cost, skip_bad=args.skip_bad))
     return 0
 
 

@@ -173,6 +173,11 @@ def test_a_broken_run_stops_the_report_in_one_line_unless_skipped_and_is_named(t
     assert any(p["run"] == "synthetic__detach__1" and "cut off" in p["why"] for p in s["partial"])
     text = (tmp_path / "out" / "summary.md").read_text()
     assert "Left out (cannot be read)" in text and "headless" in text and "Partial" in text
+    from occ_theory.cli import main  # the same through occ figures
+
+    assert main(["figures", str(runs), "--out", str(tmp_path / "cli")]) == 2 and not (tmp_path / "cli").exists()
+    assert main(["figures", str(runs), "--out", str(tmp_path / "cli"), "--skip-bad"]) == 0
+    assert "synthetic__occ__1" in (tmp_path / "cli" / "summary.md").read_text()
 
 
 def test_the_most_complete_copy_of_a_run_is_the_one_counted(tmp_path):

@@ -96,7 +96,7 @@ def test_the_fisher_rule_is_bounded_and_waits_for_the_optimizer_state():
 def test_the_renamed_oracle_regime_says_what_it_is_now():
     from occ_theory.train.config import load_config
 
-    with pytest.raises(ValueError, match="'oracle' is now 'adam_step'.*'real'"):
+    with pytest.raises(ValueError, match=r"'oracle' is now 'adam_step'.*'real'"):
         load_config(None, ["rl.regime=oracle"])
 
 

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import yaml
-from rl_fixtures import make_checkpoint
 
 from occ_theory.models import ModelConfig, load_any, load_pretrained
 from occ_theory.models.config import DEFAULT_MTP_INIT, TINY
@@ -148,12 +147,3 @@ def test_sft_rl_and_eval_take_threads_as_the_config_key(tmp_path):
     assert load_config(None, _overrides(args)).threads == 3
     with pytest.raises(SystemExit):
         build_parser().parse_args(["rl", "--threads", "0"])
-
-
-def test_bench_step_whole_run_row_over_two_rounds(tmp_path):
-    from occ_theory.bench.step import RUN_TARGET, _run_rows
-
-    ckpt = make_checkpoint(tmp_path / "ckpt")
-    rows = _run_rows(ckpt, tmp_path, threads=1, rounds=2, steps=2, every=1)
-    assert [r["calls"] for r in rows] == [2, 2] and rows[1]["vs"] == "run, no probes"
-    assert rows[1]["target"] == f"<= {RUN_TARGET:g}" and rows[1]["ratio"] > 0

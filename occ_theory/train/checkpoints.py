@@ -28,6 +28,35 @@ def checkpoint_files(d: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def save_checkpoint_file(state: dict[str, Any], run_dir: Path, step: int, keep: int, main: bool) -> Path:
+    """``checkpoints/step_N.pt`` of ``run_dir``, written atomically by the main process (the others have already
+    taken part in gathering ``state``), then all but the newest ``keep`` removed; its path on every process."""
+    from ..atomic import atomic_torch_save
+
+    d = Path(run_dir) / "checkpoints"
+    path = d / f"step_{step:06d}.pt"
+    if main:
+        atomic_torch_save(state, path)
+        for old in checkpoint_files(d)[:-keep]:
+            old.unlink()
+    return path
+
+
+def read_checkpoint_file(path: Path, fmt: str, what: str) -> dict[str, Any]:
+    """A checkpoint file's state dict (tensors on the CPU), refused in one line when it cannot be read or is not
+    a ``fmt`` checkpoint (``what`` names the kind: ``"RL"``, ``"SFT"``)."""
+    import torch
+
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = next(iter(str(e).strip().splitlines()), "")  # torch's unpickling errors run to many lines
+        raise ValueError(f"checkpoint {path} is corrupt or unreadable: {type(e).__name__}: {first}") from e
+    if not isinstance(st, dict) or st.get("format") != fmt:
+        raise ValueError(f"{path} is not an occ_theory {what} checkpoint")
+    return st
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     d = Path(run_dir) / "checkpoints"
     if not d.is_dir():

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import atomic_torch_save, atomic_write_text
+from ..atomic import atomic_write_text
 from ..diagnostics.recorder import wide
 from ..diagnostics.step import StepDiagnostics
 from ..errors import BadStepsError, Diverged, Interrupted
@@ -69,10 +69,11 @@ from ..rl.coef import (
 from ..rl.objectives import entropy_from_logits, mtp_objective
 from ..rl.sampler import NonFiniteLogitsError, generate
 from .checkpoints import (
-    checkpoint_files,
     completed_steps,
     drop_checkpoints,
     latest_checkpoint,
+    read_checkpoint_file,
+    save_checkpoint_file,
     truncate_metrics,
     write_failed,
 )
@@ -493,23 +494,11 @@ class RLTrainer:
                 "bad_in_row": self.guard.in_row, "bad_total": self.guard.total}
 
     def save_checkpoint(self) -> Path:
-        d = self.ctx.run_dir / "checkpoints"
-        path = d / f"step_{self.step:06d}.pt"
         state = self.checkpoint_state()  # collective: every process takes part
-        if not self.dist.main:
-            return path
-        atomic_torch_save(state, path)
-        for old in checkpoint_files(d)[:-self.rc.keep_checkpoints]:
-            old.unlink()
-        return path
+        return save_checkpoint_file(state, self.ctx.run_dir, self.step, self.rc.keep_checkpoints, self.dist.main)
 
     def load_checkpoint(self, path: Path) -> None:
-        try:
-            st = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"checkpoint {path} is corrupt or unreadable: {type(e).__name__}: {e}") from e
-        if not isinstance(st, dict) or st.get("format") != "occ_theory.rl_checkpoint":
-            raise ValueError(f"{path} is not an occ_theory RL checkpoint")
+        st = read_checkpoint_file(path, "occ_theory.rl_checkpoint", "RL")
         try:
             self.strategy.load_state(self.model, self.optimizer, st["model"], st["optimizer"])
             if "lr_schedule" in st:  # checkpoints before the warm-up setting have none (constant lr)

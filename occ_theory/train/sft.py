@@ -49,13 +49,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..atomic import atomic_torch_save, atomic_write_text
+from ..atomic import atomic_write_text
 from ..errors import Interrupted, RunStopped
 from ..models import align_logprobs, build_model, build_tokenizer, load_tokenizer, save_model
 from ..rl.objectives import token_mean
 from ..rl.sampler import generate
 from ..tasks import Problem
-from .checkpoints import checkpoint_files, drop_checkpoints, latest_checkpoint, truncate_metrics, write_failed
+from .checkpoints import (
+    drop_checkpoints,
+    latest_checkpoint,
+    read_checkpoint_file,
+    save_checkpoint_file,
+    truncate_metrics,
+    write_failed,
+)
 from .config import Config, load_config
 from .dist import Dist, init_from_env, leave, make_strategy
 from .evaluate import mtp_agreement, prompt_ids, tasks_for
@@ -334,22 +341,10 @@ class SFTRun:
 
     def save_checkpoint(self) -> Path:
         """``checkpoints/step_N.pt`` (atomic, by rank 0; every process takes part); only the latest is kept."""
-        d = self.ctx.run_dir / "checkpoints"
-        path = d / f"step_{self.step:06d}.pt"
-        state = self.checkpoint_state()
-        if self.dist.main:
-            atomic_torch_save(state, path)
-            for old in checkpoint_files(d)[:-1]:
-                old.unlink()
-        return path
+        return save_checkpoint_file(self.checkpoint_state(), self.ctx.run_dir, self.step, 1, self.dist.main)
 
     def load_checkpoint(self, path: Path) -> None:
-        try:
-            st = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"checkpoint {path} is corrupt or unreadable: {type(e).__name__}") from e
-        if not isinstance(st, dict) or st.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not an occ_theory SFT checkpoint")
+        st = read_checkpoint_file(path, CHECKPOINT_FORMAT, "SFT")
         gens = st.get("sample_gens", [st["sample_gen"]])  # checkpoints of one process hold sample_gen alone
         if len(gens) != self.dist.world:
             raise ValueError(f"checkpoint {path} was written by {len(gens)} processes, this run has {self.dist.world}")

@@ -12,8 +12,12 @@
 #          held-out evaluation is the negative-control arm `sft` of claim 4
 #   JOBS   runs at a time (default 2)
 #   FIG    where the report goes (default figures; --force replaces it, figures/calibration/ is kept)
-#   FINISHED_ONLY  1: run nothing; the report from the runs that finished (eval.json, and probes.parquet when
+#   FINISHED_ONLY  1: run nothing; the report from the runs that finished (eval.json, and the probes' table when
 #          they probed), e.g. after stopping the experiment part-way
+#   REPROBE  a file name (e.g. probes_final.parquet): each finished run's probes recomputed from its bundles by this
+#          version of the toolkit into RUN/REPROBE (3-5 min a run), and the report read from it; for runs trained by
+#          an earlier version, whose online values lack keys this version's analysis reads. Default: the values each
+#          run computed online (probes.parquet, seconds; the same numbers when the versions agree)
 set -euo pipefail
 OUT=${1:-runs/reference}
 # detach is the baseline (off trains the policy identically) and detach/separate its clip remedy (θ_S and θ_M clipped
@@ -27,6 +31,8 @@ MORE_ARMS=${MORE_ARMS:-"detach occ/reference real"}
 SFT=${SFT:-$OUT/sft}
 JOBS=${JOBS:-2}
 FIG=${FIG:-figures}
+REPROBE=${REPROBE:-}
+PROBES=${REPROBE:-probes.parquet}
 mkdir -p "$OUT"
 [ -f "$SFT/checkpoint/occ_model.json" ] || occ sft --config tiny --out "$SFT"
 # the SFT checkpoint's held-out accuracy, with the RL runs' eval settings: the baseline of every gain
@@ -49,13 +55,15 @@ run_one() {  # one arm and seed: train (or resume), then collect its probes (set
   fi
   # the probes' table: the values the run computed online, collected (occ probe without --online recomputes them)
   if [ -d "$run/probes" ] && [ ! -f "$run/probes.parquet" ]; then occ probe "$run" --online || return 1; fi
+  if [ -n "$REPROBE" ] && [ -d "$run/probes" ] && [ ! -f "$run/$REPROBE" ]; then
+    occ probe "$run" --probes "$REPROBE" || return 1; fi
 }
 
 if [ "${FINISHED_ONLY:-0}" = 1 ]; then
   runs=()
   for d in "$OUT"/*/; do
     d=${d%/}
-    [ -f "$d/eval.json" ] && { [ ! -d "$d/probes" ] || [ -f "$d/probes.parquet" ]; } && runs+=("$d")
+    [ -f "$d/eval.json" ] && { [ ! -d "$d/probes" ] || [ -f "$d/$PROBES" ]; } && runs+=("$d")
   done
   [ "${#runs[@]}" -gt 0 ] || { echo "no finished run in $OUT" >&2; exit 1; }
   echo "report from ${#runs[@]} finished runs"
@@ -79,7 +87,7 @@ fi
 
 # claim 6: one optimizer step of each arm timed round-robin on one minibatch (occ cost; about 3 min), once
 [ -f "$OUT/step_cost.json" ] || occ cost "${runs[@]}" --rounds 60 --json "$OUT/step_cost.json"
-occ figures "${runs[@]}" --out "$FIG" --force --step-cost "$OUT/step_cost.json"
+occ figures "${runs[@]}" --out "$FIG" --force --step-cost "$OUT/step_cost.json" --probes "$PROBES"
 # docs/results.md's tables are generated from the committed summary.json (a test checks they agree)
 if [ "$FIG" = figures ]; then python -m analysis.readme_table figures/summary.json docs/results.md
 else python -m analysis.readme_table "$FIG/summary.json"; fi

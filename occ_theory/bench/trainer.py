@@ -2,7 +2,7 @@
 
 One full step = one rollout of ``prompts_per_rollout × group_size`` responses + ``minibatches``
 optimizer steps on them. Ours: ``RLTrainer`` in regime ``off`` (no MTP: the trunk alone is
-trained), the body of its loop (rollout, l_old per minibatch, ``train_step`` per minibatch).
+trained), the body of its loop (rollout, l_old once over the rollout, ``train_step`` per minibatch).
 TRL: ``GRPOTrainer`` on ``model.trunk`` of the same checkpoint (a plain ``transformers`` model),
 offline (``HF_HUB_OFFLINE=1``; model, tokenizer and an in-memory ``datasets.Dataset`` passed as
 objects; ``report_to="none"``; a temporary ``output_dir``), with the same settings where TRL has
@@ -87,12 +87,13 @@ TRL_PHASES = {"generate, score, l_old": "trl.trainer.grpo_trainer:GRPOTrainer._g
 
 
 def our_full_step(tr: Any) -> int:
-    """One rollout + ``minibatches`` optimizer steps, as ``RLTrainer._loop`` does them; generated tokens."""
+    """One rollout + ``minibatches`` optimizer steps, as ``RLTrainer._next_rollout`` and ``_loop`` do them (l_old
+    once per rollout, over the whole batch); generated tokens."""
     batch, _ = tr.rollout()
     tr.rollouts += 1
-    minibatches = [tr.fill_old_logp(mb)[0] for mb in batch.split(tr.rc.minibatches, tr.shuffle_gen)]
-    for i, mb in enumerate(minibatches):
-        tr.train_step(mb, first_after_rollout=i == 0)
+    batch, _ = tr.fill_old_logp(batch)
+    for i, mb in enumerate(batch.split(tr.rc.minibatches, tr.shuffle_gen)):
+        tr.train_step(mb, first_after_rollout=i == 0, minibatch_index=i)
     return int(batch.response_mask.sum())
 
 

@@ -9,8 +9,7 @@ one trainer per contender loaded from the same checkpoint. Two interleaved group
 * ``policy`` plain and ``policy`` with the diagnostics forced on every step (the default probe: the three affine
   geometries sgd, adam, adam_step on one kept gradient graph with the curve geometry's Q_F, adam_real, identity 3, an
   8-point λ-curve; no bootstrap, Taylor halvings, real-step curves, probe bundles or ``diag.stationary``): target ≤ 8;
-  the probe's
-  own cost profile per quantity (``perf/probe/<name>_s``) is written beside it;
+  the probe's own cost profile per quantity (``perf/probe/<name>_s``) is written beside it;
 * the other coefficient rules (``real``, ``adam_step``, ``cosine``, ``cosine_weighted``, ``pcgrad``, ``upgrad``) against
   detach: their cost per step, reported without a target;
 * the marginal cost of one more geometry (``decompose_steps`` with four geometries against three,

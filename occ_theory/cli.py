@@ -29,7 +29,7 @@ from pathlib import Path
 from .errors import Interrupted, RunStopped
 from .names import REGIMES
 
-START_HERE = ("New here? Start with `occ quickstart` (the whole pipeline at tiny scale: about 20 minutes on a "
+START_HERE = ("New here? Start with `occ quickstart` (the whole pipeline at tiny scale: about 7 minutes on an idle "
               "2-core CPU).")
 CONFIG_HELP = ("the config: a path, or the name of one shipped with the package (tiny, tiny_rl, small, reference, "
                "smollm2, ...); `occ config NAME` prints it, every key described")
@@ -395,8 +395,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "figures": ("figures and the claim table from run directories", _figures_args, _figures),
     "cost": ("one optimizer step of each arm of an experiment, timed interleaved on one minibatch -> "
              "step_cost.json (claim 6)", _cost_args, _cost),
-    "quickstart": ("the whole pipeline at tiny scale: SFT, RL per regime, probes, eval, figures (about 20 min on "
-                   "a 2-core CPU)", _quickstart_args, _quickstart),
+    "quickstart": ("the whole pipeline at tiny scale: SFT, RL per regime, probes, eval, figures (about 7 min on an idle "
+                   "2-core CPU)", _quickstart_args, _quickstart),
     "config": ("print a config resolved, every key with its description and default: occ config tiny_rl --set "
                "rl.lr=1e-4", _config_cmd_args, _config),
     "bench": ("benchmarks: HVP cost, step cost, rollout and trainer throughput, scaling", _bench_args, _bench),

@@ -479,7 +479,7 @@ def test_every_option_has_help_and_the_examples_fit_the_command():
             if action.help != "==SUPPRESS==" and not isinstance(action, type(parser._subparsers._group_actions[0])):
                 assert action.help, (name, action.dest)
     top = " ".join(parser.format_help().split())
-    assert "about 20 minutes" in top and "minutes on a CPU" not in top
+    assert "about 7 minutes on an idle 2-core CPU" in top and "minutes on a CPU" not in top
     for name, key in (("sft", "sft."), ("rl", "rl."), ("eval", "eval.")):
         text = " ".join(commands[name].format_help().split())
         assert f"e.g. --set {key}" in text, name

@@ -83,14 +83,20 @@ def held_out_accuracy(metrics: pd.DataFrame) -> pd.Series:
 
 
 def _mean_series(ax, frame: pd.DataFrame, lines: list[tuple[str, str, str, str]]) -> bool:
-    """Each ``(label, column, colour, linestyle)`` as its mean over runs against the step; a symlog axis when
-    the values span signs and decades (returns whether it was used)."""
+    """Each ``(label, column, colour, linestyle)`` as its mean over runs against the step (linestyle ``"ring"``: open
+    rings drawn on top, for the ground truth); a symlog axis when the values span signs and decades (returns whether
+    it was used)."""
     values: list[float] = []
     for name, col, c, ls in lines:
         sp = spread(frame.assign(_v=numeric(frame, col)), "step", "_v")
-        if not sp.empty:
+        if sp.empty:
+            continue
+        if ls == "ring":  # the ground truth: open rings on top, so a model's line that lands on it stays visible
+            ax.plot(sp["step"], sp["mean"], color=c, ls="none", marker="o", ms=8, mfc="none", mew=1.4, zorder=5,
+                    label=name)
+        else:
             ax.plot(sp["step"], sp["mean"], color=c, ls=ls, marker="o", ms=3, lw=1.2, label=name)
-            values += list(sp["mean"])
+        values += list(sp["mean"])
     return symlog_if_mixed(ax, values)
 
 @figure("F1 reward over training", "run", "regime", "step", "reward/mean")
@@ -511,9 +517,9 @@ def f8_geometries(probes: pd.DataFrame, out: Path, pdf: bool = False) -> Path:
             ax.legend(fontsize=7)
         if has_opt:
             ax = row_axes[2]
-            lines = [("real optimum", REAL_OPT + "lambda", "0.5", "-")]
-            lines += [(g, _model_key(g, "lambda"), GEOMETRY_COLORS[g], "-" if g == REAL_GEOMETRY else "--")
-                      for g in geometries]
+            lines = [(g, _model_key(g, "lambda"), GEOMETRY_COLORS[g], "-" if g == REAL_GEOMETRY else "--")
+                     for g in geometries]
+            lines.append(("real optimum", REAL_OPT + "lambda", "0.3", "ring"))
             scale = " (symlog)" if _mean_series(ax, r, lines) else ""
             ax.axhline(0, color="0.7", lw=0.5)
             ax.set(xlabel="optimizer step", ylabel="λ" + scale, title=f"{name}: λ* vs the real optimum")

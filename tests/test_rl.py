@@ -414,6 +414,23 @@ def test_adam_stationary_buffers_are_the_bias_corrected_ema_of_g_and_u(ckpt, tmp
         assert float((got_u[k] - m_u[k] / c).abs().max()) <= 1e-4 * scale_u / c + 1e-9, k
 
 
+def test_without_diag_stationary_no_step_pays_for_u_and_the_probe_skips_adam_stationary(ckpt, tmp_path):
+    """The default: the momentum of u is not tracked, so an unprobed policy step takes no u (no second backward
+    through the trunk) and the probe has sgd, adam, adam_step and adam_real but not adam_stationary."""
+    tr = _trainer(ckpt, tmp_path, "policy", "diag.at=[2]", "diag.every=0", "diag.first=false", "diag.curve_points=0",
+                  "diag.bootstrap=0", "diag.taylor_halvings=0")
+    assert not tr.diagnostics.needs_mtp_grad and not tr.diagnostics.recorder.track_momentum
+    batch, _ = tr.rollout()
+    first, second = (with_signal(tr, mb) for mb in batch.split(2))
+    tr.train_step(first, first_after_rollout=True)
+    assert tr.diagnostics.recorder.momentum() is None
+    rec = tr.train_step(second, first_after_rollout=False)
+    for geo in ("sgd", "adam", "adam_step", "adam_real"):
+        assert math.isfinite(rec[f"diag/{geo}/lambda_bal" if geo != "adam_real" else "diag/adam_real/beta"]), geo
+    assert not any(k.startswith("diag/adam_stationary/") and math.isfinite(v) for k, v in rec.items()
+                   if isinstance(v, float))
+
+
 def test_probe_measures_every_geometry_against_the_real_step(ckpt, tmp_path):
     """Second step (Adam has state, momentum tracked): sgd, adam, adam_step, adam_stationary all logged with
     their geometry in the key; C in SGD geometry is gᵀu; the real-step curves and each geometry's errors exist."""

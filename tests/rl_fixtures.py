@@ -28,6 +28,15 @@ def rl_config(ckpt: Path, regime: str, *extra: str) -> Config:
         "task.suites=[addition,linear]", "threads=1", *extra])
 
 
+def rl_trainer(ckpt: Path, out_dir: Path, regime: str, *extra: str):
+    """An ``RLTrainer`` of ``rl_config(ckpt, regime, *extra)`` writing into ``out_dir``."""
+    from occ_theory.train.rl import RLTrainer
+    from occ_theory.train.run import RunContext
+
+    cfg = rl_config(ckpt, regime, *extra)
+    return RLTrainer(cfg, RunContext.create(cfg, regime, out_dir=out_dir))
+
+
 def with_signal(trainer, mb: RLBatch, seed: int = 0, noise: float = 0.05) -> RLBatch:
     """A minibatch with random advantages and an old policy slightly off the current one (ratios ≠ 1)."""
     g = torch.Generator().manual_seed(seed)

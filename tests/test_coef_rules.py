@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from rl_fixtures import make_checkpoint, rl_config, with_signal
+from rl_fixtures import make_checkpoint, rl_trainer, with_signal
 
 from occ_theory.rl.coef import SHARED_RULES, STEP_RULES, CoefficientRule, shared_update
 
@@ -115,11 +115,7 @@ def test_adam_step_rule_is_the_second_order_optimum_of_the_adam_step_by_finite_d
     from occ_theory.rl.coef import step_lambda
     from occ_theory.theory import grad
     from occ_theory.theory.step import adamw_step_directions
-    from occ_theory.train.rl import RLTrainer
-    from occ_theory.train.run import RunContext
-
-    cfg = rl_config(ckpt, "adam_step", "diag.every=0", "diag.first=false")
-    tr = RLTrainer(cfg, RunContext.create(cfg, "adam_step", out_dir=tmp_path / "o"))
+    tr = rl_trainer(ckpt, tmp_path / "o", "adam_step", "diag.every=0", "diag.first=false")
     tr.model.double()
     tr.optimizer = torch.optim.AdamW(tr.trainable, lr=tr.rc.lr, weight_decay=0.01)
     batch, _ = tr.rollout()
@@ -156,11 +152,8 @@ def test_adam_step_rule_is_the_second_order_optimum_of_the_adam_step_by_finite_d
 def test_each_rule_trains_logs_its_lambda_and_checks_identity3_with_its_weights(ckpt, tmp_path, regime):
     if regime in ("pcgrad", "upgrad"):
         pytest.importorskip("torchjd")
-    from occ_theory.train.rl import RLTrainer
-    from occ_theory.train.run import RunContext
-
-    cfg = rl_config(ckpt, regime, "diag.at=[1]", "diag.every=0", "diag.curve_points=0", "diag.taylor_halvings=0")
-    tr = RLTrainer(cfg, RunContext.create(cfg, regime, out_dir=tmp_path / regime))
+    tr = rl_trainer(ckpt, tmp_path / regime, regime, "diag.at=[1]", "diag.every=0", "diag.curve_points=0",
+                    "diag.taylor_halvings=0")
     batch, _ = tr.rollout()
     rec = tr.train_step(with_signal(tr, batch.split(2)[0]), first_after_rollout=True)
     assert rec["lambda/rule"] == regime and math.isfinite(rec["lambda/used"]) and not rec["rl/skipped"]
@@ -173,12 +166,8 @@ def test_each_rule_trains_logs_its_lambda_and_checks_identity3_with_its_weights(
 def test_the_real_rule_applies_the_probes_adam_real_optimum(ckpt, tmp_path):
     """At a probed step the rule's λ (before the bound) is the probe's diag/adam_real/lambda_star_clamped: both expand
     the real, clipped AdamW step at the same state, the rule on the live model, the probe functionally."""
-    from occ_theory.train.rl import RLTrainer
-    from occ_theory.train.run import RunContext
-
-    cfg = rl_config(ckpt, "real", "diag.at=[2]", "diag.every=0", "diag.first=false", "diag.curve_points=0",
-                    "diag.taylor_halvings=0", "rl.grad_clip=0.5")
-    tr = RLTrainer(cfg, RunContext.create(cfg, "real", out_dir=tmp_path / "r"))
+    tr = rl_trainer(ckpt, tmp_path / "r", "real", "diag.at=[2]", "diag.every=0", "diag.first=false",
+                    "diag.curve_points=0", "diag.taylor_halvings=0", "rl.grad_clip=0.5")
     batch, _ = tr.rollout()
     first, second = (with_signal(tr, m) for m in batch.split(2))
     tr.train_step(first, first_after_rollout=True)

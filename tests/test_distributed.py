@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
-from rl_fixtures import make_checkpoint, rl_config, with_signal
+from rl_fixtures import make_checkpoint, rl_trainer, with_signal
 
 from analysis.load import read_jsonl
 from occ_theory.diagnostics.probe import OptimizerSnapshot, ProbeSettings, run_probe, shared_params
@@ -19,8 +19,6 @@ from occ_theory.rl.batch import Norms, ObjectiveSpec, RLBatch, compute_objective
 from occ_theory.rl.coef import Coefficient
 from occ_theory.theory import grad
 from occ_theory.train.dist import Dist
-from occ_theory.train.rl import RLTrainer
-from occ_theory.train.run import RunContext
 
 SETTINGS = ProbeSettings(dtype="float64", curve_points=5, bootstrap=0, taylor_halvings=2,
                          fisher_all_geometries=True)  # β_F in every geometry, each compared across processes
@@ -69,8 +67,7 @@ def _worker(rank: int, world: int, init_file: str, ckpt: str, batch_path: str, o
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     ckpt = make_checkpoint(tmp / "ck")
-    cfg = rl_config(ckpt, "policy", "rl.prompts_per_rollout=2", "rl.group_size=4", "rl.minibatches=1")
-    tr = RLTrainer(cfg, RunContext.create(cfg, "policy", out_dir=tmp / "r"))
+    tr = rl_trainer(ckpt, tmp / "r", "policy", "rl.prompts_per_rollout=2", "rl.group_size=4", "rl.minibatches=1")
     batch, _ = tr.rollout()
     whole = with_signal(tr, batch, noise=0.02)
     torch.save(whole.tensors(), tmp / "batch.pt")

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from rl_fixtures import inject_random_advantages, make_checkpoint, rl_config, with_signal
+from rl_fixtures import inject_random_advantages, make_checkpoint, rl_config, rl_trainer, with_signal
 
 import occ_theory.rl.batch as batch_mod
 from analysis.load import read_jsonl
@@ -20,7 +20,6 @@ from occ_theory.errors import Interrupted, RunStopped
 from occ_theory.models import load_model
 from occ_theory.train import rl as rl_mod
 from occ_theory.train.rl import RLTrainer, latest_checkpoint, run_rl
-from occ_theory.train.run import RunContext
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +145,7 @@ def test_mismatched_checkpoint_for_the_regime_is_refused(tmp_path, capsys):
 
 
 def _trainer(ckpt, tmp_path, regime):
-    cfg = rl_config(ckpt, regime, "diag.at=[1]", "diag.every=0")
-    return RLTrainer(cfg, RunContext.create(cfg, regime, out_dir=tmp_path / regime))
+    return rl_trainer(ckpt, tmp_path / regime, regime, "diag.at=[1]", "diag.every=0")
 
 
 @pytest.mark.parametrize("regime", ["occ", "policy", "ce"])

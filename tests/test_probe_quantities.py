@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from rl_fixtures import make_checkpoint, rl_config, with_signal
+from rl_fixtures import make_checkpoint, rl_trainer, with_signal
 from theory_problems import SoftmaxPolicy, gen, random_params
 
 from occ_theory.diagnostics.probe import OptimizerSnapshot, ProbeSettings, run_probe
@@ -40,13 +40,9 @@ def test_a_kept_gradient_graph_gives_the_gradient_and_the_hvps_of_a_fresh_one():
 
 @pytest.fixture(scope="module")
 def probe_inputs(tmp_path_factory):
-    from occ_theory.train.rl import RLTrainer
-    from occ_theory.train.run import RunContext
-
     tmp = tmp_path_factory.mktemp("q")
-    ckpt = make_checkpoint(tmp / "sft")
-    cfg = rl_config(ckpt, "policy", "diag.every=0", "diag.first=false", "rl.grad_clip=0.5")
-    tr = RLTrainer(cfg, RunContext.create(cfg, "policy", out_dir=tmp / "run"))
+    tr = rl_trainer(make_checkpoint(tmp / "sft"), tmp / "run", "policy", "diag.every=0", "diag.first=false",
+                    "rl.grad_clip=0.5")
     batch, _ = tr.rollout()
     first, mb = (with_signal(tr, m) for m in batch.split(2))
     tr.train_step(first, first_after_rollout=True)  # Adam has state: every geometry is measured

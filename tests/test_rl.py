@@ -7,13 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from rl_fixtures import inject_random_advantages, make_checkpoint, rl_config, with_signal
+from rl_fixtures import inject_random_advantages, make_checkpoint, rl_config, rl_trainer, with_signal
 
 from analysis.load import read_jsonl
 from occ_theory.diagnostics.offline import read_online, recompute_run
 from occ_theory.train.config import REGIMES
 from occ_theory.train.rl import RLTrainer, resume_rl, run_rl
-from occ_theory.train.run import RunContext
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +21,7 @@ def ckpt(tmp_path_factory):
 
 
 def _trainer(ckpt, tmp_path, regime, *extra):
-    cfg = rl_config(ckpt, regime, *extra)
-    return RLTrainer(cfg, RunContext.create(cfg, regime, out_dir=tmp_path / regime))
+    return rl_trainer(ckpt, tmp_path / regime, regime, *extra)
 
 
 def _diag_step(ckpt, tmp_path, regime, *extra):

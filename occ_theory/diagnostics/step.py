@@ -45,7 +45,7 @@ class StepDiagnostics:
 
         self.model, self.shared, self.optimizer, self.dist = model, shared, optimizer, dist
         self.strategy = strategy if strategy is not None else Replicated(dist)
-        self.bundle_only = diag.probes and getattr(diag, "bundle_only", False)
+        self.bundle_only = diag.probes and diag.bundle_only
         self.schedule = Schedule(total_steps, diag.every, diag.at, diag.log_spaced, diag.first) if enabled else None
         self.defer_degenerate = diag.defer_degenerate
         self.deferred: int | None = None  # the scheduled step a degenerate minibatch put off (defer_degenerate)
@@ -54,7 +54,7 @@ class StepDiagnostics:
         self.bundle_dir = bundle_dir if diag.probes else None
         self.heldout = heldout if diag.curve_heldout else None
         beta1 = optimizer.param_groups[0].get("betas", (0.9, 0.999))[0]
-        self.recorder = GradientRecorder(model, beta1, track_momentum=enabled and getattr(diag, "stationary", False)
+        self.recorder = GradientRecorder(model, beta1, track_momentum=enabled and diag.stationary
                                          and bool(self.schedule.steps))
 
     def due(self, step: int) -> bool:

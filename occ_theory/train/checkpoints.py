@@ -57,6 +57,13 @@ def read_checkpoint_file(path: Path, fmt: str, what: str) -> dict[str, Any]:
     return st
 
 
+def clear_unfinished_writes(run_dir: Path) -> None:
+    """Remove the temporary files of checkpoint writes a killed process left (an atomic write never leaves a torn
+    checkpoint, only its ``.step_*.tmp``); the main process calls it before resuming."""
+    for leftover in (Path(run_dir) / "checkpoints").glob(".step_*.tmp"):
+        leftover.unlink()
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     d = Path(run_dir) / "checkpoints"
     if not d.is_dir():

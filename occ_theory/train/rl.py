@@ -69,6 +69,7 @@ from ..rl.coef import (
 from ..rl.objectives import entropy_from_logits, mtp_objective
 from ..rl.sampler import NonFiniteLogitsError, generate
 from .checkpoints import (
+    clear_unfinished_writes,
     completed_steps,
     drop_checkpoints,
     latest_checkpoint,
@@ -566,9 +567,8 @@ def resume_rl(run_dir: Path) -> Path:
     dist = init_from_env(ctx.device, cfg.dist.strategy)
     ctx = replace(ctx, main=dist.main)
     trainer = RLTrainer(cfg, ctx, dist)
-    if dist.main:  # a writer killed mid-write leaves its temporary file (never a torn checkpoint): clear them
-        for leftover in (run_dir / "checkpoints").glob(".step_*.tmp"):
-            leftover.unlink()
+    if dist.main:
+        clear_unfinished_writes(run_dir)
     if ckpt is None:
         ctx.log("no checkpoint yet: restarting from the initial model")
         if dist.main:

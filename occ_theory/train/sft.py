@@ -56,6 +56,7 @@ from ..rl.objectives import token_mean
 from ..rl.sampler import generate
 from ..tasks import Problem
 from .checkpoints import (
+    clear_unfinished_writes,
     drop_checkpoints,
     latest_checkpoint,
     read_checkpoint_file,
@@ -386,8 +387,7 @@ def resume_sft(run_dir: Path) -> Path:
     ckpt = latest_checkpoint(run_dir)
     dist.barrier()  # every process has found the same checkpoint before rank 0 clears anything
     if dist.main:
-        for leftover in (run_dir / "checkpoints").glob(".step_*.tmp"):  # a writer killed mid-write
-            leftover.unlink()
+        clear_unfinished_writes(run_dir)
     if ckpt is None:
         if dist.main:
             truncate_metrics(run_dir, 0)

@@ -293,11 +293,18 @@ def _against_sft(evals: pd.DataFrame, sft_evals: pd.DataFrame, suites: list[str]
     for arm in arm_order(evals["arm"].dropna()):
         if arm != ref:
             nums[f"{arm}/minus_{ref}"] = arm_difference(evals, arm, ref, metric, None, suites=suites)["diff"]
-    detail = (f"{ref} − the SFT checkpoint on {', '.join(suites)}: {nums['baseline_minus_sft']:+.3g} {metric} "
-              f"(one-sided 95% bounds [{nums['lower']:+.3g}, {nums['upper']:+.3g}], n = {d['n']}); each arm − {ref}: "
-              + ", ".join(f"{k.split('/minus_')[0]} {v:+.3g}" for k, v in nums.items() if "/minus_" in k))
+    detail = (f"{ref} − the SFT checkpoint on {', '.join(suites)}: {nums['baseline_minus_sft'] + 0.0:+.3g} {metric} "
+              f"(one-sided 95% bounds [{nums['lower'] + 0.0:+.3g}, {nums['upper'] + 0.0:+.3g}], n = {d['n']}); each "
+              f"arm − {ref}: " + ", ".join(f"{k.split('/minus_')[0]} {v + 0.0:+.3g}" for k, v in nums.items()
+                                          if "/minus_" in k))
     if d["n"] < MIN_RUNS or not math.isfinite(nums["lower"]):
         return Verdict(claim_id, claim, INCONCLUSIVE, nums, f"too few seeds; {detail}")
+    scores = pd.concat([evals.loc[evals["suite"].isin(suites), metric], sft_evals.loc[sft_evals["suite"].isin(suites),
+                                                                                       metric]]).astype(float)
+    if len(scores) and (scores == 0).all():  # a floor: no arm and no seed solves one problem, nothing can move
+        nums["at_floor"] = True
+        return Verdict(claim_id, claim, INCONCLUSIVE, nums, f"every run and the SFT checkpoint score 0 on "
+                       f"{', '.join(suites)}: the suite is at its floor, so no difference can show; {detail}")
     if worse_is_support:
         verdict = SUPPORTED if nums["upper"] < 0 else NOT_SUPPORTED if nums["lower"] > 0 else INCONCLUSIVE
     else:

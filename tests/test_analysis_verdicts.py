@@ -541,4 +541,8 @@ def test_forgetting_and_length_generalisation_are_rows_of_their_own():
     assert v.numbers["suites"] == "addition, signed, multiplication" and "occ/reference/minus_detach" in v.numbers
     length = O.length_generalisation(ev, sft)
     assert length.id == "length" and length.numbers["suites"] == "length_gen"
+    floor = [d.assign(mean_at_k=np.where(d["suite"] == "length_gen", 0.0, d["mean_at_k"])) for d in (ev, sft)]
+    at_floor = O.length_generalisation(*floor)  # nobody solves a length_gen problem: nothing can move, no "-0"
+    assert at_floor.verdict == "inconclusive at this scale" and at_floor.numbers["at_floor"]
+    assert "at its floor" in at_floor.detail and "-0 " not in at_floor.detail
     assert O.forgetting(ev.assign(trained=True), sft).verdict == "inconclusive: not measured"

@@ -269,14 +269,14 @@ def _reading(probes: pd.DataFrame) -> dict[str, Any]:
     return out
 
 
-def proxy_tracks_lambda_star(probes: pd.DataFrame) -> Verdict:
+def proxy_tracks_lambda_star(probes: pd.DataFrame, metrics: pd.DataFrame | None = None) -> Verdict:
     """Claim 5: the ``reference`` proxy against the real optimum λ_opt (``lambda_star_fit``) over policy and occ
     probes, compared within one minibatch index after a rollout (``tracking``). A probe where the proxy or λ_opt is
     NaN is counted and kept: "supported" also needs ρ with every such point placed where it hurts ρ most
     (``stats.impute_discordant``), so that no pattern of NaNs can make noise look like tracking. Beside it: the
     same against λ*_m of the run's geometry, the ``least_squares`` and ``fisher`` proxies, the λ every rule arm
-    applied (``lambda/used``) against λ_opt, and THEORY's reading (``_reading``). Controls (detach, the first
-    step) are left out."""
+    applied against λ_opt (``_rules_against_optimum``; ``metrics`` gives the effective λ of the rules that edit θ_S's
+    update), and THEORY's reading (``_reading``). Controls (detach, the first step) are left out."""
     probes = probes[control(probes) == ""]
     pts, dropped = proxy_points(probes, "reference")
     every, _ = proxy_points(probes, "reference", keep_nan=True)
@@ -305,7 +305,7 @@ def proxy_tracks_lambda_star(probes: pd.DataFrame) -> Verdict:
         o_pts, _ = proxy_points(probes, other)
         if len(o_pts) >= MIN_POINTS:
             nums |= {f"{other}/{k}": v for k, v in tracking(o_pts).items() if "/" not in k}
-    nums |= _rules_against_optimum(probes) | _reading(probes)
+    nums |= _rules_against_optimum(probes, metrics) | _reading(probes)
     detail = (f"within-minibatch-index Spearman ρ = {t['spearman']:.3g} (run-clustered p = {t['p']:.2g}; interval "
               f"[{t['spearman_lo']:.2g}, {t['spearman_hi']:.2g}]) over {len(pts)} probes of {pts['run'].nunique()} "
               f"runs, against {fit_src}; {why_dropped}")
@@ -313,8 +313,9 @@ def proxy_tracks_lambda_star(probes: pd.DataFrame) -> Verdict:
         detail += f" (ρ with them placed worst: {worst:.3g})"
     if "fisher/spearman" in nums:
         detail += f". The curvature-aware fisher proxy: ρ = {nums['fisher/spearman']:.3g} (p = {nums['fisher/p']:.2g})"
-    if "rules/real/spearman" in nums:
-        detail += f"; the real rule's λ: ρ = {nums['rules/real/spearman']:.3g}"
+    if rules := [k.split("/spearman")[0][len("rules/"):] for k in nums if k.startswith("rules/") and
+                 k.endswith("/spearman")]:
+        detail += "; each rule's applied λ: " + ", ".join(f"{r} ρ = {nums[f'rules/{r}/spearman']:.3g}" for r in rules)
     if t["spearman"] >= PROXY_RHO_SUPPORTED and t["p"] < PROXY_P and worst >= PROXY_RHO_SUPPORTED:
         return Verdict("5", CLAIM_PROXY, SUPPORTED, nums, detail)
     if t["spearman"] <= PROXY_RHO_NOT:
@@ -322,22 +323,35 @@ def proxy_tracks_lambda_star(probes: pd.DataFrame) -> Verdict:
     return Verdict("5", CLAIM_PROXY, INCONCLUSIVE, nums, detail)
 
 
-def _rules_against_optimum(probes: pd.DataFrame) -> dict[str, Any]:
-    """The λ each calibrated rule's arm applied at its probes (``lambda/used``) against λ_opt, within a minibatch
-    index: ``rules/<arm>/spearman``, sign agreement, median |log ratio|, points."""
+def _rules_against_optimum(probes: pd.DataFrame, metrics: pd.DataFrame | None = None) -> dict[str, Any]:
+    """The λ each coefficient rule's arm (``lambda/rule`` neither off nor fixed) applied at its probes against
+    λ_opt, within a minibatch index: ``rules/<arm>/spearman``, sign agreement, median |log ratio|, points. The
+    applied λ is ``lambda/used``, or for the rules that edit θ_S's update (cosine, pcgrad, upgrad, …) their
+    effective λ = b/a (``lambda/effective``) at the probe's step, read from ``metrics``."""
     out: dict[str, Any] = {}
-    if "arm" not in probes:
+    if "arm" not in probes or "lambda/rule" not in probes:
         return out
+    rule = probes["lambda/rule"]
+    probes = probes[rule.notna() & ~rule.isin(["off", "fixed"])]
+    eff = None
+    if metrics is not None and len(metrics) and {"run", "step", "lambda/effective"} <= set(metrics):
+        m = metrics.assign(_eff=numeric(metrics, "lambda/effective"), step=numeric(metrics, "step"))
+        eff = m[np.isfinite(m["_eff"])].drop_duplicates(["run", "step"], keep="last").set_index(["run", "step"])["_eff"]
     for arm in sorted(set(probes["arm"].dropna())):
-        if not (arm.startswith("occ/") or arm.split("/")[0] in ("real", "adam_step")):
-            continue
-        pts, _ = proxy_points(probes[probes["arm"] == arm], "lambda/used", regimes=(arm.split("/")[0],))
+        d = probes[probes["arm"] == arm]
+        col = "lambda/used"
+        if eff is not None:
+            at_probes = eff.reindex(pd.MultiIndex.from_arrays([d["run"], numeric(d, "step")])).to_numpy()
+            if np.isfinite(at_probes).any():
+                d, col = d.assign(**{"lambda/effective": at_probes}), "lambda/effective"
+        pts, _ = proxy_points(d, col, regimes=tuple(set(d["regime"].dropna())))
         if arm in ("occ/reference", "occ/least_squares"):  # λ = 0 on the first minibatch by construction
             pts = pts[pts["k"] != 0]
         if len(pts) >= MIN_POINTS:
             t = tracking(pts)
             out |= {f"rules/{arm}/{k}": t[k] for k in ("spearman", "sign_agreement", "median_abs_log_ratio")}
             out[f"rules/{arm}/points"] = len(pts)
+            out[f"rules/{arm}/lambda"] = col
     return out
 
 
@@ -451,5 +465,5 @@ def evaluate_claims(metrics: pd.DataFrame, probes: pd.DataFrame, evals: pd.DataF
             claims_curve.clip_coupling(probes, metrics, remedy), ce_penalty_dominates(probes),
             policy_corr_decays(probes), outcome.occ_matches_detach(evals, learn, sft_evals),
             outcome.forgetting(evals, sft_evals), outcome.length_generalisation(evals, sft_evals),
-            proxy_tracks_lambda_star(probes), occ_time_cost(metrics, step_cost),
+            proxy_tracks_lambda_star(probes, metrics), occ_time_cost(metrics, step_cost),
             outcome.accuracy_vs_lambda(evals, learn)], learn

@@ -424,6 +424,29 @@ def test_claim5_reports_the_head_gap_and_theorys_reading():
     assert v.numbers["k1/points"] == 12 and v.numbers["k2/points"] == 15  # step 1 (a control) left out
 
 
+def test_claim5_reports_every_rules_applied_lambda_against_the_real_optimum():
+    """A rule that edits θ_S's update (cosine) logs a constant ``lambda/used`` (its MTP head's coefficient); what
+    it applies to θ_S is its effective λ, read from the metrics at the probe's step. The real rule's own λ is
+    ``lambda/used``. Fixed-λ arms are no rule."""
+    def opt(i, s):
+        return [(0.1 * j + 0.01 * i) * (-1 if k == 2 else 1) for j, k in zip(range(len(s)), _k(s))]
+
+    steps = list(range(2, 22))
+    cos = runs_of("cosine", 3, steps, **{"arm": "cosine", "lambda/rule": "cosine", "lambda/used": 0.1,
+                                         "diag/real_optimum/lambda": opt, "minibatch_index": lambda i, s: _k(s)})
+    real = runs_of("real", 3, steps, **{"arm": "real", "lambda/rule": "real", "diag/real_optimum/lambda": opt,
+                                        "lambda/used": lambda i, s: [-v for v in opt(i, s)],
+                                        "minibatch_index": lambda i, s: _k(s)})
+    fixed = runs_of("policy", 3, steps, **{"arm": "policy@3", "lambda/rule": "fixed", "lambda/used": 3.0,
+                                           "diag/real_optimum/lambda": opt, "minibatch_index": lambda i, s: _k(s)})
+    metrics = cos[["run", "step"]].assign(**{"lambda/effective": [v for i in range(3) for v in opt(i, steps)]})
+    out = C._rules_against_optimum(pd.concat([cos, real, fixed], ignore_index=True), metrics)
+    assert out["rules/cosine/lambda"] == "lambda/effective" and out["rules/cosine/spearman"] == pytest.approx(1.0)
+    assert out["rules/real/lambda"] == "lambda/used" and out["rules/real/spearman"] == pytest.approx(-1.0)
+    assert not any(k.startswith("rules/policy") for k in out)
+    assert C._rules_against_optimum(cos)["rules/cosine/lambda"] == "lambda/used"  # without metrics: what it logged
+
+
 def test_claim5_with_two_runs_is_inconclusive():
     assert C.proxy_tracks_lambda_star(proxy_probes("rank", n_runs=2)).verdict == INC
 

@@ -202,6 +202,14 @@ def test_figures_without_data_for_their_regimes_say_so(frames, tmp_path):
         F.f6_module_cosine(frames["metrics"][frames["metrics"]["regime"] == "detach"], tmp_path / "f6.png")
 
 
+def test_every_regime_and_the_sft_arm_have_a_colour_of_their_own():
+    from analysis.style import REGIME_COLORS
+    from occ_theory.names import REGIMES
+
+    assert set(REGIMES) | {"sft"} <= set(REGIME_COLORS)
+    assert len(set(REGIME_COLORS.values())) == len(REGIME_COLORS)
+
+
 def test_a_figure_writes_a_pdf_beside_the_png_when_asked(frames, tmp_path):
     F.f5_eval(frames["evals"], tmp_path / "f5.png", pdf=True)
     assert (tmp_path / "f5.pdf").read_bytes()[:4] == b"%PDF"

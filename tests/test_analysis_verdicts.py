@@ -530,6 +530,11 @@ def test_claim6_interleaved_ratio_is_the_median_of_per_round_ratios():
     assert v.numbers["ratio"] == pytest.approx(1.0)  # sorted ratios 0.9 1 1 1 1.1 1.1 1.5: median 1.0, not 11.7/11
     assert (v.numbers["ratio_lo"], v.numbers["ratio_hi"]) == pytest.approx((0.9, 1.5))  # n = 7: x(1), x(7)
     assert v.numbers["vs_policy@3/ratio"] == pytest.approx(1.0)
+    assert v.numbers["policy@3/ratio"] == 1.0 and v.numbers["occ/reference/mean_ratio"] == pytest.approx(11.7 / 11)
+    once = {"rounds": 8, "arms": {"detach": {"times_s": [1.0] * 8}, "occ/reference": {"times_s": [1.0] * 8},
+                                  "real": {"times_s": [5.0, 1, 1, 1] * 2}}}  # λ paid once per rollout of 4 steps
+    r = C.occ_time_cost(timings(0.0101), once).numbers
+    assert r["real/ratio"] == 1.0 and r["real/mean_ratio"] == 2.0
 
 
 def test_median_interval_is_the_binomial_order_statistic_interval_and_covers():

@@ -105,9 +105,27 @@ def _evidence(probes: pd.DataFrame) -> pd.DataFrame:
 
 def beta_split(d: pd.DataFrame) -> dict[str, Any]:
     """The medians of the real curvature's exact split (``diag/real_beta/…``): the clip's, v̂(λ)'s and the rest's
-    share of their summed magnitudes."""
-    return {f"real_beta/median_{k}_share": _median(numeric(d, f"diag/real_beta/{k}_share"))
-            for k in ("clip", "vhat", "rest")}
+    share of their summed magnitudes; over every probe, and apart where the clip acts at λ = 0
+    (``diag/adam_real/clip_active``) and where it does not: the split is bimodal, the clip's share near 1 or 0."""
+    out = {f"real_beta/median_{k}_share": _median(numeric(d, f"diag/real_beta/{k}_share"))
+           for k in ("clip", "vhat", "rest")}
+    active = flag(d, "diag/adam_real/clip_active")
+    for tag, sel in (("clip_active", active == 1), ("clip_inactive", active == 0)):
+        out[f"real_beta/{tag}/probes"] = int(sel.sum())
+        out |= {f"real_beta/{tag}/median_{k}_share": _median(numeric(d[sel], f"diag/real_beta/{k}_share"))
+                for k in ("clip", "vhat", "rest")}
+    return out
+
+
+def _split_text(nums: dict[str, Any]) -> str:
+    """The real curvature's median split, apart where the clip acts at λ = 0 and where it does not."""
+    def one(tag: str) -> str:
+        return ", ".join(f"{name} {nums[f'real_beta/{tag}median_{k}_share']:.0%}"
+                         for k, name in (("clip", "clip"), ("vhat", "v̂(λ)"), ("rest", "the rest")))
+    parts = [f"{where} ({n} probes): {one(tag + '/')}"
+             for tag, where in (("clip_active", "where the clip acts at λ = 0"), ("clip_inactive", "where it does not"))
+             if (n := nums[f"real_beta/{tag}/probes"])]
+    return "; ".join(parts) if parts else f"over every probe: {one('')}"
 
 
 def local_quadratic(probes: pd.DataFrame) -> Verdict:
@@ -148,8 +166,7 @@ def local_quadratic(probes: pd.DataFrame) -> Verdict:
     detail = (f"{nums['quadratic_share']:.0%} of {nums['quadratic_points']} local real-step curves have R² ≥ "
               f"{LOCAL_R2} (run-clustered 95% interval {nums['quadratic_share_lo']:.0%}–{nums['quadratic_share_hi']:.0%}); "
               f"adam_real's β has the real curve's sign in {judged['sign_share']:.0%} (the affine geometries: "
-              f"{each}); the real curvature's median split: clip {nums['real_beta/median_clip_share']:.0%}, "
-              f"v̂(λ) {nums['real_beta/median_vhat_share']:.0%}, the rest {nums['real_beta/median_rest_share']:.0%}; "
+              f"{each}); the real curvature's median split {_split_text(nums)}; "
               f"controls left out: {nums['controls/detach']} detach, {nums['controls/first_step']} first-step probes")
     return Verdict("1a", CLAIM_LOCAL, verdict, nums, detail)
 

@@ -255,6 +255,22 @@ def test_claim1a_reports_each_geometry_and_leaves_the_controls_out():
     assert v.numbers["controls/first_step"] == 3 and v.numbers["adam_step/median_beta_rel_err"] == 0.2
 
 
+def test_claim1a_splits_the_real_curvature_apart_where_the_clip_acts_at_zero():
+    """The split is bimodal (the clip carries nearly all of β where it acts at λ = 0, none elsewhere): its median
+    over every probe hides that, so it is reported for each side too."""
+    d = real_curves()
+    active = d["step"].isin([5, 13])
+    d = d.assign(**{"diag/adam_real/clip_active": active, "diag/real_beta/clip_share": np.where(active, 0.9, 0.0),
+                    "diag/real_beta/vhat_share": np.where(active, 0.1, 0.8),
+                    "diag/real_beta/rest_share": np.where(active, 0.0, 0.2)})
+    v = K.local_quadratic(d)
+    n_active = int((active & (d["step"] > 1)).sum())
+    assert v.numbers["real_beta/clip_active/probes"] == n_active
+    assert v.numbers["real_beta/clip_active/median_clip_share"] == 0.9
+    assert v.numbers["real_beta/clip_inactive/median_vhat_share"] == 0.8
+    assert f"where the clip acts at λ = 0 ({n_active} probes): clip 90%" in v.detail
+
+
 @pytest.mark.parametrize("data, verdict", [
     (real_curves(), S), (real_curves(real_star=3.0), N),  # adam_real 3× off the real optimum
     (real_curves(real_delta=-1e-6), N),  # within 2×, but the real Δ is negative there

@@ -269,14 +269,14 @@ def _reading(probes: pd.DataFrame) -> dict[str, Any]:
     return out
 
 
-def proxy_tracks_lambda_star(probes: pd.DataFrame, metrics: pd.DataFrame | None = None) -> Verdict:
+def proxy_tracks_lambda_star(probes: pd.DataFrame) -> Verdict:
     """Claim 5: the ``reference`` proxy against the real optimum λ_opt (``lambda_star_fit``) over policy and occ
     probes, compared within one minibatch index after a rollout (``tracking``). A probe where the proxy or λ_opt is
     NaN is counted and kept: "supported" also needs ρ with every such point placed where it hurts ρ most
     (``stats.impute_discordant``), so that no pattern of NaNs can make noise look like tracking. Beside it: the
     same against λ*_m of the run's geometry, the ``least_squares`` and ``fisher`` proxies, the λ every rule arm
-    applied against λ_opt (``_rules_against_optimum``; ``metrics`` gives the effective λ of the rules that edit θ_S's
-    update), and THEORY's reading (``_reading``). Controls (detach, the first step) are left out."""
+    applied against λ_opt (``_rules_against_optimum``), and THEORY's reading (``_reading``). Controls (detach, the
+    first step) are left out."""
     probes = probes[control(probes) == ""]
     pts, dropped = proxy_points(probes, "reference")
     every, _ = proxy_points(probes, "reference", keep_nan=True)
@@ -305,7 +305,7 @@ def proxy_tracks_lambda_star(probes: pd.DataFrame, metrics: pd.DataFrame | None 
         o_pts, _ = proxy_points(probes, other)
         if len(o_pts) >= MIN_POINTS:
             nums |= {f"{other}/{k}": v for k, v in tracking(o_pts).items() if "/" not in k}
-    nums |= _rules_against_optimum(probes, metrics) | _reading(probes)
+    nums |= _rules_against_optimum(probes) | _reading(probes)
     detail = (f"within-minibatch-index Spearman ρ = {t['spearman']:.3g} (run-clustered p = {t['p']:.2g}; interval "
               f"[{t['spearman_lo']:.2g}, {t['spearman_hi']:.2g}]) over {len(pts)} probes of {pts['run'].nunique()} "
               f"runs, against {fit_src}; {why_dropped}")
@@ -315,7 +315,9 @@ def proxy_tracks_lambda_star(probes: pd.DataFrame, metrics: pd.DataFrame | None 
         detail += f". The curvature-aware fisher proxy: ρ = {nums['fisher/spearman']:.3g} (p = {nums['fisher/p']:.2g})"
     if rules := [k.split("/spearman")[0][len("rules/"):] for k in nums if k.startswith("rules/") and
                  k.endswith("/spearman")]:
-        detail += "; each rule's applied λ: " + ", ".join(f"{r} ρ = {nums[f'rules/{r}/spearman']:.3g}" for r in rules)
+        detail += "; each rule's applied λ: " + ", ".join(
+            f"{r} ρ = {nums[f'rules/{r}/spearman']:.2g} (p = {nums[f'rules/{r}/p']:.2g}"
+            + (f", {n} distinct λ" if (n := nums[f"rules/{r}/distinct_lambdas"]) < 5 else "") + ")" for r in rules)
     if t["spearman"] >= PROXY_RHO_SUPPORTED and t["p"] < PROXY_P and worst >= PROXY_RHO_SUPPORTED:
         return Verdict("5", CLAIM_PROXY, SUPPORTED, nums, detail)
     if t["spearman"] <= PROXY_RHO_NOT:
@@ -323,35 +325,29 @@ def proxy_tracks_lambda_star(probes: pd.DataFrame, metrics: pd.DataFrame | None 
     return Verdict("5", CLAIM_PROXY, INCONCLUSIVE, nums, detail)
 
 
-def _rules_against_optimum(probes: pd.DataFrame, metrics: pd.DataFrame | None = None) -> dict[str, Any]:
+def _rules_against_optimum(probes: pd.DataFrame) -> dict[str, Any]:
     """The λ each coefficient rule's arm (``lambda/rule`` neither off nor fixed) applied at its probes against
-    λ_opt, within a minibatch index: ``rules/<arm>/spearman``, sign agreement, median |log ratio|, points. The
-    applied λ is ``lambda/used``, or for the rules that edit θ_S's update (cosine, pcgrad, upgrad, …) their
-    effective λ = b/a (``lambda/effective``) at the probe's step, read from ``metrics``."""
+    λ_opt, within a minibatch index: ``rules/<arm>/spearman`` with its run-clustered p and interval, sign
+    agreement, median |log ratio|, points and the number of distinct λ applied. The applied λ is the probe's
+    realised b/a (``diag/realised/weight_u`` over ``weight_g``) for the rules that edit θ_S's update (cosine,
+    pcgrad, upgrad, …: their ``lambda/used`` is the MTP head's constant coefficient), else ``lambda/used``."""
     out: dict[str, Any] = {}
-    if "arm" not in probes or "lambda/rule" not in probes:
+    if not {"arm", "lambda/rule", "regime"} <= set(probes):
         return out
     rule = probes["lambda/rule"]
     probes = probes[rule.notna() & ~rule.isin(["off", "fixed"])]
-    eff = None
-    if metrics is not None and len(metrics) and {"run", "step", "lambda/effective"} <= set(metrics):
-        m = metrics.assign(_eff=numeric(metrics, "lambda/effective"), step=numeric(metrics, "step"))
-        eff = m[np.isfinite(m["_eff"])].drop_duplicates(["run", "step"], keep="last").set_index(["run", "step"])["_eff"]
     for arm in sorted(set(probes["arm"].dropna())):
         d = probes[probes["arm"] == arm]
-        col = "lambda/used"
-        if eff is not None:
-            at_probes = eff.reindex(pd.MultiIndex.from_arrays([d["run"], numeric(d, "step")])).to_numpy()
-            if np.isfinite(at_probes).any():
-                d, col = d.assign(**{"lambda/effective": at_probes}), "lambda/effective"
-        pts, _ = proxy_points(d, col, regimes=tuple(set(d["regime"].dropna())))
-        if arm in ("occ/reference", "occ/least_squares"):  # λ = 0 on the first minibatch by construction
+        a, b = numeric(d, "diag/realised/weight_g"), numeric(d, "diag/realised/weight_u")
+        d = d.assign(**{"lambda/applied": (b / a).where(np.isfinite(a) & (a != 0), numeric(d, "lambda/used"))})
+        pts, _ = proxy_points(d, "lambda/applied", regimes=tuple(set(d["regime"].dropna())))
+        if d["lambda/rule"].isin(["reference", "least_squares"]).any():  # λ = 0 on a rollout's first minibatch
             pts = pts[pts["k"] != 0]
         if len(pts) >= MIN_POINTS:
             t = tracking(pts)
-            out |= {f"rules/{arm}/{k}": t[k] for k in ("spearman", "sign_agreement", "median_abs_log_ratio")}
-            out[f"rules/{arm}/points"] = len(pts)
-            out[f"rules/{arm}/lambda"] = col
+            out |= {f"rules/{arm}/{k}": t[k] for k in ("spearman", "p", "spearman_lo", "spearman_hi", "sign_agreement",
+                                                        "median_abs_log_ratio")}
+            out |= {f"rules/{arm}/points": len(pts), f"rules/{arm}/distinct_lambdas": int(pts["proxy"].nunique())}
     return out
 
 
@@ -474,5 +470,5 @@ def evaluate_claims(metrics: pd.DataFrame, probes: pd.DataFrame, evals: pd.DataF
             claims_curve.clip_coupling(probes, metrics, remedy), ce_penalty_dominates(probes),
             policy_corr_decays(probes), outcome.occ_matches_detach(evals, learn, sft_evals),
             outcome.forgetting(evals, sft_evals), outcome.length_generalisation(evals, sft_evals),
-            proxy_tracks_lambda_star(probes, metrics), occ_time_cost(metrics, step_cost),
+            proxy_tracks_lambda_star(probes), occ_time_cost(metrics, step_cost),
             outcome.accuracy_vs_lambda(evals, learn)], learn

@@ -288,15 +288,15 @@ def _against_sft(evals: pd.DataFrame, sft_evals: pd.DataFrame, suites: list[str]
         return not_measured(claim_id, claim, "needs the baseline's eval.json, the SFT checkpoint's, and the suites")
     metric = primary_metric(evals)
     d = control_difference(evals, sft_evals, ref, metric, math.nan, None, suites)  # SFT − baseline
+    # 0.0 − x, never −x: a difference of 0 is stored and printed as 0, not −0
     nums: dict[str, Any] = {"suites": ", ".join(suites), "baseline": ref, "metric": metric, "n": d["n"],
-                            "baseline_minus_sft": -d["diff"], "lower": -d["upper"], "upper": -d["lower"]}
+                            "baseline_minus_sft": 0.0 - d["diff"], "lower": 0.0 - d["upper"], "upper": 0.0 - d["lower"]}
     for arm in arm_order(evals["arm"].dropna()):
         if arm != ref:
-            nums[f"{arm}/minus_{ref}"] = arm_difference(evals, arm, ref, metric, None, suites=suites)["diff"]
-    detail = (f"{ref} − the SFT checkpoint on {', '.join(suites)}: {nums['baseline_minus_sft'] + 0.0:+.3g} {metric} "
-              f"(one-sided 95% bounds [{nums['lower'] + 0.0:+.3g}, {nums['upper'] + 0.0:+.3g}], n = {d['n']}); each "
-              f"arm − {ref}: " + ", ".join(f"{k.split('/minus_')[0]} {v + 0.0:+.3g}" for k, v in nums.items()
-                                          if "/minus_" in k))
+            nums[f"{arm}/minus_{ref}"] = arm_difference(evals, arm, ref, metric, None, suites=suites)["diff"] + 0.0
+    detail = (f"{ref} − the SFT checkpoint on {', '.join(suites)}: {nums['baseline_minus_sft']:+.3g} {metric} "
+              f"(one-sided 95% bounds [{nums['lower']:+.3g}, {nums['upper']:+.3g}], n = {d['n']}); each arm − {ref}: "
+              + ", ".join(f"{k.split('/minus_')[0]} {v:+.3g}" for k, v in nums.items() if "/minus_" in k))
     if d["n"] < MIN_RUNS or not math.isfinite(nums["lower"]):
         return Verdict(claim_id, claim, INCONCLUSIVE, nums, f"too few seeds; {detail}")
     scores = pd.concat([evals.loc[evals["suite"].isin(suites), metric], sft_evals.loc[sft_evals["suite"].isin(suites),

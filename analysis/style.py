@@ -20,14 +20,14 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 from .frames import require
 
 REGIME_COLORS = {"off": "#7f7f7f", "detach": "#1f77b4", "detach_encoder": "#17becf", "ce": "#ff7f0e",
-                 "policy": "#d62728", "occ": "#2ca02c", "real": "#bcbd22", "adam_step": "#dbdb8d",
-                 "cosine": "#6a3d9a", "cosine_weighted": "#cab2d6", "pcgrad": "#b15928", "upgrad": "#393b79",
+                 "policy": "#d62728", "occ": "#2ca02c", "real": "#bcbd22", "adam_step": "#e6ab02",
+                 "cosine": "#6a3d9a", "cosine_weighted": "#1b9e77", "pcgrad": "#b15928", "upgrad": "#393b79",
                  "sft": "#333333"}
-"""One colour per regime (and ``sft``, the checkpoint as an arm); the coefficient rules apart from each other and
-from the arms a regime's lighter shades take (``detach/separate``, ``ce@1``)."""
+"""One colour per regime (and ``sft``, the checkpoint as an arm), each of its own hue among the rules, so that
+the lighter shades ``_arm_colors`` gives a regime's further arms (``detach/separate``, ``ce@1``) stay apart."""
 PROXY_COLORS = {"reference": "#9467bd", "least_squares": "#8c564b", "fisher": "#e377c2"}
 PROXY_MARKERS = {"reference": "o", "least_squares": "s", "fisher": "^"}
-_EXTRA = ("#bcbd22", "#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5")
+_EXTRA = ("#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5", "#c49c94")
 
 
 def regime_color(regime: str) -> str:

@@ -203,11 +203,11 @@ def test_figures_without_data_for_their_regimes_say_so(frames, tmp_path):
 
 
 def test_every_regime_and_the_sft_arm_have_a_colour_of_their_own():
-    from analysis.style import REGIME_COLORS
+    from analysis.style import _EXTRA, REGIME_COLORS
     from occ_theory.names import REGIMES
 
     assert set(REGIMES) | {"sft"} <= set(REGIME_COLORS)
-    assert len(set(REGIME_COLORS.values())) == len(REGIME_COLORS)
+    assert len(set(REGIME_COLORS.values()) | set(_EXTRA)) == len(REGIME_COLORS) + len(_EXTRA)
 
 
 def test_a_figure_writes_a_pdf_beside_the_png_when_asked(frames, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -442,25 +443,26 @@ def test_claim5_reports_the_head_gap_and_theorys_reading():
 
 def test_claim5_reports_every_rules_applied_lambda_against_the_real_optimum():
     """A rule that edits θ_S's update (cosine) logs a constant ``lambda/used`` (its MTP head's coefficient); what
-    it applies to θ_S is its effective λ, read from the metrics at the probe's step. The real rule's own λ is
-    ``lambda/used``. Fixed-λ arms are no rule."""
+    it applies to θ_S is its realised b/a, which the probe records. The real rule's own λ is ``lambda/used``.
+    Fixed-λ arms are no rule."""
     def opt(i, s):
         return [(0.1 * j + 0.01 * i) * (-1 if k == 2 else 1) for j, k in zip(range(len(s)), _k(s))]
 
     steps = list(range(2, 22))
-    cos = runs_of("cosine", 3, steps, **{"arm": "cosine", "lambda/rule": "cosine", "lambda/used": 0.1,
-                                         "diag/real_optimum/lambda": opt, "minibatch_index": lambda i, s: _k(s)})
-    real = runs_of("real", 3, steps, **{"arm": "real", "lambda/rule": "real", "diag/real_optimum/lambda": opt,
-                                        "lambda/used": lambda i, s: [-v for v in opt(i, s)],
-                                        "minibatch_index": lambda i, s: _k(s)})
-    fixed = runs_of("policy", 3, steps, **{"arm": "policy@3", "lambda/rule": "fixed", "lambda/used": 3.0,
-                                           "diag/real_optimum/lambda": opt, "minibatch_index": lambda i, s: _k(s)})
-    metrics = cos[["run", "step"]].assign(**{"lambda/effective": [v for i in range(3) for v in opt(i, steps)]})
-    out = C._rules_against_optimum(pd.concat([cos, real, fixed], ignore_index=True), metrics)
-    assert out["rules/cosine/lambda"] == "lambda/effective" and out["rules/cosine/spearman"] == pytest.approx(1.0)
-    assert out["rules/real/lambda"] == "lambda/used" and out["rules/real/spearman"] == pytest.approx(-1.0)
+    common = {"diag/real_optimum/lambda": opt, "minibatch_index": lambda i, s: _k(s)}
+    cos = runs_of("cosine", 3, steps, **common, **{
+        "arm": "cosine", "lambda/rule": "cosine", "lambda/used": 0.1, "diag/realised/weight_g": 2.0,
+        "diag/realised/weight_u": lambda i, s: [2 * v for v in opt(i, s)]})
+    real = runs_of("real", 3, steps, **common, **{"arm": "real", "lambda/rule": "real",
+                                                  "lambda/used": lambda i, s: [-v for v in opt(i, s)]})
+    fixed = runs_of("policy", 3, steps, **common, **{"arm": "policy@3", "lambda/rule": "fixed", "lambda/used": 3.0})
+    out = C._rules_against_optimum(pd.concat([cos, real, fixed], ignore_index=True))
+    assert out["rules/cosine/spearman"] == pytest.approx(1.0) and out["rules/cosine/distinct_lambdas"] > 5
+    assert out["rules/real/spearman"] == pytest.approx(-1.0) and out["rules/real/points"] == 60
+    assert out["rules/real/p"] < 0.05 and out["rules/real/spearman_hi"] < 0
     assert not any(k.startswith("rules/policy") for k in out)
-    assert C._rules_against_optimum(cos)["rules/cosine/lambda"] == "lambda/used"  # without metrics: what it logged
+    as_logged = C._rules_against_optimum(cos.drop(columns=["diag/realised/weight_g", "diag/realised/weight_u"]))
+    assert as_logged["rules/cosine/distinct_lambdas"] == 1  # without the realised weights: the head's constant λ
 
 
 def test_claim5_with_two_runs_is_inconclusive():
@@ -588,5 +590,6 @@ def test_forgetting_and_length_generalisation_are_rows_of_their_own():
     floor = [d.assign(mean_at_k=np.where(d["suite"] == "length_gen", 0.0, d["mean_at_k"])) for d in (ev, sft)]
     at_floor = O.length_generalisation(*floor)  # nobody solves a length_gen problem: nothing can move, no "-0"
     assert at_floor.verdict == "inconclusive at this scale" and at_floor.numbers["at_floor"]
-    assert "at its floor" in at_floor.detail and "-0 " not in at_floor.detail
+    assert "at its floor" in at_floor.detail and not re.search(r"-0(?![.\d])", at_floor.detail)
+    assert all(math.copysign(1, at_floor.numbers[k]) > 0 for k in ("baseline_minus_sft", "lower", "upper"))
     assert O.forgetting(ev.assign(trained=True), sft).verdict == "inconclusive: not measured"

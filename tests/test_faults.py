@@ -211,6 +211,18 @@ def test_probes_never_change_the_training_they_measure(ckpt, tmp_path, monkeypat
     assert pick == [{k: v for k, v in r.items() if k.startswith(keep)} for r in read_jsonl(plain / "metrics.jsonl")]
 
 
+def test_a_checkpoint_of_another_world_size_is_refused_before_anything_loads(tmp_path):
+    from occ_theory.train.checkpoints import restore_training_state
+
+    class Untouched:
+        def __getattr__(self, name):
+            raise AssertionError(f"{name} used before the world size was checked")
+
+    with pytest.raises(ValueError, match="was written by 2 processes, this run has 1"):
+        restore_training_state({}, tmp_path / "step_000003.pt", Untouched(), Untouched(), Untouched(), Untouched(),
+                               world=1, writers=2)
+
+
 def test_checkpoint_of_another_model_is_refused_on_resume(ckpt, tmp_path, monkeypatch, capsys):
     inject_random_advantages(monkeypatch)
     run = _stopped_at_3(ckpt, tmp_path / "r", monkeypatch, "diag.every=0", "rl.checkpoint_every=1")

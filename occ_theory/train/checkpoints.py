@@ -57,6 +57,41 @@ def read_checkpoint_file(path: Path, fmt: str, what: str) -> dict[str, Any]:
     return st
 
 
+def restore_training_state(state: dict[str, Any], path: Path, strategy: Any, model: Any, optimizer: Any,
+                           schedule: Any, world: int, writers: int) -> None:
+    """Load a checkpoint's model, optimizer and lr schedule into this run (a checkpoint written before the warm-up
+    setting has no schedule: its lr was constant), refused in one line that names the checkpoint when they do not
+    fit, or when ``writers`` processes wrote it and this run has ``world`` (each process's generators are in it)."""
+    if writers != world:
+        raise ValueError(f"checkpoint {path} was written by {writers} processes, this run has {world}")
+    try:
+        strategy.load_state(model, optimizer, state["model"], state["optimizer"])
+        if "lr_schedule" in state:
+            schedule.load_state_dict(state["lr_schedule"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ValueError(f"checkpoint {path} does not match this run's model or optimizer: {e}") from e
+
+
+def resume_from_latest(run_dir: Path, run: Any, dist: Any, log: Callable[[str], None],
+                       drop_after: Callable[[int], None] | None = None) -> None:
+    """Bring ``run`` (an ``SFTRun`` or ``RLTrainer``: ``load_checkpoint``, ``step``) to ``run_dir``'s latest
+    checkpoint, or leave it at step 0 without one. The main process first clears the temporary files of a killed
+    write, then moves the metrics records past the checkpoint to ``metrics.orphaned.jsonl`` and calls
+    ``drop_after(step)`` for whatever else belongs to the abandoned continuation."""
+    ckpt = latest_checkpoint(run_dir)
+    dist.barrier()  # every process has found the same checkpoint before the main one clears anything
+    if dist.main:
+        clear_unfinished_writes(run_dir)
+    if ckpt is not None:
+        run.load_checkpoint(ckpt)
+    step = run.step if ckpt is not None else 0
+    dropped = truncate_metrics(run_dir, step) if dist.main else 0
+    if dist.main and drop_after is not None:
+        drop_after(step)
+    log("no checkpoint yet: restarting from step 0" if ckpt is None else
+        f"resumed from {ckpt.name} (step {step}); {dropped} later records moved to metrics.orphaned.jsonl")
+
+
 def clear_unfinished_writes(run_dir: Path) -> None:
     """Remove the temporary files of checkpoint writes a killed process left (an atomic write never leaves a torn
     checkpoint, only its ``.step_*.tmp``); the main process calls it before resuming."""

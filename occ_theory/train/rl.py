@@ -69,13 +69,13 @@ from ..rl.coef import (
 from ..rl.objectives import entropy_from_logits, mtp_objective
 from ..rl.sampler import NonFiniteLogitsError, generate
 from .checkpoints import (
-    clear_unfinished_writes,
     completed_steps,
     drop_checkpoints,
     latest_checkpoint,
     read_checkpoint_file,
+    restore_training_state,
+    resume_from_latest,
     save_checkpoint_file,
-    truncate_metrics,
     write_failed,
 )
 from .config import Config, load_config
@@ -500,18 +500,11 @@ class RLTrainer:
 
     def load_checkpoint(self, path: Path) -> None:
         st = read_checkpoint_file(path, "occ_theory.rl_checkpoint", "RL")
-        try:
-            self.strategy.load_state(self.model, self.optimizer, st["model"], st["optimizer"])
-            if "lr_schedule" in st:  # checkpoints before the warm-up setting have none (constant lr)
-                self.lr_schedule.load_state_dict(st["lr_schedule"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise ValueError(f"checkpoint {path} does not match this run's model or optimizer: {e}") from e
+        restore_training_state(st, path, self.strategy, self.model, self.optimizer, self.lr_schedule,
+                               self.dist.world, len(st["rngs"]))
         self.rule.load_state_dict(st["rule"])
         if "diagnostics" in st:  # checkpoints before the momentum buffers have none
             self.diagnostics.load_state_dict(st["diagnostics"])
-        if len(st["rngs"]) != self.dist.world:
-            raise ValueError(f"checkpoint {path} was written by {len(st['rngs'])} processes, this run has "
-                             f"{self.dist.world}")
         mine = st["rngs"][self.dist.rank]
         self.task_rng.bit_generator.state = mine["task_rng"]
         self.stream = problem_stream(self.cfg, self.task_rng, list(self.tasks.values()))
@@ -562,27 +555,17 @@ def resume_rl(run_dir: Path) -> Path:
         raise ValueError(f"{run_dir} is not a run directory: config.yaml is missing")
     cfg = load_config(cfg_path)
     cfg = cfg.replace(rl=cfg.rl.replace(init=str(run_dir / "init")))
-    ckpt = latest_checkpoint(run_dir)
     ctx = RunContext.create(cfg, kind=cfg.rl.regime, out_dir=run_dir, resume=True)
     dist = init_from_env(ctx.device, cfg.dist.strategy)
     ctx = replace(ctx, main=dist.main)
     trainer = RLTrainer(cfg, ctx, dist)
-    if dist.main:
-        clear_unfinished_writes(run_dir)
-    if ckpt is None:
-        ctx.log("no checkpoint yet: restarting from the initial model")
-        if dist.main:
-            truncate_metrics(run_dir, 0)
-            shutil.rmtree(run_dir / "probes", ignore_errors=True)
-    else:
-        trainer.load_checkpoint(ckpt)
-        dropped = truncate_metrics(run_dir, trainer.step) if dist.main else 0
-        if dist.main:  # bundles of steps after the checkpoint belong to the abandoned continuation
-            for b in (run_dir / "probes").glob("step_*"):
-                if b.is_dir() and int(b.name.split("_")[1]) > trainer.step:
-                    shutil.rmtree(b)
-        ctx.log(f"resumed from {ckpt.name} (step {trainer.step}); {dropped} later records moved to "
-                "metrics.orphaned.jsonl")
+
+    def drop_bundles_after(step: int) -> None:  # probe bundles past the checkpoint: the abandoned continuation's
+        for b in (run_dir / "probes").glob("step_*"):
+            if b.is_dir() and int(b.name.split("_")[1]) > step:
+                shutil.rmtree(b)
+
+    resume_from_latest(run_dir, trainer, dist, ctx.log, drop_bundles_after)
     out = trainer.run()
     leave()
     return out

@@ -56,12 +56,11 @@ from ..rl.objectives import token_mean
 from ..rl.sampler import generate
 from ..tasks import Problem
 from .checkpoints import (
-    clear_unfinished_writes,
     drop_checkpoints,
-    latest_checkpoint,
     read_checkpoint_file,
+    restore_training_state,
+    resume_from_latest,
     save_checkpoint_file,
-    truncate_metrics,
     write_failed,
 )
 from .config import Config, load_config
@@ -347,14 +346,7 @@ class SFTRun:
     def load_checkpoint(self, path: Path) -> None:
         st = read_checkpoint_file(path, CHECKPOINT_FORMAT, "SFT")
         gens = st.get("sample_gens", [st["sample_gen"]])  # checkpoints of one process hold sample_gen alone
-        if len(gens) != self.dist.world:
-            raise ValueError(f"checkpoint {path} was written by {len(gens)} processes, this run has {self.dist.world}")
-        try:
-            self.strategy.load_state(self.model, self.opt, st["model"], st["optimizer"])
-            self.sched.load_state_dict(st["lr_schedule"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise ValueError(f"checkpoint {path} does not match this run's model or optimizer "
-                             f"({type(e).__name__})") from e
+        restore_training_state(st, path, self.strategy, self.model, self.opt, self.sched, self.dist.world, len(gens))
         self.task_rng.bit_generator.state = st["task_rng"]
         self.stream = problem_stream(self.cfg, self.task_rng, self.tasks)
         self.sample_gen.set_state(gens[self.dist.rank])
@@ -384,19 +376,7 @@ def resume_sft(run_dir: Path) -> Path:
     ctx = RunContext.create(cfg, kind="sft", out_dir=run_dir, resume=True)
     dist = init_from_env(ctx.device, cfg.dist.strategy)
     run = SFTRun(cfg, replace(ctx, main=dist.main), dist)
-    ckpt = latest_checkpoint(run_dir)
-    dist.barrier()  # every process has found the same checkpoint before rank 0 clears anything
-    if dist.main:
-        clear_unfinished_writes(run_dir)
-    if ckpt is None:
-        if dist.main:
-            truncate_metrics(run_dir, 0)
-        run.ctx.log("no checkpoint yet: restarting from step 0")
-    else:
-        run.load_checkpoint(ckpt)
-        dropped = truncate_metrics(run_dir, run.step) if dist.main else 0
-        run.ctx.log(f"resumed from {ckpt.name} (step {run.step}); {dropped} later records moved to "
-                    "metrics.orphaned.jsonl")
+    resume_from_latest(run_dir, run, dist, run.ctx.log)
     out = run.run()
     leave()
     return out

@@ -339,8 +339,9 @@ def _rules_against_optimum(probes: pd.DataFrame) -> dict[str, Any]:
     for arm in sorted(set(probes["arm"].dropna())):
         d = probes[probes["arm"] == arm]
         a, b = numeric(d, "diag/realised/weight_g"), numeric(d, "diag/realised/weight_u")
-        d = d.assign(**{"lambda/applied": (b / a).where(np.isfinite(a) & (a != 0), numeric(d, "lambda/used"))})
-        pts, _ = proxy_points(d, "lambda/applied", regimes=tuple(set(d["regime"].dropna())))
+        # what the rule applied to θ_S, read where proxy_points reads it (a copy: the frame is not changed)
+        d = d.assign(**{"lambda/used": (b / a).where(np.isfinite(a) & (a != 0), numeric(d, "lambda/used"))})
+        pts, _ = proxy_points(d, "lambda/used", regimes=tuple(set(d["regime"].dropna())))
         if d["lambda/rule"].isin(["reference", "least_squares"]).any():  # λ = 0 on a rollout's first minibatch
             pts = pts[pts["k"] != 0]
         if len(pts) >= MIN_POINTS:

@@ -211,6 +211,20 @@ def test_probes_never_change_the_training_they_measure(ckpt, tmp_path, monkeypat
     assert pick == [{k: v for k, v in r.items() if k.startswith(keep)} for r in read_jsonl(plain / "metrics.jsonl")]
 
 
+def test_resume_drops_the_bundles_past_its_checkpoint_and_a_killed_bundle_writes_leftovers(ckpt, tmp_path,
+                                                                                            monkeypatch):
+    inject_random_advantages(monkeypatch)
+    run = _stopped_at_3(ckpt, tmp_path / "r", monkeypatch, "diag.every=1")
+    probes = run / "probes"
+    assert torch.load(latest_checkpoint(run), weights_only=True)["step"] == 3  # the stop's own checkpoint
+    (probes / "step_000009").mkdir()  # a bundle past the checkpoint, which the resumed run never rewrites
+    (probes / ".step_000004.x1y2.tmp").mkdir()  # what a write killed mid-bundle leaves
+    kept = (probes / "step_000003" / "bundle.pt").stat().st_mtime_ns
+    assert main(["rl", "--resume", str(run)]) == 0
+    assert sorted(b.name for b in probes.iterdir()) == [f"step_{s:06d}" for s in (1, 2, 3, 4)]
+    assert (probes / "step_000003" / "bundle.pt").stat().st_mtime_ns == kept  # up to the checkpoint: untouched
+
+
 def test_a_checkpoint_of_another_world_size_is_refused_before_anything_loads(tmp_path):
     from occ_theory.train.checkpoints import restore_training_state
 

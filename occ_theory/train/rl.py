@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import re
 import shutil
 import time
 from dataclasses import replace
@@ -560,9 +561,12 @@ def resume_rl(run_dir: Path) -> Path:
     ctx = replace(ctx, main=dist.main)
     trainer = RLTrainer(cfg, ctx, dist)
 
-    def drop_bundles_after(step: int) -> None:  # probe bundles past the checkpoint: the abandoned continuation's
-        for b in (run_dir / "probes").glob("step_*"):
-            if b.is_dir() and int(b.name.split("_")[1]) > step:
+    def drop_bundles_after(step: int) -> None:
+        """Probe bundles past the checkpoint (the abandoned continuation's), and what a killed bundle write left."""
+        for b in (run_dir / "probes").glob("*step_*"):
+            m = re.fullmatch(r"step_(\d+)", b.name)
+            leftover = b.name.startswith(".")  # a killed write's .step_N.….tmp, or the .step_N.old it replaced
+            if b.is_dir() and (leftover or (m is not None and int(m.group(1)) > step)):
                 shutil.rmtree(b)
 
     resume_from_latest(run_dir, trainer, dist, ctx.log, drop_bundles_after)

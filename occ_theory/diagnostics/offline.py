@@ -65,7 +65,8 @@ class ProbeJob:
     """Collect each bundle's ``online.json`` instead of recomputing it."""
 
 
-def _step(bundle: Path) -> int:
+def bundle_step(bundle: Path) -> int:
+    """The step a bundle directory (``probes/step_NNNNNN``) was written at."""
     return int(bundle.name.split("_")[1])
 
 
@@ -93,7 +94,7 @@ def plan_run(run_dir: Path, steps: list[int] | None = None, overrides: list[str]
     if not bundles:
         raise ValueError(f"{run_dir} has no probe bundles under probes/ (was diag.probes on?)")
     if steps is not None:
-        have = {_step(b): b for b in bundles}
+        have = {bundle_step(b): b for b in bundles}
         missing = sorted(set(steps) - set(have))
         if missing:
             raise ValueError(f"--steps: {run_dir} has no probe bundle at step {', '.join(map(str, missing))}; "

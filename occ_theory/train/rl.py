@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import re
 import shutil
 import time
 from dataclasses import replace
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write_text
+from ..diagnostics.offline import bundle_dirs, bundle_step
 from ..diagnostics.recorder import wide
 from ..diagnostics.step import StepDiagnostics
 from ..errors import BadStepsError, Diverged, Interrupted
@@ -563,11 +563,12 @@ def resume_rl(run_dir: Path) -> Path:
 
     def drop_bundles_after(step: int) -> None:
         """Probe bundles past the checkpoint (the abandoned continuation's), and what a killed bundle write left."""
-        for b in (run_dir / "probes").glob("*step_*"):
-            m = re.fullmatch(r"step_(\d+)", b.name)
-            leftover = b.name.startswith(".")  # a killed write's .step_N.….tmp, or the .step_N.old it replaced
-            if b.is_dir() and (leftover or (m is not None and int(m.group(1)) > step)):
+        for b in bundle_dirs(run_dir):
+            if bundle_step(b) > step:
                 shutil.rmtree(b)
+        for leftover in (run_dir / "probes").glob(".step_*"):  # a killed write's .step_N.….tmp, or its .step_N.old
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
 
     resume_from_latest(run_dir, trainer, dist, ctx.log, drop_bundles_after)
     out = trainer.run()

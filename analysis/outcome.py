@@ -297,6 +297,10 @@ def _against_sft(evals: pd.DataFrame, sft_evals: pd.DataFrame, suites: list[str]
     detail = (f"{ref} − the SFT checkpoint on {', '.join(suites)}: {nums['baseline_minus_sft']:+.3g} {metric} "
               f"(one-sided 95% bounds [{nums['lower']:+.3g}, {nums['upper']:+.3g}], n = {d['n']}); each arm − {ref}: "
               + ", ".join(f"{k.split('/minus_')[0]} {v:+.3g}" for k, v in nums.items() if "/minus_" in k))
+    if nans := nan_suites(pd.concat([evals[evals["arm"] == ref], sft_evals]), metric, None, suites):
+        nums |= {"nan": len(nans), "nan_suites": nans}
+        return Verdict(claim_id, claim, INCONCLUSIVE, nums, f"a NaN {metric} ({', '.join(nans)}): not averaged over "
+                       f"fewer suites; {detail}")
     if d["n"] < MIN_RUNS or not math.isfinite(nums["lower"]):
         return Verdict(claim_id, claim, INCONCLUSIVE, nums, f"too few seeds; {detail}")
     scores = pd.concat([evals.loc[evals["suite"].isin(suites), metric], sft_evals.loc[sft_evals["suite"].isin(suites),

@@ -270,6 +270,9 @@ def test_claim1a_splits_the_real_curvature_apart_where_the_clip_acts_at_zero():
     assert v.numbers["real_beta/clip_active/median_clip_share"] == 0.9
     assert v.numbers["real_beta/clip_inactive/median_vhat_share"] == 0.8
     assert f"where the clip acts at λ = 0 ({n_active} probes): clip 90%" in v.detail
+    unknown = K.local_quadratic(d.drop(columns=["diag/adam_real/clip_active"]))  # no clip flag: one split, said so
+    assert "median split over every probe: clip" in unknown.detail
+    assert unknown.numbers["real_beta/clip_active/probes"] == unknown.numbers["real_beta/clip_inactive/probes"] == 0
 
 
 @pytest.mark.parametrize("data, verdict", [
@@ -463,6 +466,10 @@ def test_claim5_reports_every_rules_applied_lambda_against_the_real_optimum():
     assert not any(k.startswith("rules/policy") for k in out)
     as_logged = C._rules_against_optimum(cos.drop(columns=["diag/realised/weight_g", "diag/realised/weight_u"]))
     assert as_logged["rules/cosine/distinct_lambdas"] == 1  # without the realised weights: the head's constant λ
+    unknown = cos.copy()
+    unknown.loc[unknown.index[0], "diag/realised/weight_u"] = np.nan  # what it applied is unknown: left out, not 0.1
+    n = C._rules_against_optimum(cos)["rules/cosine/points"]
+    assert C._rules_against_optimum(unknown)["rules/cosine/points"] == n - 1
 
 
 def test_claim5_with_two_runs_is_inconclusive():
@@ -592,4 +599,12 @@ def test_forgetting_and_length_generalisation_are_rows_of_their_own():
     assert at_floor.verdict == "inconclusive at this scale" and at_floor.numbers["at_floor"]
     assert "at its floor" in at_floor.detail and not re.search(r"-0(?![.\d])", at_floor.detail)
     assert all(math.copysign(1, at_floor.numbers[k]) > 0 for k in ("baseline_minus_sft", "lower", "upper"))
+    # a NaN score is named, neither a floor nor "too few seeds", and never averaged over fewer suites
+    nan_run = floor[0].copy()
+    nan_run.loc[(nan_run["suite"] == "length_gen") & (nan_run["run"] == "detach_1"), "mean_at_k"] = np.nan
+    nan_suite = nan_run.copy()
+    nan_suite.loc[(nan_suite["suite"] == "addition") & (nan_suite["run"] == "detach_0"), "mean_at_k"] = np.nan
+    for v in (O.length_generalisation(nan_run, floor[1]), O.forgetting(nan_suite, sft)):
+        assert v.verdict == "inconclusive at this scale" and v.numbers["nan"] == 1
+        assert "not averaged over fewer suites" in v.detail and "at_floor" not in v.numbers
     assert O.forgetting(ev.assign(trained=True), sft).verdict == "inconclusive: not measured"

@@ -261,6 +261,9 @@ def test_the_first_ctrl_c_says_at_once_where_the_run_stops_and_a_second_aborts(c
     proc = start("rl", "--init", ckpt, "--out", again, *RL_TINY, "--set", "rl.steps=40", pre=SLOW_STEPS,
                  env={"STEP_SLEEP": "1.5"}, err=err)
     wait_for(lambda: lines(again / "metrics.jsonl") >= 1, proc=proc)
+    # into the next step's 1.5 s: a first signal just after a step's record, before the loop's check, stops (and
+    # saves, and exits) at once, and the second would then reach a process that has left the run
+    time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     wait_for(lambda: "stopping after step" in err.read_text(), timeout=1.0)
     proc.send_signal(signal.SIGINT)
